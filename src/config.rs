@@ -1,0 +1,459 @@
+//! Typed settings: a TOML file, then `AUTHBROKER__SECTION__KEY` environment
+//! overrides (figment). `validate` reports every problem at once.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Root of the configuration file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub login: LoginSettings,
+    pub auth: AuthSettings,
+    pub http: HttpSettings,
+    pub sandbox: SandboxSettings,
+    pub log: LogSettings,
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// How long in-flight calls may take to finish after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://PATH`, `sqlite::memory:` or `postgres://user@host/db`.
+    pub url: String,
+    /// Postgres connection pool size.
+    pub pool_size: usize,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: "sqlite://authbroker.db".into(),
+            pool_size: 16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginSettings {
+    /// How long a state from BeginLogin stays valid.
+    #[serde(with = "humantime_serde")]
+    pub state_ttl: Duration,
+    /// Upper bound on pending logins held in memory.
+    pub max_pending: u64,
+    /// Origins (`scheme://host[:port]`) an absolute `return_to` may point at.
+    pub return_to_origins: Vec<String>,
+}
+
+impl Default for LoginSettings {
+    fn default() -> Self {
+        LoginSettings {
+            state_ttl: Duration::from_secs(600),
+            max_pending: 1_000_000,
+            return_to_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// `serve` refuses to start without API keys unless this is set.
+    pub allow_unauthenticated: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Shown in audit events as the actor.
+    pub name: String,
+    /// Lower-case hex SHA-256 of the key; the key itself is never stored.
+    pub sha256: String,
+    pub role: Role,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// May call LoginService.
+    Login,
+    /// May call everything.
+    Admin,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Total time for one outbound request, body included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Larger provider answers are refused.
+    pub max_response_bytes: usize,
+    pub user_agent: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+            max_response_bytes: 1024 * 1024,
+            user_agent: concat!("authbroker/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSettings {
+    /// Where the in-process sandbox provider listens (only when a provider of
+    /// kind `sandbox` is configured). Port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        SandboxSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One `[providers.NAME]` table.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// A preset name (`github`, …) or `sandbox`.
+    pub kind: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub client_id: String,
+    #[serde(default, skip_serializing)]
+    pub client_secret: Option<SecretString>,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Exact redirect URIs BeginLogin accepts; the first is the default.
+    #[serde(default)]
+    pub redirect_uris: Vec<String>,
+    /// Scopes every login asks for; default: the preset's.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// Extra scopes a BeginLogin call may add.
+    #[serde(default)]
+    pub allowed_scopes: Vec<String>,
+    /// Overrides of the preset's URLs (`authorize_url`, `token_url`, …).
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which command the settings are for; some rules differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Dev,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read configuration: {0}")]
+pub struct LoadError(#[from] Box<figment::Error>);
+
+impl Settings {
+    /// Defaults (plus, for `dev`, the sandbox and a local SQLite file), then
+    /// the file if given, then the environment. A `--config` file that does
+    /// not exist is an error; no file at all is fine.
+    pub fn load(file: Option<&std::path::Path>, mode: Mode) -> Result<Settings, LoadError> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if mode == Mode::Dev {
+            fig = fig.merge(Serialized::defaults(dev_defaults()));
+        }
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(LoadError(Box::new(figment::Error::from(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )))));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(fig.merge(Env::prefixed("AUTHBROKER__").split("__")))
+    }
+
+    /// For tests and `dev`: start from given settings, then apply the environment.
+    pub fn from_figment(fig: Figment) -> Result<Settings, LoadError> {
+        fig.extract().map_err(|e| LoadError(Box::new(e)))
+    }
+
+    /// Every structural problem at once. Provider specs are checked by
+    /// `provider::Registry::build`, which `check-config` also runs.
+    pub fn validate(&self, mode: Mode) -> Vec<String> {
+        let mut problems = Vec::new();
+        let db = &self.database.url;
+        if !(db.starts_with("postgres://")
+            || db.starts_with("postgresql://")
+            || db == "sqlite::memory:"
+            || db.strip_prefix("sqlite://").is_some_and(|p| !p.is_empty()))
+        {
+            problems.push(format!(
+                "database.url: expected postgres://…, sqlite://PATH or sqlite::memory:, got {:?}",
+                redact_url(db)
+            ));
+        }
+        if self.database.pool_size == 0 {
+            problems.push("database.pool_size: must be at least 1".into());
+        }
+        if self.login.state_ttl.is_zero() {
+            problems.push("login.state_ttl: must be greater than zero".into());
+        }
+        if self.login.max_pending == 0 {
+            problems.push("login.max_pending: must be at least 1".into());
+        }
+        for origin in &self.login.return_to_origins {
+            if let Err(why) = parse_origin(origin) {
+                problems.push(format!("login.return_to_origins: {origin:?} {why}"));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            if key.name.trim().is_empty() {
+                problems.push(format!("auth.api_keys[{i}].name: must not be empty"));
+            } else if !names.insert(key.name.as_str()) {
+                problems.push(format!(
+                    "auth.api_keys[{i}].name: {:?} is used twice",
+                    key.name
+                ));
+            }
+            if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                problems.push(format!(
+                    "auth.api_keys[{i}].sha256: must be 64 hex characters (sha256sum of the key)"
+                ));
+            }
+        }
+        if mode == Mode::Serve && self.auth.api_keys.is_empty() && !self.auth.allow_unauthenticated
+        {
+            problems.push(
+                "auth.api_keys: serve needs at least one API key \
+                 (or set auth.allow_unauthenticated = true explicitly)"
+                    .into(),
+            );
+        }
+        if self.http.timeout.is_zero() || self.http.connect_timeout.is_zero() {
+            problems.push("http.timeout and http.connect_timeout must be greater than zero".into());
+        }
+        if self.http.max_response_bytes < 1024 {
+            problems.push("http.max_response_bytes: must be at least 1024".into());
+        }
+        if self.providers.is_empty() {
+            problems.push("providers: no provider is configured".into());
+        }
+        problems
+    }
+}
+
+/// What `authbroker dev` adds under the file and environment: an embedded
+/// database under `./.authbroker/` and the in-process sandbox provider.
+fn dev_defaults() -> Settings {
+    let mut s = Settings::default();
+    s.database.url = "sqlite://.authbroker/dev.db".into();
+    s.providers.insert(
+        "sandbox".into(),
+        ProviderConfig {
+            kind: "sandbox".into(),
+            enabled: true,
+            client_id: "sandbox".into(),
+            client_secret: None,
+            client_secret_file: None,
+            redirect_uris: vec!["http://127.0.0.1:8000/callback".into()],
+            scopes: None,
+            allowed_scopes: Vec::new(),
+            endpoints: BTreeMap::new(),
+        },
+    );
+    s
+}
+
+/// Checks that `s` is exactly an origin: `scheme://host[:port]`, nothing else.
+pub fn parse_origin(s: &str) -> Result<url::Origin, &'static str> {
+    let url = url::Url::parse(s).map_err(|_| "is not a URL")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must be http or https");
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err("must be an origin only (scheme://host[:port]), without path or query");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain credentials");
+    }
+    Ok(url.origin())
+}
+
+/// Database URLs may carry a password; keep it out of messages.
+pub fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("REDACTED"));
+            u.to_string()
+        }
+        _ => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn from_toml(s: &str) -> Settings {
+        Settings::from_figment(
+            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(s)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_and_durations() {
+        let s = from_toml(
+            r#"
+            [login]
+            state_ttl = "2m 30s"
+            [providers.gh]
+            kind = "github"
+            client_id = "x"
+            client_secret = "hunter2"
+            redirect_uris = ["https://app.example/cb"]
+            "#,
+        );
+        assert_eq!(s.login.state_ttl, Duration::from_secs(150));
+        assert_eq!(s.login.max_pending, 1_000_000);
+        assert_eq!(s.server.listen.port(), 50051);
+        let p = &s.providers["gh"];
+        assert_eq!(p.client_secret.as_ref().unwrap().expose_secret(), "hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let r = Settings::from_figment(
+            Figment::from(Serialized::defaults(Settings::default()))
+                .merge(Toml::string("[login]\nstate_tll = \"1m\"")),
+        );
+        assert!(r.unwrap_err().to_string().contains("state_tll"));
+    }
+
+    #[test]
+    fn validate_lists_every_problem() {
+        let mut s = from_toml(
+            r#"
+            [database]
+            url = "mysql://x"
+            [login]
+            return_to_origins = ["https://ok.example", "https://bad.example/path", "ftp://x"]
+            [[auth.api_keys]]
+            name = "web"
+            sha256 = "nothex"
+            role = "login"
+            "#,
+        );
+        s.login.max_pending = 0;
+        let problems = s.validate(Mode::Serve);
+        assert!(problems.iter().any(|p| p.starts_with("database.url")));
+        assert!(problems.iter().any(|p| p.contains("bad.example/path")));
+        assert!(problems.iter().any(|p| p.contains("ftp://x")));
+        assert!(problems.iter().any(|p| p.starts_with("auth.api_keys[0].sha256")));
+        assert!(problems.iter().any(|p| p.starts_with("login.max_pending")));
+        assert!(problems.iter().any(|p| p.starts_with("providers")));
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+    }
+
+    #[test]
+    fn serve_needs_keys_unless_explicitly_open() {
+        let mut s = Settings::default();
+        assert!(s.validate(Mode::Serve).iter().any(|p| p.starts_with("auth.api_keys")));
+        assert!(!s.validate(Mode::Dev).iter().any(|p| p.starts_with("auth.api_keys")));
+        s.auth.allow_unauthenticated = true;
+        assert!(!s.validate(Mode::Serve).iter().any(|p| p.starts_with("auth.api_keys")));
+    }
+
+    #[test]
+    fn dev_mode_brings_sandbox_and_sqlite() {
+        let s = Settings::load(None, Mode::Dev).unwrap();
+        assert_eq!(s.providers["sandbox"].kind, "sandbox");
+        assert!(s.database.url.starts_with("sqlite://.authbroker/"));
+        assert!(s.validate(Mode::Dev).is_empty(), "{:?}", s.validate(Mode::Dev));
+        let s = Settings::load(None, Mode::Serve).unwrap();
+        assert!(s.providers.is_empty());
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let e = Settings::load(Some(std::path::Path::new("/nonexistent/x.toml")), Mode::Serve);
+        assert!(e.unwrap_err().to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn redacts_database_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:REDACTED@h/db"
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! `authbroker.v1.LoginService`: translate, call the use case, translate back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    auth::Caller,
+    pb::{self, login_service_server},
+    status::login_error,
+};
+use crate::login::LoginService;
+
+pub struct LoginApi {
+    login: Arc<LoginService>,
+}
+
+impl LoginApi {
+    pub fn new(login: Arc<LoginService>) -> Self {
+        LoginApi { login }
+    }
+}
+
+#[tonic::async_trait]
+impl login_service_server::LoginService for LoginApi {
+    async fn begin_login(
+        &self,
+        request: Request<pb::BeginLoginRequest>,
+    ) -> Result<Response<pb::BeginLoginResponse>, Status> {
+        let begun = self
+            .login
+            .begin(request.into_inner().into())
+            .await
+            .map_err(login_error)?;
+        Ok(Response::new(begun.into()))
+    }
+
+    async fn complete_login(
+        &self,
+        request: Request<pb::CompleteLoginRequest>,
+    ) -> Result<Response<pb::CompleteLoginResponse>, Status> {
+        let actor = request
+            .extensions()
+            .get::<Caller>()
+            .and_then(|c| c.name.clone());
+        let done = self
+            .login
+            .complete(request.into_inner().into(), actor.as_deref())
+            .await
+            .map_err(login_error)?;
+        Ok(Response::new(done.into()))
+    }
+}

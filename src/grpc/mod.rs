@@ -1,0 +1,17 @@
+//! The only layer that knows protobuf: thin service impls over the use
+//! cases, proto/domain conversion, caller authentication, and the single
+//! mapping from domain errors to `tonic::Status`.
+
+pub mod auth;
+pub mod convert;
+pub mod login;
+pub mod status;
+
+/// Generated from `proto/authbroker/v1/*.proto`.
+pub mod pb {
+    tonic::include_proto!("authbroker.v1");
+}
+
+/// Serialized descriptors of our protos (imports included), for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("authbroker_descriptor");

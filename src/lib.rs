@@ -1,0 +1,39 @@
+//! authbroker: a gRPC service that brokers third-party login (QQ, GitHub,
+//! Qiita, AcWing, WeChat, Google …) for web backends in any language.
+//!
+//! A web backend calls `BeginLogin(provider)`, redirects the browser to the
+//! returned authorize URL, and on the provider's callback calls
+//! `CompleteLogin(code, state)`; authbroker checks the state, exchanges the
+//! code, fetches the provider's stable user id and profile, and returns the
+//! binding between that identity and a local user.
+//!
+//! Layout, one job per module:
+//! - [`config`]: typed settings (TOML file + `AUTHBROKER__` env overrides) and
+//!   `validate()`, which lists every problem at once.
+//! - [`telemetry`]: the tracing subscriber (text or JSON). Nothing secret is
+//!   ever logged.
+//! - [`app`]: `Application::build(settings)` wires everything onto a bound
+//!   listener; `run_until_stopped(shutdown)` serves and drains.
+//! - [`domain`]: value types (identity, binding, audit event) shared by the
+//!   layers below; no protobuf, no SQL.
+//! - [`login`]: the use cases — begin and complete a login.
+//! - [`state`]: pending-login state (`PendingLogin`), the `StateStore` seam and
+//!   its moka implementation.
+//! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine, the
+//!   built-in presets (data files under `providers/`) and the sandbox.
+//! - [`store`]: the `Store` seam with Postgres and SQLite implementations and
+//!   their shared conformance suite.
+//! - [`grpc`]: the only place that knows protobuf — thin service impls,
+//!   proto/domain conversion, caller authentication, error-to-status mapping.
+//! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects).
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod http;
+pub mod login;
+pub mod provider;
+pub mod state;
+pub mod store;
+pub mod telemetry;

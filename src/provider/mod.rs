@@ -1,0 +1,154 @@
+//! Identity providers. `Provider` is the seam; almost every provider is the
+//! one spec-driven OAuth2 engine ([`engine`]) fed a [`spec::ProviderSpec`]
+//! from a preset data file under `providers/`. Code exists only for what data
+//! cannot say (the in-process [`sandbox`] server).
+
+pub mod body;
+pub mod engine;
+pub mod registry;
+pub mod sandbox;
+pub mod spec;
+
+pub use registry::Registry;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+use url::Url;
+
+use crate::{domain::Identity, http::HttpError, state::PendingLogin};
+
+/// What a provider handed back for a code. The raw document is kept because
+/// some providers put the user id in it (AcWing, WeChat `openid`).
+#[derive(Clone)]
+pub struct TokenSet {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub token_type: Option<String>,
+    pub expires_in: Option<Duration>,
+    /// Scopes the provider says it granted (or, if it does not say, those requested).
+    pub scopes: Vec<String>,
+    pub(crate) raw: serde_json::Value,
+}
+
+impl fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSet")
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Static facts about a configured provider.
+#[derive(Clone, Debug)]
+pub struct ProviderInfo {
+    /// Configured name (`[providers.NAME]`).
+    pub name: Arc<str>,
+    /// Preset or kind it was built from.
+    pub kind: String,
+    pub display_name: String,
+    pub redirect_uris: Vec<Arc<str>>,
+    /// Scopes every login asks for.
+    pub scopes: Arc<[String]>,
+    /// Extra scopes a caller may add.
+    pub allowed_scopes: Vec<String>,
+    pub pkce: bool,
+}
+
+/// Why a provider call failed. Messages never contain tokens, codes, or the
+/// provider's free-text descriptions (some echo the code back).
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider said no: bad, expired or reused code, bad client
+    /// credentials, revoked token. Retrying the same call will not help.
+    #[error("{provider} rejected the {step} request (provider error {code:?})")]
+    Rejected {
+        provider: String,
+        step: String,
+        code: String,
+    },
+    /// Timeout, refused connection, 5xx: worth retrying later.
+    #[error("{provider} is unavailable during the {step} request: {cause}")]
+    Unavailable {
+        provider: String,
+        step: String,
+        cause: Unavailable,
+    },
+    /// The provider answered something we cannot use.
+    #[error("{provider} sent a malformed {step} answer: {what}")]
+    BadResponse {
+        provider: String,
+        step: String,
+        what: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection failed")]
+    Connect,
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("transport error: {0}")]
+    Transport(#[source] reqwest::Error),
+}
+
+impl ProviderError {
+    /// The provider's own error code, when it gave one.
+    pub fn provider_code(&self) -> Option<&str> {
+        match self {
+            ProviderError::Rejected { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn from_http(provider: &str, step: &str, e: HttpError) -> Self {
+        let provider = provider.to_string();
+        let step = step.to_string();
+        match e {
+            HttpError::Timeout => ProviderError::Unavailable {
+                provider,
+                step,
+                cause: Unavailable::Timeout,
+            },
+            HttpError::Connect => ProviderError::Unavailable {
+                provider,
+                step,
+                cause: Unavailable::Connect,
+            },
+            HttpError::Transport(e) => ProviderError::Unavailable {
+                provider,
+                step,
+                cause: Unavailable::Transport(e),
+            },
+            HttpError::TooLarge { limit } => ProviderError::BadResponse {
+                provider,
+                step,
+                what: format!("answer larger than {limit} bytes"),
+            },
+        }
+    }
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    fn info(&self) -> &ProviderInfo;
+
+    /// Where to send the browser for this pending login.
+    fn authorize_url(&self, login: &PendingLogin) -> Url;
+
+    /// Trades the code from the callback for tokens.
+    async fn exchange_code(
+        &self,
+        code: &str,
+        login: &PendingLogin,
+    ) -> Result<TokenSet, ProviderError>;
+
+    /// Reads the stable user id and profile with the tokens.
+    async fn fetch_identity(&self, tokens: &TokenSet) -> Result<Identity, ProviderError>;
+}

@@ -1,0 +1,316 @@
+//! Builds the configured providers from presets plus `[providers.NAME]`
+//! settings, reporting every configuration problem at once.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use super::{Provider, ProviderInfo, engine::SpecProvider, spec};
+use crate::{config::ProviderConfig, http::HttpClient};
+
+/// The sandbox needs no real credentials; these fill in when config leaves them out.
+const SANDBOX_CLIENT_ID: &str = "sandbox";
+const SANDBOX_CLIENT_SECRET: &str = "sandbox-secret";
+
+#[derive(Clone, Default)]
+pub struct Registry {
+    providers: HashMap<String, Arc<dyn Provider>>,
+    disabled: Vec<String>,
+}
+
+/// Why a provider name cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Unknown,
+    Disabled,
+}
+
+impl Registry {
+    /// `sandbox_base` is where the in-process sandbox listens; sandbox
+    /// endpoints are rebased onto it.
+    pub fn build(
+        configs: &BTreeMap<String, ProviderConfig>,
+        http: &HttpClient,
+        sandbox_base: Option<&Url>,
+    ) -> Result<Registry, Vec<String>> {
+        let mut registry = Registry::default();
+        let mut problems = Vec::new();
+        for (name, cfg) in configs {
+            match build_one(name, cfg, http, sandbox_base) {
+                Ok(p) if cfg.enabled => {
+                    registry.providers.insert(name.clone(), p);
+                }
+                Ok(_) => registry.disabled.push(name.clone()),
+                Err(mut errs) => problems.append(&mut errs),
+            }
+        }
+        if problems.is_empty() {
+            Ok(registry)
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Arc<dyn Provider>, Lookup> {
+        match self.providers.get(name) {
+            Some(p) => Ok(p),
+            None if self.disabled.iter().any(|d| d == name) => Err(Lookup::Disabled),
+            None => Err(Lookup::Unknown),
+        }
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn uses_sandbox(configs: &BTreeMap<String, ProviderConfig>) -> bool {
+        configs.values().any(|c| c.enabled && c.kind == "sandbox")
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn parse_http_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{s:?} must be an http(s) URL with a host"));
+    }
+    Ok(url)
+}
+
+fn build_one(
+    name: &str,
+    cfg: &ProviderConfig,
+    http: &HttpClient,
+    sandbox_base: Option<&Url>,
+) -> Result<Arc<dyn Provider>, Vec<String>> {
+    let at = format!("providers.{name}");
+    let mut problems = Vec::new();
+    if !valid_name(name) {
+        problems.push(format!(
+            "{at}: provider names are 1-64 characters of a-z, 0-9, '_' and '-'"
+        ));
+    }
+    let is_sandbox = cfg.kind == "sandbox";
+    let spec = match spec::preset(&cfg.kind) {
+        Some(Ok(spec)) => Some(spec),
+        Some(Err(e)) => {
+            problems.push(format!("{at}.kind: built-in preset {:?} is broken: {e}", cfg.kind));
+            None
+        }
+        None => {
+            let known: Vec<&str> = spec::PRESETS.iter().map(|(n, _)| *n).collect();
+            problems.push(format!(
+                "{at}.kind: unknown kind {:?} (known: {})",
+                cfg.kind,
+                known.join(", ")
+            ));
+            None
+        }
+    };
+
+    let client_id = match (cfg.client_id.trim(), is_sandbox) {
+        ("", true) => SANDBOX_CLIENT_ID.to_string(),
+        ("", false) => {
+            problems.push(format!("{at}.client_id: required"));
+            String::new()
+        }
+        (id, _) => id.to_string(),
+    };
+    let secret = match (&cfg.client_secret, &cfg.client_secret_file) {
+        (Some(_), Some(_)) => {
+            problems.push(format!(
+                "{at}: set client_secret or client_secret_file, not both"
+            ));
+            None
+        }
+        (Some(s), None) if !s.expose_secret().is_empty() => Some(s.clone()),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(s) if !s.trim().is_empty() => Some(SecretString::from(s.trim().to_string())),
+            Ok(_) => {
+                problems.push(format!("{at}.client_secret_file: {} is empty", path.display()));
+                None
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{at}.client_secret_file: cannot read {}: {e}",
+                    path.display()
+                ));
+                None
+            }
+        },
+        _ if is_sandbox => Some(SecretString::from(SANDBOX_CLIENT_SECRET)),
+        _ => {
+            problems.push(format!(
+                "{at}: a client secret is required (client_secret, client_secret_file, \
+                 or AUTHBROKER__PROVIDERS__{}__CLIENT_SECRET)",
+                name.to_ascii_uppercase()
+            ));
+            None
+        }
+    };
+
+    if cfg.redirect_uris.is_empty() {
+        problems.push(format!("{at}.redirect_uris: at least one is required"));
+    }
+    for uri in &cfg.redirect_uris {
+        match parse_http_url(uri) {
+            Ok(u) if u.fragment().is_some() => {
+                problems.push(format!("{at}.redirect_uris: {uri:?} must not have a fragment"))
+            }
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{at}.redirect_uris: {e}")),
+        }
+    }
+
+    let mut endpoints = BTreeMap::new();
+    if let Some(spec) = &spec {
+        for (key, value) in &spec.endpoints {
+            let chosen = cfg.endpoints.get(key).unwrap_or(value);
+            match parse_http_url(chosen) {
+                Ok(mut url) => {
+                    if is_sandbox
+                        && !cfg.endpoints.contains_key(key)
+                        && let Some(base) = sandbox_base
+                    {
+                        let path = url.path().to_string();
+                        url = base.clone();
+                        url.set_path(&path);
+                    }
+                    endpoints.insert(key.clone(), url);
+                }
+                Err(e) => problems.push(format!("{at}.endpoints.{key}: {e}")),
+            }
+        }
+        for key in cfg.endpoints.keys() {
+            if !spec.endpoints.contains_key(key) {
+                let known: Vec<&str> = spec.endpoints.keys().map(String::as_str).collect();
+                problems.push(format!(
+                    "{at}.endpoints.{key}: not an endpoint of {:?} (known: {})",
+                    cfg.kind,
+                    known.join(", ")
+                ));
+            }
+        }
+    }
+
+    let (Some(spec), Some(secret), true) = (spec, secret, problems.is_empty()) else {
+        return Err(problems);
+    };
+    let scopes = cfg
+        .scopes
+        .clone()
+        .unwrap_or_else(|| spec.default_scopes.clone());
+    let info = ProviderInfo {
+        name: Arc::from(name),
+        kind: cfg.kind.clone(),
+        display_name: spec.display_name.clone(),
+        redirect_uris: cfg.redirect_uris.iter().map(|u| Arc::from(u.as_str())).collect(),
+        scopes: Arc::from(scopes),
+        allowed_scopes: cfg.allowed_scopes.clone(),
+        pkce: spec.pkce,
+    };
+    Ok(Arc::new(SpecProvider::new(
+        info,
+        spec,
+        endpoints,
+        client_id,
+        secret,
+        http.clone(),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HttpSettings;
+
+    fn cfg(kind: &str) -> ProviderConfig {
+        ProviderConfig {
+            kind: kind.into(),
+            enabled: true,
+            client_id: "id".into(),
+            client_secret: Some("secret".into()),
+            client_secret_file: None,
+            redirect_uris: vec!["https://app.example/cb".into()],
+            scopes: None,
+            allowed_scopes: vec![],
+            endpoints: BTreeMap::new(),
+        }
+    }
+
+    fn build(configs: &[(&str, ProviderConfig)]) -> Result<Registry, Vec<String>> {
+        let http = HttpClient::new(&HttpSettings::default()).unwrap();
+        let map = configs
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.clone()))
+            .collect();
+        Registry::build(&map, &http, None)
+    }
+
+    #[test]
+    fn lists_every_problem() {
+        let mut bad_kind = cfg("nope");
+        bad_kind.client_id = String::new();
+        let mut bad_gh = cfg("github");
+        bad_gh.client_secret = None;
+        bad_gh.redirect_uris = vec!["not a url".into(), "https://x/cb#frag".into()];
+        bad_gh.endpoints.insert("token_url".into(), "ftp://x".into());
+        bad_gh.endpoints.insert("bogus_url".into(), "https://x".into());
+        let mut no_redirects = cfg("github");
+        no_redirects.redirect_uris.clear();
+        let problems = build(&[
+            ("Bad Name", cfg("github")),
+            ("a", bad_kind),
+            ("b", bad_gh),
+            ("c", no_redirects),
+        ])
+        .err()
+        .unwrap();
+        let has = |s: &str| problems.iter().any(|p| p.contains(s));
+        assert!(has("providers.Bad Name: provider names"), "{problems:#?}");
+        assert!(has("providers.a.kind: unknown kind \"nope\""));
+        assert!(has("providers.a.client_id: required"));
+        assert!(has("providers.b: a client secret is required"));
+        assert!(has("AUTHBROKER__PROVIDERS__B__CLIENT_SECRET"));
+        assert!(has("providers.b.redirect_uris: \"not a url\""));
+        assert!(has("must not have a fragment"));
+        assert!(has("providers.b.endpoints.token_url"));
+        assert!(has("providers.b.endpoints.bogus_url: not an endpoint"));
+        assert!(has("providers.c.redirect_uris: at least one"));
+        assert_eq!(problems.len(), 10, "{problems:#?}");
+    }
+
+    #[test]
+    fn disabled_and_unknown_are_told_apart() {
+        let mut off = cfg("github");
+        off.enabled = false;
+        let r = build(&[("gh", cfg("github")), ("off", off)]).unwrap();
+        assert!(r.get("gh").is_ok());
+        assert_eq!(r.get("off").err(), Some(Lookup::Disabled));
+        assert_eq!(r.get("zz").err(), Some(Lookup::Unknown));
+    }
+
+    #[test]
+    fn secret_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let mut c = cfg("github");
+        c.client_secret = None;
+        c.client_secret_file = Some(path);
+        assert!(build(&[("gh", c)]).is_ok());
+    }
+}

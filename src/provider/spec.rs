@@ -1,0 +1,503 @@
+//! The provider spec: everything that differs between OAuth2 providers and can
+//! be said as data — URLs, parameter names, how the token request is sent,
+//! where the token, the errors and the user id are in the answers. Built-in
+//! presets are TOML files under `providers/` in this very schema.
+
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use serde::{Deserialize, Deserializer};
+
+/// Built-in presets, embedded at compile time.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("github", include_str!("../../providers/github.toml")),
+    ("sandbox", include_str!("../../providers/sandbox.toml")),
+];
+
+pub fn preset(kind: &str) -> Option<Result<ProviderSpec, String>> {
+    PRESETS
+        .iter()
+        .find(|(name, _)| *name == kind)
+        .map(|(_, text)| ProviderSpec::parse(text))
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSpec {
+    pub display_name: String,
+    /// Send a PKCE S256 challenge and verifier.
+    #[serde(default)]
+    pub pkce: bool,
+    #[serde(default = "space")]
+    pub scope_separator: String,
+    #[serde(default)]
+    pub default_scopes: Vec<String>,
+    /// Named URLs; `authorize_url` and `token_url` are required, requests
+    /// refer to the others by name. Each is overridable in config.
+    pub endpoints: BTreeMap<String, String>,
+    #[serde(default)]
+    pub authorize: AuthorizeSpec,
+    #[serde(default)]
+    pub token: TokenSpec,
+    /// How an error is recognised in any answer (token or profile).
+    #[serde(default)]
+    pub errors: ErrorSpec,
+    /// Calls made after the token exchange, in order; their answers are
+    /// documents the identity mapping and later templates can read.
+    #[serde(default)]
+    pub requests: Vec<RequestSpec>,
+    pub identity: IdentitySpec,
+}
+
+fn space() -> String {
+    " ".into()
+}
+
+fn code() -> String {
+    "code".into()
+}
+
+fn client_id() -> String {
+    "client_id".into()
+}
+
+fn client_secret() -> String {
+    "client_secret".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthorizeSpec {
+    pub client_id_param: String,
+    /// `""` omits the parameter.
+    pub response_type: String,
+    /// Whether the redirect URI is sent (Qiita uses the registered one).
+    pub redirect_uri: bool,
+    /// Extra fixed parameters.
+    pub params: BTreeMap<String, String>,
+    /// Appended verbatim, e.g. WeChat's `#wechat_redirect`.
+    pub fragment: String,
+}
+
+impl Default for AuthorizeSpec {
+    fn default() -> Self {
+        AuthorizeSpec {
+            client_id_param: client_id(),
+            response_type: code(),
+            redirect_uri: true,
+            params: BTreeMap::new(),
+            fragment: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenMethod {
+    /// POST, `application/x-www-form-urlencoded` body.
+    PostForm,
+    /// POST, JSON body.
+    PostJson,
+    /// GET, parameters in the query.
+    Get,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSpec {
+    pub method: TokenMethod,
+    pub client_id_param: String,
+    pub client_secret_param: String,
+    /// Send `grant_type=authorization_code`.
+    pub grant_type: bool,
+    pub redirect_uri: bool,
+    pub params: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, String>,
+    pub access_token: FieldPath,
+    pub refresh_token: FieldPath,
+    pub expires_in: FieldPath,
+    pub scope: FieldPath,
+    pub token_type: FieldPath,
+}
+
+impl Default for TokenSpec {
+    fn default() -> Self {
+        TokenSpec {
+            method: TokenMethod::PostForm,
+            client_id_param: client_id(),
+            client_secret_param: client_secret(),
+            grant_type: true,
+            redirect_uri: true,
+            params: BTreeMap::new(),
+            headers: BTreeMap::new(),
+            access_token: FieldPath::new("/access_token"),
+            refresh_token: FieldPath::new("/refresh_token"),
+            expires_in: FieldPath::new("/expires_in"),
+            scope: FieldPath::new("/scope"),
+            token_type: FieldPath::new("/token_type"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorSpec {
+    /// Fields holding an error code; present (and not in `ok`) means error,
+    /// whatever the HTTP status says.
+    pub code: Vec<FieldPath>,
+    /// Code values that mean success (`ret: 0`, `errcode: 0`).
+    pub ok: Vec<String>,
+}
+
+impl Default for ErrorSpec {
+    fn default() -> Self {
+        ErrorSpec {
+            code: vec![FieldPath::new("/error")],
+            ok: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestAuth {
+    /// `Authorization: Bearer TOKEN`.
+    #[default]
+    Bearer,
+    /// `Authorization: token TOKEN` (GitHub's legacy form).
+    Token,
+    /// The token goes in `query` via a template, or not at all.
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSpec {
+    /// The document name the answer is stored under.
+    pub name: String,
+    /// Name of the endpoint to call.
+    pub endpoint: String,
+    #[serde(default)]
+    pub auth: RequestAuth,
+    /// Query parameters; values are templates (`{token:/access_token}`,
+    /// `{client_id}`, `{me:/openid}`).
+    #[serde(default)]
+    pub query: BTreeMap<String, Template>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Only made when the granted scopes include one of these.
+    #[serde(default)]
+    pub when_scope: Vec<String>,
+    /// Error recognition for this answer, instead of the provider-wide one.
+    #[serde(default)]
+    pub errors: Option<ErrorSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySpec {
+    /// The stable user id. First present value wins, for every field.
+    pub subject: Paths,
+    #[serde(default)]
+    pub union_id: Paths,
+    #[serde(default)]
+    pub username: Paths,
+    #[serde(default)]
+    pub display_name: Paths,
+    #[serde(default)]
+    pub avatar_url: Paths,
+    #[serde(default)]
+    pub email: Paths,
+    /// Where the provider says the email is verified; absent means unverified.
+    #[serde(default)]
+    pub email_verified: Paths,
+    /// Pick the email from a list (GitHub `/user/emails`); wins over `email`.
+    #[serde(default)]
+    pub email_list: Option<EmailListSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailListSpec {
+    /// Document holding a JSON array of email objects.
+    pub doc: String,
+    #[serde(default = "email_field")]
+    pub email: FieldPath,
+    /// Fields that must equal these values for an entry to be chosen; an
+    /// email chosen this way counts as verified only if `verified` says so.
+    #[serde(default)]
+    pub require: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub verified: Option<FieldPath>,
+}
+
+fn email_field() -> FieldPath {
+    FieldPath::new("/email")
+}
+
+/// A JSON pointer into one answer (`/user/id`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldPath(pub String);
+
+impl FieldPath {
+    fn new(s: &str) -> Self {
+        FieldPath(s.into())
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.is_empty() && !s.starts_with('/') {
+            return Err(serde::de::Error::custom(format!(
+                "{s:?} is not a JSON pointer (must start with '/')"
+            )));
+        }
+        Ok(FieldPath(s))
+    }
+}
+
+/// `doc:/pointer` — a field of a named answer (`token`, or a request's name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldRef {
+    pub doc: String,
+    pub pointer: String,
+}
+
+impl FromStr for FieldRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (doc, pointer) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?} must look like doc:/pointer, e.g. user:/id"))?;
+        if doc.is_empty() || !pointer.starts_with('/') {
+            return Err(format!(
+                "{s:?} must look like doc:/pointer, e.g. user:/id"
+            ));
+        }
+        Ok(FieldRef {
+            doc: doc.into(),
+            pointer: pointer.into(),
+        })
+    }
+}
+
+impl fmt::Display for FieldRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.doc, self.pointer)
+    }
+}
+
+/// One field reference or a list of fallbacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Paths(pub Vec<FieldRef>);
+
+impl<'de> Deserialize<'de> for Paths {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let items = match OneOrMany::deserialize(d)? {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        items
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<_>, _>>()
+            .map(Paths)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A string with `{…}` placeholders: `{client_id}` or a `doc:/pointer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template(pub Vec<Part>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    Literal(String),
+    ClientId,
+    Field(FieldRef),
+}
+
+impl FromStr for Template {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].into()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("template {s:?} has an unclosed '{{'"))?;
+            let inner = &rest[open + 1..open + close];
+            parts.push(if inner == "client_id" {
+                Part::ClientId
+            } else {
+                Part::Field(inner.parse()?)
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.into()));
+        }
+        Ok(Template(parts))
+    }
+}
+
+impl<'de> Deserialize<'de> for Template {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Template {
+    fn fields(&self) -> impl Iterator<Item = &FieldRef> {
+        self.0.iter().filter_map(|p| match p {
+            Part::Field(f) => Some(f),
+            _ => None,
+        })
+    }
+}
+
+impl ProviderSpec {
+    pub fn parse(text: &str) -> Result<ProviderSpec, String> {
+        let spec: ProviderSpec = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let problems = spec.check();
+        if problems.is_empty() {
+            Ok(spec)
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Internal consistency: required endpoints exist, every field reference
+    /// names a document that exists by then.
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for required in ["authorize_url", "token_url"] {
+            if !self.endpoints.contains_key(required) {
+                problems.push(format!("endpoints.{required} is missing"));
+            }
+        }
+        let mut docs = vec!["token".to_string()];
+        for r in &self.requests {
+            if !self.endpoints.contains_key(&r.endpoint) {
+                problems.push(format!(
+                    "requests.{}: endpoint {:?} is not in endpoints",
+                    r.name, r.endpoint
+                ));
+            }
+            for f in r.query.values().flat_map(Template::fields) {
+                if !docs.contains(&f.doc) {
+                    problems.push(format!(
+                        "requests.{}: {f} refers to a document not fetched before it",
+                        r.name
+                    ));
+                }
+            }
+            if docs.contains(&r.name) {
+                problems.push(format!("requests.{}: name used twice", r.name));
+            }
+            docs.push(r.name.clone());
+        }
+        let id = &self.identity;
+        if id.subject.0.is_empty() {
+            problems.push("identity.subject: at least one field is required".into());
+        }
+        for (field, paths) in [
+            ("subject", &id.subject),
+            ("union_id", &id.union_id),
+            ("username", &id.username),
+            ("display_name", &id.display_name),
+            ("avatar_url", &id.avatar_url),
+            ("email", &id.email),
+            ("email_verified", &id.email_verified),
+        ] {
+            for f in &paths.0 {
+                if !docs.contains(&f.doc) {
+                    problems.push(format!(
+                        "identity.{field}: {f} refers to an unknown document (known: {})",
+                        docs.join(", ")
+                    ));
+                }
+            }
+        }
+        if let Some(list) = &id.email_list
+            && !docs.contains(&list.doc)
+        {
+            problems.push(format!(
+                "identity.email_list.doc: unknown document {:?}",
+                list.doc
+            ));
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses() {
+        for (name, text) in PRESETS {
+            ProviderSpec::parse(text).unwrap_or_else(|e| panic!("preset {name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn templates_parse() {
+        let t: Template = "{token:/access_token}".parse().unwrap();
+        assert_eq!(
+            t.0,
+            vec![Part::Field(FieldRef {
+                doc: "token".into(),
+                pointer: "/access_token".into()
+            })]
+        );
+        let t: Template = "a{client_id}b".parse().unwrap();
+        assert_eq!(
+            t.0,
+            vec![
+                Part::Literal("a".into()),
+                Part::ClientId,
+                Part::Literal("b".into())
+            ]
+        );
+        assert!("{oops".parse::<Template>().is_err());
+        assert!("{nocolon}".parse::<Template>().is_err());
+    }
+
+    #[test]
+    fn check_finds_dangling_references() {
+        let spec: ProviderSpec = toml::from_str(
+            r#"
+            display_name = "X"
+            [endpoints]
+            authorize_url = "https://x/a"
+            [[requests]]
+            name = "user"
+            endpoint = "userinfo_url"
+            query = { openid = "{me:/openid}" }
+            [identity]
+            subject = "profile:/id"
+            "#,
+        )
+        .unwrap();
+        let problems = spec.check();
+        assert!(problems.iter().any(|p| p.contains("token_url")));
+        assert!(problems.iter().any(|p| p.contains("userinfo_url")));
+        assert!(problems.iter().any(|p| p.contains("me:/openid")));
+        assert!(problems.iter().any(|p| p.contains("profile:/id")));
+    }
+}
