@@ -290,7 +290,7 @@ mod tests {
         assert!(has("providers.b.endpoints.token_url"));
         assert!(has("providers.b.endpoints.bogus_url: not an endpoint"));
         assert!(has("providers.c.redirect_uris: at least one"));
-        assert_eq!(problems.len(), 10, "{problems:#?}");
+        assert_eq!(problems.len(), 9, "{problems:#?}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The default `StateStore`: a bounded in-process moka cache.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -9,6 +12,7 @@ use async_trait::async_trait;
 use moka::{
     Expiry,
     future::Cache,
+    notification::RemovalCause,
     ops::compute::{CompResult, Op},
     policy::EvictionPolicy,
 };
@@ -54,12 +58,18 @@ impl Expiry<StateToken, Entry> for EvictAt {
 /// "expired" (the user was too slow) instead of "unknown" (possible forgery).
 pub struct MemoryStateStore {
     cache: Cache<StateToken, Entry>,
+    /// Exact count of entries held. moka's own `entry_count` lags behind
+    /// inserts, which would let a burst overshoot the bound and make moka
+    /// evict someone's in-flight login.
+    live: Arc<AtomicU64>,
     capacity: u64,
     grace: Duration,
 }
 
 impl MemoryStateStore {
     pub fn new(capacity: u64, grace: Duration) -> Self {
+        let live = Arc::new(AtomicU64::new(0));
+        let on_removal = live.clone();
         let cache = Cache::builder()
             // A hard bound: memory never grows past `capacity` entries. LRU
             // rather than TinyLFU, whose admission filter could silently drop
@@ -67,9 +77,16 @@ impl MemoryStateStore {
             .max_capacity(capacity)
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(EvictAt)
+            .eviction_listener(move |_, _, cause| {
+                // A replaced value (pending -> tombstone) is still one entry.
+                if cause != RemovalCause::Replaced {
+                    on_removal.fetch_sub(1, Ordering::Relaxed);
+                }
+            })
             .build();
         MemoryStateStore {
             cache,
+            live,
             capacity,
             grace,
         }
@@ -79,6 +96,15 @@ impl MemoryStateStore {
         let remaining = at - OffsetDateTime::now_utc();
         let remaining = Duration::try_from(remaining).unwrap_or(Duration::ZERO);
         Instant::now() + remaining + self.grace
+    }
+
+    /// Claims room for one entry, or says there is none.
+    fn reserve(&self) -> bool {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Runs moka's deferred housekeeping; the load generator calls it before
@@ -93,9 +119,11 @@ impl StateStore for MemoryStateStore {
     async fn put(&self, login: PendingLogin) -> Result<(), StateError> {
         // Refuse rather than evict: evicting would turn someone's in-flight
         // login into STATE_UNKNOWN without telling anyone.
-        if self.cache.entry_count() >= self.capacity {
+        if !self.reserve() {
+            // Expired entries are only dropped during moka's housekeeping;
+            // run it once before saying no.
             self.cache.run_pending_tasks().await;
-            if self.cache.entry_count() >= self.capacity {
+            if !self.reserve() {
                 return Err(StateError::Full {
                     capacity: self.capacity,
                 });
@@ -143,7 +171,7 @@ impl StateStore for MemoryStateStore {
     }
 
     fn len(&self) -> u64 {
-        self.cache.entry_count()
+        self.live.load(Ordering::Relaxed)
     }
 }
 
@@ -234,5 +262,19 @@ mod tests {
             store.put(login(time::Duration::minutes(10))).await,
             Err(StateError::Full { capacity: 3 })
         ));
+        assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn room_comes_back_when_entries_expire() {
+        let store = MemoryStateStore::new(2, Duration::ZERO);
+        for _ in 0..2 {
+            store.put(login(time::Duration::milliseconds(50))).await.unwrap();
+        }
+        assert!(store.put(login(time::Duration::minutes(1))).await.is_err());
+        // moka's timer wheel has a granularity of about a second.
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        store.put(login(time::Duration::minutes(1))).await.unwrap();
+        assert_eq!(store.len(), 1);
     }
 }

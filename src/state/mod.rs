@@ -143,7 +143,7 @@ mod tests {
         ];
         let v = PkceVerifier(raw);
         assert_eq!(v.verifier(), "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk");
-        assert_eq!(v.challenge_s256(), "E9Melhoa2OwvFrEMTJguCHaoeK2nGBcQc9_wMlL1kjI");
+        assert_eq!(v.challenge_s256(), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
     }
 
     #[test]
