@@ -8,10 +8,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let include = protoc_bin_vendored::include_path()?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/authbroker/v1/login.proto"];
+    // error_details.proto only feeds reflection; tonic-types has the Rust types.
+    let protos = [
+        "proto/authbroker/v1/login.proto",
+        "proto/google/rpc/error_details.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("authbroker_descriptor.bin"))
-        .compile_protos(&protos.map(PathBuf::from), &[PathBuf::from("proto"), include])?;
+        .compile_protos(
+            &protos.map(PathBuf::from),
+            &[PathBuf::from("proto"), include],
+        )?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -60,9 +60,7 @@ impl Application {
             );
         }
         if settings.auth.api_keys.is_empty() {
-            tracing::warn!(
-                "no API keys configured: every caller is trusted (development only)"
-            );
+            tracing::warn!("no API keys configured: every caller is trusted (development only)");
         }
 
         let listener = TcpListener::bind(settings.server.listen)
@@ -74,7 +72,9 @@ impl Application {
         let sandbox = if Registry::uses_sandbox(&settings.providers) {
             let l = TcpListener::bind(settings.sandbox.listen)
                 .await
-                .with_context(|| format!("cannot listen on {} (sandbox)", settings.sandbox.listen))?;
+                .with_context(|| {
+                    format!("cannot listen on {} (sandbox)", settings.sandbox.listen)
+                })?;
             let mut rx = stop_rx.clone();
             Some(SandboxServer::start(l, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
@@ -85,8 +85,10 @@ impl Application {
 
         let http = HttpClient::new(&settings.http).context("cannot build the HTTP client")?;
         let sandbox_base = sandbox.as_ref().map(SandboxServer::base_url);
-        let registry = Registry::build(&settings.providers, &http, sandbox_base.as_ref())
-            .map_err(|p| anyhow::anyhow!("invalid provider configuration:\n  - {}", p.join("\n  - ")))?;
+        let registry =
+            Registry::build(&settings.providers, &http, sandbox_base.as_ref()).map_err(|p| {
+                anyhow::anyhow!("invalid provider configuration:\n  - {}", p.join("\n  - "))
+            })?;
 
         let store = store::open(&settings.database.url, settings.database.pool_size)
             .await
@@ -112,7 +114,11 @@ impl Application {
             store.clone(),
             settings.login.clone(),
         ));
-        let api_keys = ApiKeys::new(&settings.auth.api_keys, settings.auth.allow_unauthenticated);
+        // dev is loopback-only and keyless by design (checked above).
+        let api_keys = ApiKeys::new(
+            &settings.auth.api_keys,
+            settings.auth.allow_unauthenticated || mode == Mode::Dev,
+        );
         Ok(Application {
             listener,
             local_addr,
@@ -226,7 +232,9 @@ async fn watch_store(store: Arc<dyn Store>, reporter: HealthReporter, mut migrat
         match ok {
             Ok(()) if !serving => {
                 serving = true;
-                reporter.set_service_status("", ServingStatus::Serving).await;
+                reporter
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
                 reporter
                     .set_service_status(SERVICE_NAME, ServingStatus::Serving)
                     .await;

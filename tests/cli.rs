@@ -8,7 +8,10 @@ fn authbroker(args: &[&str], config: &str) -> std::process::Output {
     let path = dir.path().join("authbroker.toml");
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_authbroker"));
-    cmd.args(args).arg("--config").arg(&path).current_dir(dir.path());
+    cmd.args(args)
+        .arg("--config")
+        .arg(&path)
+        .current_dir(dir.path());
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("AUTHBROKER") {
             cmd.env_remove(k);
@@ -34,7 +37,11 @@ redirect_uris = ["https://www.example.com/oauth_callback"]
 #[test]
 fn check_config_accepts_a_good_file() {
     let out = authbroker(&["check-config"], GOOD);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 }
 
@@ -117,7 +124,11 @@ fn migrate_creates_the_schema() {
         &["migrate"],
         &format!("[database]\nurl = \"sqlite://{}\"\n", db.display()),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(db.exists());
     // Twice is fine.
     let out = authbroker(
@@ -125,4 +136,26 @@ fn migrate_creates_the_schema() {
         &format!("[database]\nurl = \"sqlite://{}\"\n", db.display()),
     );
     assert!(out.status.success());
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/authbroker.example.toml"
+    ))
+    .unwrap()
+    .replace(
+        "/run/secrets/github_client_secret",
+        secret.to_str().unwrap(),
+    );
+    let out = authbroker(&["check-config"], &text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

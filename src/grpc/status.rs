@@ -49,7 +49,9 @@ pub fn login_error(e: LoginError) -> Status {
     // provider's deserve a warning. `{:#}` prints the whole cause chain.
     let chain = crate::telemetry::cause_chain(&e);
     match code {
-        Code::Internal | Code::Unavailable => tracing::warn!(reason, error = %chain, "login failed"),
+        Code::Internal | Code::Unavailable => {
+            tracing::warn!(reason, error = %chain, "login failed")
+        }
         _ => tracing::info!(reason, error = %chain, "login refused"),
     }
 
@@ -78,4 +80,125 @@ pub fn login_error(e: LoginError) -> Status {
         details.add_bad_request_violation(field, message.clone());
     }
     Status::with_error_details(code, message, details)
+}
+
+/// Every `ErrorInfo.reason` this service sends. The README's error table must
+/// list each one; a test checks both directions.
+pub const REASONS: &[&str] = &[
+    "MISSING_FIELD",
+    "FIELD_TOO_LONG",
+    "INVALID_FIELD",
+    "UNKNOWN_PROVIDER",
+    "REDIRECT_URI_NOT_ALLOWED",
+    "SCOPE_NOT_ALLOWED",
+    "RETURN_TO_NOT_ALLOWED",
+    "PROVIDER_DISABLED",
+    "STATE_UNKNOWN",
+    "STATE_EXPIRED",
+    "STATE_ALREADY_USED",
+    "TOO_MANY_PENDING_LOGINS",
+    "ACCESS_DENIED",
+    "PROVIDER_AUTHORIZE_ERROR",
+    "PROVIDER_REJECTED",
+    "PROVIDER_UNAVAILABLE",
+    "PROVIDER_BAD_RESPONSE",
+    "STATE_STORE_UNAVAILABLE",
+    "STORE_UNAVAILABLE",
+    "INTERNAL",
+    "API_KEY_MISSING",
+    "API_KEY_INVALID",
+    "ROLE_NOT_ALLOWED",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::Unavailable;
+
+    fn every_login_error() -> Vec<LoginError> {
+        let provider = || "p".to_string();
+        let step = || "token".to_string();
+        vec![
+            LoginError::InvalidField {
+                field: "state",
+                problem: "x".into(),
+            },
+            LoginError::MissingField { field: "code" },
+            LoginError::FieldTooLong {
+                field: "code",
+                limit: 1,
+            },
+            LoginError::UnknownProvider { known: "a".into() },
+            LoginError::ProviderDisabled,
+            LoginError::RedirectUriNotAllowed,
+            LoginError::ScopeNotAllowed { scope: "s".into() },
+            LoginError::ReturnToNotAllowed("x"),
+            LoginError::StateUnknown,
+            LoginError::StateExpired,
+            LoginError::StateAlreadyUsed,
+            LoginError::TooManyPendingLogins,
+            LoginError::AccessDenied,
+            LoginError::ProviderAuthorizeError { error: "e".into() },
+            LoginError::Provider(ProviderError::Rejected {
+                provider: provider(),
+                step: step(),
+                code: "c".into(),
+            }),
+            LoginError::Provider(ProviderError::Unavailable {
+                provider: provider(),
+                step: step(),
+                cause: Unavailable::Timeout,
+            }),
+            LoginError::Provider(ProviderError::BadResponse {
+                provider: provider(),
+                step: step(),
+                what: "w".into(),
+            }),
+            LoginError::StateUnavailable(anyhow::anyhow!("rng")),
+            LoginError::Store(StoreError::Unavailable(anyhow::anyhow!("down"))),
+            LoginError::Store(StoreError::Internal(anyhow::anyhow!("bug"))),
+        ]
+    }
+
+    #[test]
+    fn every_reason_is_declared_and_carried() {
+        use tonic_types::StatusExt;
+        for e in every_login_error() {
+            let reason = e.reason();
+            assert!(REASONS.contains(&reason), "{reason} missing from REASONS");
+            let status = login_error(e);
+            let info = status.get_details_error_info().unwrap();
+            assert_eq!(info.reason, reason);
+            assert_eq!(info.domain, DOMAIN);
+        }
+    }
+
+    #[test]
+    fn readme_error_table_matches_the_code() {
+        let readme = include_str!("../../README.md");
+        let table: Vec<&str> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|r| r.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        for r in REASONS {
+            assert!(table.contains(r), "README error table lacks {r}");
+        }
+        for r in &table {
+            assert!(
+                REASONS.contains(r),
+                "README lists {r}, which the code never sends"
+            );
+        }
+    }
+
+    #[test]
+    fn internal_details_stay_out_of_messages() {
+        let status = login_error(LoginError::Store(StoreError::Internal(anyhow::anyhow!(
+            "relation users does not exist"
+        ))));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("relation"));
+    }
 }

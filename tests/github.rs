@@ -1,0 +1,347 @@
+//! The `github` preset against the GitHub emulator: exact request shapes,
+//! the stable numeric subject, emails, errors with HTTP 200 and every fault.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use authbroker::{config::Settings, grpc::pb::Outcome};
+use support::{
+    faults::Fault,
+    github::{self, Endpoint, GithubEmail, GithubEmulator, GithubUser},
+    *,
+};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn use_emulator(s: &mut Settings, emu: &GithubEmulator) {
+    let mut p = provider("github", github::CLIENT_ID, github::CLIENT_SECRET);
+    for (key, path) in [
+        ("authorize_url", github::AUTHORIZE_PATH),
+        ("token_url", github::TOKEN_PATH),
+        ("userinfo_url", github::USER_PATH),
+        ("emails_url", github::EMAILS_PATH),
+    ] {
+        p.endpoints.insert(key.into(), emu.url(path));
+    }
+    s.providers.insert("github".into(), p);
+    s.http.timeout = Duration::from_secs(2);
+    s.http.connect_timeout = Duration::from_secs(1);
+}
+
+async fn setup(backend: Backend) -> (TestApp, GithubEmulator) {
+    let emu = GithubEmulator::start().await;
+    emu.add_user(GithubUser::octocat());
+    let app = spawn_app_on(backend, |s| use_emulator(s, &emu)).await;
+    (app, emu)
+}
+
+async fn login_as(
+    app: &TestApp,
+    emu: &GithubEmulator,
+    login: &str,
+) -> Result<authbroker::grpc::pb::CompleteLoginResponse, tonic::Status> {
+    let begun = app.begin_with("github").await;
+    let code = emu
+        .authorize(&begun.authorize_url, login)
+        .expect("emulator accepts the authorize URL");
+    app.complete(&begun.state, &code).await
+}
+
+async fn full_flow(backend: Backend) {
+    let (app, emu) = setup(backend).await;
+    let begun = app.begin_with("github").await;
+    let url = url::Url::parse(&begun.authorize_url).unwrap();
+    assert_eq!(url.path(), github::AUTHORIZE_PATH);
+    let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["client_id"], github::CLIENT_ID);
+    assert_eq!(q["redirect_uri"], REDIRECT);
+    assert_eq!(q["scope"], "read:user user:email");
+    assert_eq!(q["state"], begun.state);
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert!(
+        !q.contains_key("response_type"),
+        "GitHub takes no response_type"
+    );
+
+    let code = emu.authorize(&begun.authorize_url, "octocat").unwrap();
+    let done = app.complete(&begun.state, &code).await.unwrap();
+    assert_eq!(done.outcome(), Outcome::UserCreated);
+    let id = done.identity.unwrap();
+    assert_eq!(
+        id.subject, "583231",
+        "subject is the numeric id, never the login"
+    );
+    assert_eq!(id.username, "octocat");
+    assert_eq!(id.display_name, "The Octocat");
+    assert_eq!(id.email, "octocat@github.com");
+    assert!(id.email_verified);
+    assert_eq!(
+        id.avatar_url,
+        "https://avatars.githubusercontent.com/u/583231?v=4"
+    );
+
+    let token = emu.requests_to(github::TOKEN_PATH);
+    assert_eq!(token.len(), 1);
+    let t = &token[0];
+    assert_eq!(t.method, "POST");
+    assert!(
+        t.content_type
+            .as_deref()
+            .unwrap()
+            .starts_with("application/x-www-form-urlencoded")
+    );
+    assert_eq!(t.accept.as_deref(), Some("application/json"));
+    assert!(t.user_agent.as_deref().unwrap().starts_with("authbroker/"));
+    assert_eq!(t.param("client_id"), Some(github::CLIENT_ID));
+    assert!(t.param("client_secret").is_some());
+    assert!(t.param("code_verifier").is_some());
+    assert_eq!(t.param("redirect_uri"), Some(REDIRECT));
+    let user = &emu.requests_to(github::USER_PATH)[0];
+    assert_eq!(user.authorization.as_deref(), Some("Bearer"));
+    assert!(user.user_agent.is_some());
+    assert_eq!(emu.requests_to(github::EMAILS_PATH).len(), 1);
+    assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+
+    let again = login_as(&app, &emu, "octocat").await.unwrap();
+    assert_eq!(again.outcome(), Outcome::SignedIn);
+    assert_eq!(
+        again.binding.unwrap().user_id,
+        done.binding.unwrap().user_id
+    );
+    assert_eq!(app.store.count_users().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn full_flow_on_postgres() {
+    full_flow(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn full_flow_on_sqlite() {
+    full_flow(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_renamed_account_keeps_its_binding_and_its_old_name_is_someone_else() {
+    let (app, emu) = setup(Backend::Postgres).await;
+    let first = login_as(&app, &emu, "octocat").await.unwrap();
+    let user_id = first.binding.unwrap().user_id;
+
+    // octocat renames to hubot; a stranger registers the freed name.
+    emu.add_user(GithubUser::new(583231, "hubot").name("The Octocat"));
+    emu.add_user(GithubUser::new(999001, "octocat"));
+    let renamed = login_as(&app, &emu, "hubot").await.unwrap();
+    assert_eq!(renamed.outcome(), Outcome::SignedIn);
+    assert_eq!(renamed.binding.unwrap().user_id, user_id);
+    let stored = app
+        .store
+        .find_identity("github", "583231")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.username.as_deref(), Some("hubot"));
+
+    let stranger = login_as(&app, &emu, "octocat").await.unwrap();
+    assert_eq!(stranger.outcome(), Outcome::UserCreated);
+    assert_ne!(stranger.binding.unwrap().user_id, user_id);
+    // No name: the display name falls back to the login.
+    assert_eq!(stranger.identity.unwrap().display_name, "octocat");
+}
+
+#[tokio::test]
+async fn emails_need_the_scope_and_must_be_primary_and_verified() {
+    let (app, emu) = setup(Backend::Postgres).await;
+    emu.add_user(
+        GithubUser::new(7, "mona")
+            .public_email("mona@public.example")
+            .with_email(GithubEmail::new(
+                "mona@unverified.example",
+                true,
+                false,
+                Some("private"),
+            ))
+            .with_email(GithubEmail::secondary("mona@other.example", true)),
+    );
+    // Primary is unverified: no verified email; the public one, unverified.
+    let done = login_as(&app, &emu, "mona").await.unwrap();
+    let id = done.identity.unwrap();
+    assert_eq!(id.email, "mona@public.example");
+    assert!(!id.email_verified);
+
+    // The user grants only read:user: /user/emails is not called at all.
+    emu.clear_requests();
+    let begun = app.begin_with("github").await;
+    let code = emu
+        .authorize_with_scopes(&begun.authorize_url, "octocat", &["read:user"])
+        .unwrap();
+    let done = app.complete(&begun.state, &code).await.unwrap();
+    let id = done.identity.unwrap();
+    assert_eq!(id.email, "");
+    assert!(!id.email_verified);
+    assert!(emu.requests_to(github::EMAILS_PATH).is_empty());
+}
+
+#[tokio::test]
+async fn token_errors_with_http_200_are_rejections_and_persist_nothing() {
+    let (app, emu) = setup(Backend::Postgres).await;
+    // A code GitHub never issued.
+    let begun = app.begin_with("github").await;
+    let err = app
+        .complete(&begun.state, "0123456789abcdef0123")
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
+    let info = err.get_details_error_info().unwrap();
+    assert_eq!(info.metadata["provider_error"], "bad_verification_code");
+    assert_eq!(info.metadata["provider"], "github");
+
+    // A code used once already.
+    let begun = app.begin_with("github").await;
+    let code = emu.authorize(&begun.authorize_url, "octocat").unwrap();
+    app.complete(&begun.state, &code).await.unwrap();
+    let begun2 = app.begin_with("github").await;
+    let err = app.complete(&begun2.state, &code).await.unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
+    assert_eq!(app.store.count_users().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn wrong_client_secret_is_rejected() {
+    let emu = GithubEmulator::start().await;
+    emu.add_user(GithubUser::octocat());
+    let app = spawn_app(|s| {
+        use_emulator(s, &emu);
+        s.providers.get_mut("github").unwrap().client_secret = Some("wrong".into());
+    })
+    .await;
+    let err = login_as(&app, &emu, "octocat").await.unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
+    assert_eq!(
+        err.get_details_error_info().unwrap().metadata["provider_error"],
+        "incorrect_client_credentials"
+    );
+    assert!(!err.message().contains("wrong"));
+}
+
+#[tokio::test]
+async fn every_injected_fault_maps_to_a_clear_error() {
+    let (app, emu) = setup(Backend::Postgres).await;
+    let cases = [
+        (
+            Endpoint::Token,
+            Fault::Status500,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Endpoint::Token,
+            Fault::Status503,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Endpoint::Token,
+            Fault::Garbage,
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+        (
+            Endpoint::Token,
+            Fault::Oversized(2 << 20),
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+        (
+            Endpoint::Token,
+            Fault::Hang,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Endpoint::Token,
+            Fault::CloseConnection,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Endpoint::User,
+            Fault::Status500,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Endpoint::User,
+            Fault::Garbage,
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+        (
+            Endpoint::User,
+            Fault::Oversized(2 << 20),
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+        (
+            Endpoint::User,
+            Fault::Hang,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Endpoint::Emails,
+            Fault::Status503,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Endpoint::Emails,
+            Fault::Garbage,
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+    ];
+    for (endpoint, fault, code, reason) in cases {
+        emu.clear_faults();
+        emu.set_fault(endpoint, fault.clone());
+        let started = Instant::now();
+        let err = login_as(&app, &emu, "octocat").await.unwrap_err();
+        assert_error(&err, code, reason);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{endpoint:?} {fault:?} took {:?}; the 2 s timeout must cut it",
+            started.elapsed()
+        );
+        assert_eq!(
+            app.store.count_users().await.unwrap(),
+            0,
+            "{endpoint:?} {fault:?}"
+        );
+    }
+
+    // A slow provider within the timeout is fine.
+    emu.clear_faults();
+    emu.set_fault(Endpoint::Token, Fault::Slow(Duration::from_millis(300)));
+    let done = login_as(&app, &emu, "octocat").await.unwrap();
+    assert_eq!(done.outcome(), Outcome::UserCreated);
+}
+
+#[tokio::test]
+async fn unreachable_provider_is_unavailable() {
+    let emu = GithubEmulator::start().await;
+    emu.add_user(GithubUser::octocat());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/token", closed.local_addr().unwrap());
+    drop(closed);
+    let app = spawn_app(|s| {
+        use_emulator(s, &emu);
+        s.providers
+            .get_mut("github")
+            .unwrap()
+            .endpoints
+            .insert("token_url".into(), dead);
+    })
+    .await;
+    let err = login_as(&app, &emu, "octocat").await.unwrap_err();
+    assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+}
