@@ -418,7 +418,11 @@ mod tests {
         assert!(problems.iter().any(|p| p.starts_with("database.url")));
         assert!(problems.iter().any(|p| p.contains("bad.example/path")));
         assert!(problems.iter().any(|p| p.contains("ftp://x")));
-        assert!(problems.iter().any(|p| p.starts_with("auth.api_keys[0].sha256")));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("auth.api_keys[0].sha256"))
+        );
         assert!(problems.iter().any(|p| p.starts_with("login.max_pending")));
         assert!(problems.iter().any(|p| p.starts_with("providers")));
         assert_eq!(problems.len(), 6, "{problems:#?}");
@@ -427,10 +431,22 @@ mod tests {
     #[test]
     fn serve_needs_keys_unless_explicitly_open() {
         let mut s = Settings::default();
-        assert!(s.validate(Mode::Serve).iter().any(|p| p.starts_with("auth.api_keys")));
-        assert!(!s.validate(Mode::Dev).iter().any(|p| p.starts_with("auth.api_keys")));
+        assert!(
+            s.validate(Mode::Serve)
+                .iter()
+                .any(|p| p.starts_with("auth.api_keys"))
+        );
+        assert!(
+            !s.validate(Mode::Dev)
+                .iter()
+                .any(|p| p.starts_with("auth.api_keys"))
+        );
         s.auth.allow_unauthenticated = true;
-        assert!(!s.validate(Mode::Serve).iter().any(|p| p.starts_with("auth.api_keys")));
+        assert!(
+            !s.validate(Mode::Serve)
+                .iter()
+                .any(|p| p.starts_with("auth.api_keys"))
+        );
     }
 
     #[test]
@@ -438,14 +454,21 @@ mod tests {
         let s = Settings::load(None, Mode::Dev).unwrap();
         assert_eq!(s.providers["sandbox"].kind, "sandbox");
         assert!(s.database.url.starts_with("sqlite://.authbroker/"));
-        assert!(s.validate(Mode::Dev).is_empty(), "{:?}", s.validate(Mode::Dev));
+        assert!(
+            s.validate(Mode::Dev).is_empty(),
+            "{:?}",
+            s.validate(Mode::Dev)
+        );
         let s = Settings::load(None, Mode::Serve).unwrap();
         assert!(s.providers.is_empty());
     }
 
     #[test]
     fn missing_config_file_is_an_error() {
-        let e = Settings::load(Some(std::path::Path::new("/nonexistent/x.toml")), Mode::Serve);
+        let e = Settings::load(
+            Some(std::path::Path::new("/nonexistent/x.toml")),
+            Mode::Serve,
+        );
         assert!(e.unwrap_err().to_string().contains("does not exist"));
     }
 

@@ -97,6 +97,5 @@ impl AuditEvent {
 pub fn now_micros() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     let nanos = now.nanosecond();
-    now.replace_nanosecond(nanos - nanos % 1_000)
-        .unwrap_or(now)
+    now.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(now)
 }

@@ -306,12 +306,13 @@ impl LoginService {
                 ));
             }
             // Belt and braces: resolving against a base must stay on it.
-            let base = Url::parse("https://return-to.invalid/").map_err(|_| {
-                LoginError::ReturnToNotAllowed("could not be checked")
-            })?;
+            let base = Url::parse("https://return-to.invalid/")
+                .map_err(|_| LoginError::ReturnToNotAllowed("could not be checked"))?;
             return match base.join(s) {
                 Ok(u) if u.origin() == base.origin() => Ok(Some(s.to_string())),
-                _ => Err(LoginError::ReturnToNotAllowed("is not a valid relative path")),
+                _ => Err(LoginError::ReturnToNotAllowed(
+                    "is not a valid relative path",
+                )),
             };
         }
         let url = Url::parse(s).map_err(|_| {
@@ -323,7 +324,9 @@ impl LoginService {
             return Err(LoginError::ReturnToNotAllowed("must use http or https"));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(LoginError::ReturnToNotAllowed("must not contain credentials"));
+            return Err(LoginError::ReturnToNotAllowed(
+                "must not contain credentials",
+            ));
         }
         if !self.return_to_origins.contains(&url.origin()) {
             return Err(LoginError::ReturnToNotAllowed(
@@ -396,11 +399,12 @@ impl LoginService {
                 }
             });
         }
-        let provider = self.providers.get(&login.provider).map_err(|_| {
-            LoginError::UnknownProvider {
-                known: self.providers.names().join(", "),
-            }
-        })?;
+        let provider =
+            self.providers
+                .get(&login.provider)
+                .map_err(|_| LoginError::UnknownProvider {
+                    known: self.providers.names().join(", "),
+                })?;
 
         let started = Instant::now();
         let tokens = provider.exchange_code(&req.code, login).await;

@@ -13,7 +13,10 @@ use authbroker::{
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "A gRPC login broker for third-party OAuth2 providers")]
+#[command(
+    version,
+    about = "A gRPC login broker for third-party OAuth2 providers"
+)]
 struct Cli {
     /// TOML configuration file; every key can also be set as
     /// AUTHBROKER__SECTION__KEY in the environment.
@@ -95,7 +98,10 @@ fn check_config(settings: &Settings) -> ExitCode {
         Err(e) => problems.push(format!("http: {e}")),
     }
     if problems.is_empty() {
-        println!("configuration is valid ({} providers)", settings.providers.len());
+        println!(
+            "configuration is valid ({} providers)",
+            settings.providers.len()
+        );
         ExitCode::SUCCESS
     } else {
         eprintln!("configuration has {} problem(s):", problems.len());

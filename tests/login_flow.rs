@@ -39,7 +39,10 @@ async fn new_then_returning_user(backend: Backend) {
     assert!(!binding.user_id.is_empty());
     assert_eq!(binding.created_at, binding.last_login_at);
     assert_eq!(identity.subject, binding.subject);
-    assert!(identity.subject.chars().all(|c| c.is_ascii_digit()), "{identity:?}");
+    assert!(
+        identity.subject.chars().all(|c| c.is_ascii_digit()),
+        "{identity:?}"
+    );
     assert_eq!(identity.username, "alice");
     assert_eq!(identity.display_name, "Alice");
     assert_eq!(identity.email, "alice@sandbox.test");
@@ -78,7 +81,10 @@ async fn new_then_returning_user(backend: Backend) {
         .await
         .unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["login_succeeded", "login_succeeded", "user_created"]);
+    assert_eq!(
+        kinds,
+        ["login_succeeded", "login_succeeded", "user_created"]
+    );
     assert!(events.iter().all(|e| e.actor.as_deref() == Some("web")));
     app.stop().await;
 }
@@ -106,7 +112,10 @@ async fn twenty_concurrent_first_logins_make_one_user(backend: Backend) {
     let mut users = HashSet::new();
     let mut created = 0;
     for c in calls {
-        let r = c.await.unwrap().expect("every concurrent first login succeeds");
+        let r = c
+            .await
+            .unwrap()
+            .expect("every concurrent first login succeeds");
         if r.outcome() == Outcome::UserCreated {
             created += 1;
         }
@@ -144,7 +153,10 @@ async fn replayed_state_succeeds_once_in_a_hundred(backend: Backend) {
 async fn bad_code_persists_nothing(backend: Backend) {
     let app = spawn_app_on(backend, |_| {}).await;
     let begun = app.begin_with("sandbox").await;
-    let err = app.complete(&begun.state, "not-a-real-code").await.unwrap_err();
+    let err = app
+        .complete(&begun.state, "not-a-real-code")
+        .await
+        .unwrap_err();
     assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
     use tonic_types::StatusExt;
     let info = err.get_details_error_info().unwrap();
@@ -286,7 +298,10 @@ async fn begin_login_input_rules() {
 
     let err = begin(|r| r.provider = "nope".into()).await.unwrap_err();
     let msg = assert_error(&err, Code::InvalidArgument, "UNKNOWN_PROVIDER");
-    assert!(msg.contains("sandbox"), "names the configured providers: {msg}");
+    assert!(
+        msg.contains("sandbox"),
+        "names the configured providers: {msg}"
+    );
     assert_eq!(violation_field(&err), "provider");
     let err = begin(|r| r.provider = String::new()).await.unwrap_err();
     assert_error(&err, Code::InvalidArgument, "MISSING_FIELD");
@@ -329,13 +344,19 @@ async fn begin_login_input_rules() {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((now + 590..=now + 601).contains(&expires), "10 minute TTL");
 
-    let err = begin(|r| r.scopes = vec!["admin:org".into()]).await.unwrap_err();
+    let err = begin(|r| r.scopes = vec!["admin:org".into()])
+        .await
+        .unwrap_err();
     assert_error(&err, Code::InvalidArgument, "SCOPE_NOT_ALLOWED");
-    let ok = begin(|r| r.scopes = vec!["offline".into(), "email".into()]).await.unwrap();
+    let ok = begin(|r| r.scopes = vec!["offline".into(), "email".into()])
+        .await
+        .unwrap();
     let url = url::Url::parse(&ok.authorize_url).unwrap();
     let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
     assert_eq!(q["scope"], "openid profile email offline");
-    let err = begin(|r| r.scopes = vec!["s".into(); 40]).await.unwrap_err();
+    let err = begin(|r| r.scopes = vec!["s".into(); 40])
+        .await
+        .unwrap_err();
     assert_error(&err, Code::InvalidArgument, "INVALID_FIELD");
 }
 
@@ -419,8 +440,18 @@ async fn caller_must_present_a_known_key() {
         .insert("authorization", LOGIN_KEY.parse().unwrap());
     let err = app.client().begin_login(raw).await.unwrap_err();
     assert_error(&err, Code::Unauthenticated, "API_KEY_INVALID");
-    assert!(app.client().begin_login(authed(req(), LOGIN_KEY)).await.is_ok());
-    assert!(app.client().begin_login(authed(req(), ADMIN_KEY)).await.is_ok());
+    assert!(
+        app.client()
+            .begin_login(authed(req(), LOGIN_KEY))
+            .await
+            .is_ok()
+    );
+    assert!(
+        app.client()
+            .begin_login(authed(req(), ADMIN_KEY))
+            .await
+            .is_ok()
+    );
     // CompleteLogin is guarded too.
     let err = app
         .client()
@@ -432,7 +463,9 @@ async fn caller_must_present_a_known_key() {
 
 #[tokio::test]
 async fn health_is_open_and_reflection_lists_services() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let app = spawn_app(|_| {}).await;
     let mut health = HealthClient::new(app.channel.clone());
     for service in ["", "authbroker.v1.LoginService"] {
@@ -499,7 +532,9 @@ async fn pending_logins_are_bounded() {
 
 #[tokio::test]
 async fn store_outage_is_unavailable_and_not_serving() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     // Nothing listens on port 1: the store is down from the start.
     let app = spawn_app(|s| s.database.url = "postgres://postgres@127.0.0.1:1/none".into()).await;
     let status = HealthClient::new(app.channel.clone())
@@ -516,5 +551,8 @@ async fn store_outage_is_unavailable_and_not_serving() {
     let (code, state) = app.sandbox_authorize(&begun.authorize_url, "hank").await;
     let err = app.complete(&state, &code).await.unwrap_err();
     let msg = assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
-    assert!(!msg.contains("127.0.0.1:1"), "no connection details leak: {msg}");
+    assert!(
+        !msg.contains("127.0.0.1:1"),
+        "no connection details leak: {msg}"
+    );
 }

@@ -130,7 +130,11 @@ fn error_code(doc: &Value, errors: &ErrorSpec) -> Option<String> {
             .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
             .take(64)
             .collect();
-        Some(if clean.is_empty() { "error".into() } else { clean })
+        Some(if clean.is_empty() {
+            "error".into()
+        } else {
+            clean
+        })
     })
 }
 
@@ -196,9 +200,9 @@ impl Docs<'_> {
             match part {
                 Part::Literal(s) => out.push_str(s),
                 Part::ClientId => out.push_str(client_id),
-                Part::Field(f) => out.push_str(&body::scalar_string(
-                    self.lookup(&f.doc, &f.pointer)?,
-                )?),
+                Part::Field(f) => {
+                    out.push_str(&body::scalar_string(self.lookup(&f.doc, &f.pointer)?)?)
+                }
             }
         }
         Some(out)
@@ -323,8 +327,7 @@ impl Provider for SpecProvider {
             docs: BTreeMap::from([("token", tokens.raw.clone())]),
         };
         for r in &self.spec.requests {
-            if !r.when_scope.is_empty() && !r.when_scope.iter().any(|s| tokens.scopes.contains(s))
-            {
+            if !r.when_scope.is_empty() && !r.when_scope.iter().any(|s| tokens.scopes.contains(s)) {
                 continue;
             }
             let mut url = self.endpoint(&r.endpoint)?.clone();
@@ -338,7 +341,9 @@ impl Provider for SpecProvider {
             let mut request = self.http.request(Method::GET, url);
             request = match r.auth {
                 RequestAuth::Bearer => request.bearer_auth(token),
-                RequestAuth::Token => request.header(header::AUTHORIZATION, format!("token {token}")),
+                RequestAuth::Token => {
+                    request.header(header::AUTHORIZATION, format!("token {token}"))
+                }
                 RequestAuth::None => request,
             };
             for (k, v) in &r.headers {
@@ -409,10 +414,7 @@ mod tests {
             Some("bad_verification_code".into())
         );
         assert_eq!(error_code(&json!({"ret":0,"nickname":"x"}), &errors), None);
-        assert_eq!(
-            error_code(&json!({"ret":-1}), &errors),
-            Some("-1".into())
-        );
+        assert_eq!(error_code(&json!({"ret":-1}), &errors), Some("-1".into()));
         assert_eq!(
             error_code(&json!({"error":"invalid code: abc<script> 123"}), &errors),
             Some("invalidcodeabcscript123".into())
@@ -423,7 +425,10 @@ mod tests {
 
     #[test]
     fn scopes_in_every_shape() {
-        assert_eq!(parse_scopes(&json!("read:user,user:email")), ["read:user", "user:email"]);
+        assert_eq!(
+            parse_scopes(&json!("read:user,user:email")),
+            ["read:user", "user:email"]
+        );
         assert_eq!(parse_scopes(&json!("openid email")), ["openid", "email"]);
         assert_eq!(parse_scopes(&json!(["read_qiita"])), ["read_qiita"]);
     }

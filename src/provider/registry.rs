@@ -107,7 +107,10 @@ fn build_one(
     let spec = match spec::preset(&cfg.kind) {
         Some(Ok(spec)) => Some(spec),
         Some(Err(e)) => {
-            problems.push(format!("{at}.kind: built-in preset {:?} is broken: {e}", cfg.kind));
+            problems.push(format!(
+                "{at}.kind: built-in preset {:?} is broken: {e}",
+                cfg.kind
+            ));
             None
         }
         None => {
@@ -140,7 +143,10 @@ fn build_one(
         (None, Some(path)) => match std::fs::read_to_string(path) {
             Ok(s) if !s.trim().is_empty() => Some(SecretString::from(s.trim().to_string())),
             Ok(_) => {
-                problems.push(format!("{at}.client_secret_file: {} is empty", path.display()));
+                problems.push(format!(
+                    "{at}.client_secret_file: {} is empty",
+                    path.display()
+                ));
                 None
             }
             Err(e) => {
@@ -167,9 +173,9 @@ fn build_one(
     }
     for uri in &cfg.redirect_uris {
         match parse_http_url(uri) {
-            Ok(u) if u.fragment().is_some() => {
-                problems.push(format!("{at}.redirect_uris: {uri:?} must not have a fragment"))
-            }
+            Ok(u) if u.fragment().is_some() => problems.push(format!(
+                "{at}.redirect_uris: {uri:?} must not have a fragment"
+            )),
             Ok(_) => {}
             Err(e) => problems.push(format!("{at}.redirect_uris: {e}")),
         }
@@ -217,7 +223,11 @@ fn build_one(
         name: Arc::from(name),
         kind: cfg.kind.clone(),
         display_name: spec.display_name.clone(),
-        redirect_uris: cfg.redirect_uris.iter().map(|u| Arc::from(u.as_str())).collect(),
+        redirect_uris: cfg
+            .redirect_uris
+            .iter()
+            .map(|u| Arc::from(u.as_str()))
+            .collect(),
         scopes: Arc::from(scopes),
         allowed_scopes: cfg.allowed_scopes.clone(),
         pkce: spec.pkce,
@@ -267,8 +277,12 @@ mod tests {
         let mut bad_gh = cfg("github");
         bad_gh.client_secret = None;
         bad_gh.redirect_uris = vec!["not a url".into(), "https://x/cb#frag".into()];
-        bad_gh.endpoints.insert("token_url".into(), "ftp://x".into());
-        bad_gh.endpoints.insert("bogus_url".into(), "https://x".into());
+        bad_gh
+            .endpoints
+            .insert("token_url".into(), "ftp://x".into());
+        bad_gh
+            .endpoints
+            .insert("bogus_url".into(), "https://x".into());
         let mut no_redirects = cfg("github");
         no_redirects.redirect_uris.clear();
         let problems = build(&[

@@ -271,9 +271,7 @@ impl FromStr for FieldRef {
             .split_once(':')
             .ok_or_else(|| format!("{s:?} must look like doc:/pointer, e.g. user:/id"))?;
         if doc.is_empty() || !pointer.starts_with('/') {
-            return Err(format!(
-                "{s:?} must look like doc:/pointer, e.g. user:/id"
-            ));
+            return Err(format!("{s:?} must look like doc:/pointer, e.g. user:/id"));
         }
         Ok(FieldRef {
             doc: doc.into(),

@@ -221,7 +221,10 @@ mod tests {
         let s = l.state;
         store.put(l).await.unwrap();
         let later = OffsetDateTime::now_utc() + time::Duration::minutes(2);
-        assert!(matches!(store.take(&s, later).await, Err(StateError::Expired)));
+        assert!(matches!(
+            store.take(&s, later).await,
+            Err(StateError::Expired)
+        ));
         // The expired attempt still consumed it.
         assert!(matches!(
             store.take(&s, later).await,
@@ -269,7 +272,10 @@ mod tests {
     async fn room_comes_back_when_entries_expire() {
         let store = MemoryStateStore::new(2, Duration::ZERO);
         for _ in 0..2 {
-            store.put(login(time::Duration::milliseconds(50))).await.unwrap();
+            store
+                .put(login(time::Duration::milliseconds(50)))
+                .await
+                .unwrap();
         }
         assert!(store.put(login(time::Duration::minutes(1))).await.is_err());
         // moka's timer wheel has a granularity of about a second.

@@ -112,8 +112,11 @@ pub enum StateError {
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
     async fn put(&self, login: PendingLogin) -> Result<(), StateError>;
-    async fn take(&self, state: &StateToken, now: OffsetDateTime)
-    -> Result<PendingLogin, StateError>;
+    async fn take(
+        &self,
+        state: &StateToken,
+        now: OffsetDateTime,
+    ) -> Result<PendingLogin, StateError>;
     /// Approximate number of entries held (pending plus recently finished).
     fn len(&self) -> u64;
 }
@@ -143,7 +146,10 @@ mod tests {
         ];
         let v = PkceVerifier(raw);
         assert_eq!(v.verifier(), "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk");
-        assert_eq!(v.challenge_s256(), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
+        assert_eq!(
+            v.challenge_s256(),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //! `Store` seam. Postgres for production, SQLite as the embedded default; one
 //! conformance suite (`conformance`, feature `test-util`) runs against both.
 
-mod postgres;
-mod sqlite;
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
+mod postgres;
+mod sqlite;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

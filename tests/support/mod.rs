@@ -72,7 +72,8 @@ pub fn base_settings() -> Settings {
             role: Role::Admin,
         },
     ];
-    s.providers.insert("sandbox".into(), provider("sandbox", "", ""));
+    s.providers
+        .insert("sandbox".into(), provider("sandbox", "", ""));
     s
 }
 
@@ -167,7 +168,10 @@ impl TestApp {
         LoginServiceClient::new(self.channel.clone())
     }
 
-    pub async fn begin(&self, req: pb::BeginLoginRequest) -> Result<pb::BeginLoginResponse, Status> {
+    pub async fn begin(
+        &self,
+        req: pb::BeginLoginRequest,
+    ) -> Result<pb::BeginLoginResponse, Status> {
         self.client()
             .begin_login(authed(req, LOGIN_KEY))
             .await
@@ -183,7 +187,11 @@ impl TestApp {
         .expect("BeginLogin succeeds")
     }
 
-    pub async fn complete(&self, state: &str, code: &str) -> Result<pb::CompleteLoginResponse, Status> {
+    pub async fn complete(
+        &self,
+        state: &str,
+        code: &str,
+    ) -> Result<pb::CompleteLoginResponse, Status> {
         self.client()
             .complete_login(authed(
                 pb::CompleteLoginRequest {
@@ -216,7 +224,9 @@ impl TestApp {
         let begun = self.begin_with("sandbox").await;
         let (code, state) = self.sandbox_authorize(&begun.authorize_url, user).await;
         assert_eq!(state, begun.state);
-        self.complete(&state, &code).await.expect("CompleteLogin succeeds")
+        self.complete(&state, &code)
+            .await
+            .expect("CompleteLogin succeeds")
     }
 
     pub async fn stop(mut self) {
