@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &protos.map(PathBuf::from),
             &[PathBuf::from("proto"), include],
         )?;
+    // refinery embeds migrations at compile time; a new file must rebuild.
+    println!("cargo:rerun-if-changed=migrations");
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

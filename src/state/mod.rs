@@ -119,6 +119,10 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<PendingLogin, StateError>;
     /// Approximate number of entries held (pending plus recently finished).
     fn len(&self) -> u64;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ pub enum StoreError {
 pub struct AuditQuery {
     pub provider: Option<String>,
     pub user_id: Option<String>,
+    /// At most this many events; 0 means the default of 100.
     pub limit: u32,
 }
 

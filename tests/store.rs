@@ -1,0 +1,246 @@
+//! The store conformance suite on both backends, plus backend-specific
+//! behaviour: SQLite in memory and on disk, and failure classification when
+//! the database cannot be reached.
+//!
+//! Run with `cargo test --features test-util --test store`.
+
+#[path = "support/db.rs"]
+mod db;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use authbroker::domain::{Identity, Outcome, now_micros};
+use authbroker::store::{self, PostgresStore, SqliteStore, Store, StoreError, conformance};
+
+async fn postgres_store(db: &db::TestDatabase) -> Arc<dyn Store> {
+    // Fewer connections than the 20 concurrent logins, so that scenario also
+    // queues on the pool.
+    Arc::new(PostgresStore::connect(&db.url, 5).expect("connect"))
+}
+
+fn sqlite_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open(&dir.path().join("authbroker.db")).expect("open sqlite"))
+}
+
+/// One test per scenario and backend, so a failure names both.
+macro_rules! conformance_tests {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let db = db::fresh_database().await;
+                    conformance::$scenario(postgres_store(&db).await).await;
+                }
+            )*
+        }
+
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    conformance::$scenario(sqlite_store(&dir)).await;
+                }
+            )*
+        }
+
+        const COVERED: &[&str] = &[$(stringify!($scenario)),*];
+    };
+}
+
+conformance_tests!(
+    migrate_is_idempotent,
+    ping_answers,
+    first_login_creates_user,
+    returning_login_signs_in_and_refreshes_profile,
+    distinct_identities_get_distinct_users,
+    unknown_identity_is_absent,
+    concurrent_first_logins_create_one_user,
+    logins_are_audited,
+    audit_events_filter_order_and_limit,
+    text_round_trips_exactly,
+    timestamps_round_trip_exactly,
+);
+
+#[test]
+fn every_scenario_runs_on_both_backends() {
+    let mut listed: Vec<&str> = conformance::SCENARIOS
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    let mut covered = COVERED.to_vec();
+    listed.sort_unstable();
+    covered.sort_unstable();
+    assert_eq!(
+        covered, listed,
+        "update conformance_tests! in tests/store.rs"
+    );
+}
+
+/// Scenarios must not depend on starting from an empty database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_all_scenarios_share_one_database() {
+    let db = db::fresh_database().await;
+    let store = store::open(&db.url, 5).await.expect("open by url");
+    conformance::run_all(Arc::clone(&store)).await;
+    conformance::run_all(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_all_scenarios_share_one_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("shared.db").display());
+    let store = store::open(&url, 1).await.expect("open by url");
+    conformance::run_all(Arc::clone(&store)).await;
+    conformance::run_all(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_in_memory_store_works() {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_memory().expect("in memory"));
+    conformance::run_all(store).await;
+
+    let by_url = store::open("sqlite::memory:", 1)
+        .await
+        .expect("open by url");
+    by_url.migrate().await.expect("migrate");
+    assert_eq!(by_url.count_users().await.expect("count"), 0);
+}
+
+#[tokio::test]
+async fn sqlite_creates_parent_directories_and_persists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir
+        .path()
+        .join("nested")
+        .join("deeper")
+        .join("authbroker.db");
+    let identity = Identity {
+        provider: "github".into(),
+        subject: "583231".into(),
+        display_name: Some("Octocat".into()),
+        ..Identity::default()
+    };
+
+    let binding = {
+        let store = SqliteStore::open(&path).expect("open creates directories");
+        store.migrate().await.expect("migrate");
+        let (outcome, binding) = store
+            .bind_login(&identity, None, now_micros())
+            .await
+            .expect("bind");
+        assert_eq!(outcome, Outcome::UserCreated);
+        binding
+    };
+    assert!(path.is_file());
+
+    let reopened = SqliteStore::open(&path).expect("reopen");
+    reopened.migrate().await.expect("migrate again");
+    assert_eq!(
+        reopened
+            .find_binding("github", "583231")
+            .await
+            .expect("find"),
+        Some(binding)
+    );
+    assert_eq!(
+        reopened
+            .find_identity("github", "583231")
+            .await
+            .expect("find"),
+        Some(identity)
+    );
+}
+
+#[tokio::test]
+async fn sqlite_locked_by_another_process_is_unavailable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("authbroker.db");
+    let store = SqliteStore::open(&path).expect("open");
+    store.migrate().await.expect("migrate");
+
+    // Another writer (as another process would) holds the write lock for
+    // longer than the store's busy timeout.
+    let other = rusqlite::Connection::open(&path).expect("second connection");
+    other
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("take the write lock");
+
+    let identity = Identity {
+        provider: "qq".into(),
+        subject: "1".into(),
+        ..Identity::default()
+    };
+    let started = Instant::now();
+    let err = store
+        .bind_login(&identity, None, now_micros())
+        .await
+        .expect_err("the write lock is held elsewhere");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+
+    other.execute_batch("ROLLBACK").expect("release");
+    let (outcome, _) = store
+        .bind_login(&identity, None, now_micros())
+        .await
+        .expect("works once the lock is released");
+    assert_eq!(outcome, Outcome::UserCreated);
+}
+
+#[tokio::test]
+async fn postgres_unreachable_is_unavailable_and_fails_fast() {
+    // Port 1 on loopback: nothing listens, the connection is refused.
+    let store = PostgresStore::connect("postgres://postgres@127.0.0.1:1/x", 2)
+        .expect("the pool is built lazily");
+    let identity = Identity {
+        provider: "github".into(),
+        subject: "1".into(),
+        ..Identity::default()
+    };
+
+    let started = Instant::now();
+    let ping = store.ping().await.expect_err("nothing listens");
+    assert!(matches!(ping, StoreError::Unavailable(_)), "{ping:?}");
+    let bind = store
+        .bind_login(&identity, None, now_micros())
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(bind, StoreError::Unavailable(_)), "{bind:?}");
+    let migrate = store.migrate().await.expect_err("nothing listens");
+    assert!(matches!(migrate, StoreError::Unavailable(_)), "{migrate:?}");
+    let count = store.count_users().await.expect_err("nothing listens");
+    assert!(matches!(count, StoreError::Unavailable(_)), "{count:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn postgres_black_hole_times_out_as_unavailable() {
+    // 192.0.2.0/24 (TEST-NET-1) is never routed: the connect hangs until the
+    // pool's create timeout, which must turn into Unavailable, not a hang.
+    let store = PostgresStore::connect("postgres://postgres@192.0.2.1:5432/x", 2)
+        .expect("the pool is built lazily");
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(15), store.ping())
+        .await
+        .expect("ping must give up on its own")
+        .expect_err("nothing answers");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn malformed_postgres_url_is_invalid() {
+    let err = store::open("postgres://user@host:port-is-not-a-number/db", 2)
+        .await
+        .err()
+        .expect("malformed url");
+    assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
+}
