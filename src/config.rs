@@ -200,6 +200,16 @@ pub struct ProviderConfig {
     /// Overrides of the preset's URLs (`authorize_url`, `token_url`, …).
     #[serde(default)]
     pub endpoints: BTreeMap<String, String>,
+    /// Ask for and report the provider's cross-app id (QQ `unionid`).
+    #[serde(default)]
+    pub union_id: bool,
+    /// OIDC: also call the userinfo endpoint and merge its claims.
+    #[serde(default)]
+    pub fetch_userinfo: bool,
+    /// For `kind = "oauth2"`: the whole provider spec, in the schema of the
+    /// preset files under `providers/`.
+    #[serde(default)]
+    pub spec: Option<toml::Table>,
 }
 
 fn yes() -> bool {
@@ -326,6 +336,9 @@ fn dev_defaults() -> Settings {
             scopes: None,
             allowed_scopes: Vec::new(),
             endpoints: BTreeMap::new(),
+            union_id: false,
+            fetch_userinfo: false,
+            spec: None,
         },
     );
     s

@@ -274,11 +274,15 @@ impl LoginService {
             } else {
                 None
             },
-            nonce: None,
+            nonce: if info.nonce {
+                Some(PkceVerifier::generate()?)
+            } else {
+                None
+            },
             created_at: now,
             expires_at: now + ttl,
         };
-        let authorize_url = provider.authorize_url(&login);
+        let authorize_url = provider.authorize_url(&login).await?;
         let (state, expires_at) = (login.state, login.expires_at);
         self.states.put(login).await?;
         Ok(BegunLogin {
@@ -385,8 +389,14 @@ impl LoginService {
         req: &CompleteLogin,
         actor: Option<&str>,
     ) -> Result<CompletedLogin, LoginError> {
+        let provider =
+            self.providers
+                .get(&login.provider)
+                .map_err(|_| LoginError::UnknownProvider {
+                    known: self.providers.names().join(", "),
+                })?;
         if !req.error.is_empty() {
-            return Err(if req.error == "access_denied" {
+            return Err(if provider.info().denied.contains(&req.error) {
                 LoginError::AccessDenied
             } else {
                 LoginError::ProviderAuthorizeError {
@@ -412,7 +422,7 @@ impl LoginService {
         let tokens = tokens?;
 
         let started = Instant::now();
-        let identity = provider.fetch_identity(&tokens).await;
+        let identity = provider.fetch_identity(&tokens, login).await;
         record_phase("identity", started);
         let identity = identity?;
 

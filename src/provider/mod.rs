@@ -56,6 +56,12 @@ pub struct ProviderInfo {
     /// Extra scopes a caller may add.
     pub allowed_scopes: Vec<String>,
     pub pkce: bool,
+    /// Send an OIDC `nonce` and check it in the ID token.
+    pub nonce: bool,
+    /// Callback `error` values meaning the user said no.
+    pub denied: Vec<String>,
+    /// Refresh tokens work once (the answer carries the next one).
+    pub refresh_token_single_use: bool,
 }
 
 /// Why a provider call failed. Messages never contain tokens, codes, or the
@@ -135,12 +141,16 @@ impl ProviderError {
     }
 }
 
+/// A login provider. Optional capabilities are separate traits, reached
+/// through `refresher()` and `revoker()`, rather than methods that answer
+/// "not supported".
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     fn info(&self) -> &ProviderInfo;
 
-    /// Where to send the browser for this pending login.
-    fn authorize_url(&self, login: &PendingLogin) -> Url;
+    /// Where to send the browser for this pending login. Async because OIDC
+    /// providers learn their endpoints from discovery.
+    async fn authorize_url(&self, login: &PendingLogin) -> Result<Url, ProviderError>;
 
     /// Trades the code from the callback for tokens.
     async fn exchange_code(
@@ -149,6 +159,37 @@ pub trait Provider: Send + Sync + 'static {
         login: &PendingLogin,
     ) -> Result<TokenSet, ProviderError>;
 
-    /// Reads the stable user id and profile with the tokens.
-    async fn fetch_identity(&self, tokens: &TokenSet) -> Result<Identity, ProviderError>;
+    /// Reads the stable user id and profile with the tokens. `login` carries
+    /// what the answers are checked against (OIDC nonce).
+    async fn fetch_identity(
+        &self,
+        tokens: &TokenSet,
+        login: &PendingLogin,
+    ) -> Result<Identity, ProviderError>;
+
+    fn refresher(&self) -> Option<&dyn Refresh> {
+        None
+    }
+
+    fn revoker(&self) -> Option<&dyn Revoke> {
+        None
+    }
+}
+
+/// Providers with a refresh-token grant.
+#[async_trait]
+pub trait Refresh: Send + Sync {
+    /// New tokens for a refresh token. `scopes` are those granted before,
+    /// used when the answer does not list any.
+    async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        scopes: &[String],
+    ) -> Result<TokenSet, ProviderError>;
+}
+
+/// Providers that can revoke an access token.
+#[async_trait]
+pub trait Revoke: Send + Sync {
+    async fn revoke(&self, access_token: &SecretString) -> Result<(), ProviderError>;
 }

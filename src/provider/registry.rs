@@ -9,7 +9,13 @@ use std::{
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
-use super::{Provider, ProviderInfo, engine::SpecProvider, spec};
+use serde::Deserialize;
+
+use super::{
+    Provider, ProviderInfo,
+    engine::{SpecParts, SpecProvider},
+    spec::{self, ProviderSpec},
+};
 use crate::{config::ProviderConfig, http::HttpClient};
 
 /// The sandbox needs no real credentials; these fill in when config leaves them out.
@@ -104,25 +110,21 @@ fn build_one(
         ));
     }
     let is_sandbox = cfg.kind == "sandbox";
-    let spec = match spec::preset(&cfg.kind) {
-        Some(Ok(spec)) => Some(spec),
-        Some(Err(e)) => {
-            problems.push(format!(
-                "{at}.kind: built-in preset {:?} is broken: {e}",
-                cfg.kind
-            ));
-            None
-        }
-        None => {
-            let known: Vec<&str> = spec::PRESETS.iter().map(|(n, _)| *n).collect();
-            problems.push(format!(
-                "{at}.kind: unknown kind {:?} (known: {})",
-                cfg.kind,
-                known.join(", ")
-            ));
-            None
-        }
-    };
+    let spec = spec_for(&at, cfg, &mut problems);
+    if let Some(spec) = &spec
+        && cfg.union_id
+        && spec.identity.union_id.0.is_empty()
+    {
+        problems.push(format!(
+            "{at}.union_id: {:?} has no union id to ask for",
+            cfg.kind
+        ));
+    }
+    if cfg.fetch_userinfo {
+        problems.push(format!(
+            "{at}.fetch_userinfo: only OIDC providers take this option"
+        ));
+    }
 
     let client_id = match (cfg.client_id.trim(), is_sandbox) {
         ("", true) => SANDBOX_CLIENT_ID.to_string(),
@@ -231,15 +233,81 @@ fn build_one(
         scopes: Arc::from(scopes),
         allowed_scopes: cfg.allowed_scopes.clone(),
         pkce: spec.pkce,
+        nonce: false,
+        denied: spec.authorize.denied.clone(),
+        refresh_token_single_use: spec.refresh_token_single_use,
     };
-    Ok(Arc::new(SpecProvider::new(
+    let options = cfg
+        .union_id
+        .then(|| "union_id".to_string())
+        .into_iter()
+        .collect();
+    Ok(Arc::new(SpecProvider::new(SpecParts {
         info,
         spec,
         endpoints,
         client_id,
-        secret,
-        http.clone(),
-    )))
+        client_secret: secret,
+        options,
+        http: http.clone(),
+    })))
+}
+
+/// The spec a provider runs on: a built-in preset, or for `kind = "oauth2"`
+/// the `[providers.NAME.spec]` table, checked like a preset.
+fn spec_for(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) -> Option<ProviderSpec> {
+    if cfg.kind == "oauth2" {
+        let Some(table) = &cfg.spec else {
+            problems.push(format!(
+                "{at}.spec: kind \"oauth2\" needs a [{at}.spec] table describing the provider"
+            ));
+            return None;
+        };
+        return match ProviderSpec::deserialize(toml::Value::Table(table.clone())) {
+            Ok(spec) => {
+                let mut found: Vec<String> = spec
+                    .check()
+                    .into_iter()
+                    .map(|p| format!("{at}.spec.{p}"))
+                    .collect();
+                if found.is_empty() {
+                    Some(spec)
+                } else {
+                    problems.append(&mut found);
+                    None
+                }
+            }
+            Err(e) => {
+                problems.push(format!("{at}.spec: {}", e.message()));
+                None
+            }
+        };
+    }
+    if cfg.spec.is_some() {
+        problems.push(format!(
+            "{at}.spec: only kind = \"oauth2\" takes a spec; presets are configured with endpoints"
+        ));
+    }
+    match spec::preset(&cfg.kind) {
+        Some(Ok(spec)) => Some(spec),
+        Some(Err(e)) => {
+            problems.push(format!(
+                "{at}.kind: built-in preset {:?} is broken: {e}",
+                cfg.kind
+            ));
+            None
+        }
+        None => {
+            let mut known: Vec<&str> = spec::PRESETS.iter().map(|(n, _)| *n).collect();
+            known.push("oauth2");
+            problems.push(format!(
+                "{at}.kind: unknown kind {:?} (known: {})",
+                cfg.kind,
+                known.join(", ")
+            ));
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +326,9 @@ mod tests {
             scopes: None,
             allowed_scopes: vec![],
             endpoints: BTreeMap::new(),
+            union_id: false,
+            fetch_userinfo: false,
+            spec: None,
         }
     }
 

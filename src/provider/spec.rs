@@ -9,8 +9,14 @@ use serde::{Deserialize, Deserializer};
 
 /// Built-in presets, embedded at compile time.
 pub const PRESETS: &[(&str, &str)] = &[
+    ("acwing", include_str!("../../providers/acwing.toml")),
+    ("gitee", include_str!("../../providers/gitee.toml")),
     ("github", include_str!("../../providers/github.toml")),
+    ("qiita", include_str!("../../providers/qiita.toml")),
+    ("qq", include_str!("../../providers/qq.toml")),
     ("sandbox", include_str!("../../providers/sandbox.toml")),
+    ("wechat", include_str!("../../providers/wechat.toml")),
+    ("weibo", include_str!("../../providers/weibo.toml")),
 ];
 
 pub fn preset(kind: &str) -> Option<Result<ProviderSpec, String>> {
@@ -46,6 +52,15 @@ pub struct ProviderSpec {
     #[serde(default)]
     pub requests: Vec<RequestSpec>,
     pub identity: IdentitySpec,
+    /// The refresh-token grant; absent means the provider has none. Same
+    /// schema as `token`; the answer is read with `token`'s field paths.
+    #[serde(default)]
+    pub refresh: Option<TokenSpec>,
+    /// Refresh tokens work once; the answer carries the next one (QQ).
+    #[serde(default)]
+    pub refresh_token_single_use: bool,
+    #[serde(default)]
+    pub revoke: Option<RevokeSpec>,
 }
 
 fn space() -> String {
@@ -76,6 +91,8 @@ pub struct AuthorizeSpec {
     pub params: BTreeMap<String, String>,
     /// Appended verbatim, e.g. WeChat's `#wechat_redirect`.
     pub fragment: String,
+    /// `error` values on the callback that mean "the user said no".
+    pub denied: Vec<String>,
 }
 
 impl Default for AuthorizeSpec {
@@ -86,6 +103,7 @@ impl Default for AuthorizeSpec {
             redirect_uri: true,
             params: BTreeMap::new(),
             fragment: String::new(),
+            denied: vec!["access_denied".into()],
         }
     }
 }
@@ -104,9 +122,17 @@ pub enum TokenMethod {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenSpec {
+    /// Name of the endpoint to call.
+    pub endpoint: String,
     pub method: TokenMethod,
+    /// `""` leaves the client id out (Gitee's refresh).
     pub client_id_param: String,
+    /// `""` leaves the secret out (WeChat's and AcWing's refresh).
     pub client_secret_param: String,
+    /// Name of the parameter carrying the code (code exchange).
+    pub code_param: String,
+    /// Name of the parameter carrying the refresh token (refresh).
+    pub refresh_token_param: String,
     /// Send `grant_type=authorization_code`.
     pub grant_type: bool,
     pub redirect_uri: bool,
@@ -122,9 +148,12 @@ pub struct TokenSpec {
 impl Default for TokenSpec {
     fn default() -> Self {
         TokenSpec {
+            endpoint: "token_url".into(),
             method: TokenMethod::PostForm,
             client_id_param: client_id(),
             client_secret_param: client_secret(),
+            code_param: code(),
+            refresh_token_param: "refresh_token".into(),
             grant_type: true,
             redirect_uri: true,
             params: BTreeMap::new(),
@@ -182,6 +211,10 @@ pub struct RequestSpec {
     /// `{client_id}`, `{me:/openid}`).
     #[serde(default)]
     pub query: BTreeMap<String, Template>,
+    /// Extra query parameters sent only when a provider option is on in
+    /// config, e.g. QQ's `unionid = "1"` under `union_id`.
+    #[serde(default)]
+    pub query_when: BTreeMap<String, BTreeMap<String, Template>>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Only made when the granted scopes include one of these.
@@ -222,13 +255,47 @@ pub struct EmailListSpec {
     pub doc: String,
     #[serde(default = "email_field")]
     pub email: FieldPath,
-    /// Fields that must equal these values for an entry to be chosen; an
-    /// email chosen this way counts as verified only if `verified` says so.
+    /// Fields an entry must match to be chosen: equal to a scalar, or an
+    /// array containing it (Gitee's `"scope":["primary"]`).
     #[serde(default)]
     pub require: BTreeMap<String, toml::Value>,
+    /// Fields that must match for the chosen email to count as verified;
+    /// empty means never verified.
     #[serde(default)]
-    pub verified: Option<FieldPath>,
+    pub verified_when: BTreeMap<String, toml::Value>,
 }
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeMethod {
+    Delete,
+    PostForm,
+    Get,
+}
+
+/// How to revoke an access token at the provider.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeSpec {
+    pub endpoint: String,
+    pub method: RevokeMethod,
+    /// Append the access token as the last path segment (Qiita's
+    /// `DELETE /api/v2/access_tokens/:token`).
+    #[serde(default)]
+    pub token_in_path: bool,
+    /// Parameters; templates may use `{token:/access_token}`.
+    #[serde(default)]
+    pub params: BTreeMap<String, Template>,
+    #[serde(default = "no_auth")]
+    pub auth: RequestAuth,
+}
+
+fn no_auth() -> RequestAuth {
+    RequestAuth::None
+}
+
+/// Provider options a spec may depend on (`query_when`).
+pub const OPTIONS: &[&str] = &["union_id"];
 
 fn email_field() -> FieldPath {
     FieldPath::new("/email")
@@ -387,15 +454,44 @@ impl ProviderSpec {
                 problems.push(format!("endpoints.{required} is missing"));
             }
         }
+        for (what, endpoint) in [
+            Some(("token", &self.token.endpoint)),
+            self.refresh.as_ref().map(|r| ("refresh", &r.endpoint)),
+            self.revoke.as_ref().map(|r| ("revoke", &r.endpoint)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !self.endpoints.contains_key(endpoint) {
+                problems.push(format!("{what}.endpoint: {endpoint:?} is not in endpoints"));
+            }
+        }
+        if self.token.access_token.0.is_empty() {
+            problems.push("token.access_token: a field path is required".into());
+        }
         let mut docs = vec!["token".to_string()];
         for r in &self.requests {
+            for option in r.query_when.keys() {
+                if !OPTIONS.contains(&option.as_str()) {
+                    problems.push(format!(
+                        "requests.{}.query_when: unknown option {option:?} (known: {})",
+                        r.name,
+                        OPTIONS.join(", ")
+                    ));
+                }
+            }
             if !self.endpoints.contains_key(&r.endpoint) {
                 problems.push(format!(
                     "requests.{}: endpoint {:?} is not in endpoints",
                     r.name, r.endpoint
                 ));
             }
-            for f in r.query.values().flat_map(Template::fields) {
+            for f in r
+                .query
+                .values()
+                .chain(r.query_when.values().flat_map(|q| q.values()))
+                .flat_map(Template::fields)
+            {
                 if !docs.contains(&f.doc) {
                     problems.push(format!(
                         "requests.{}: {f} refers to a document not fetched before it",

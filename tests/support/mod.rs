@@ -88,6 +88,9 @@ pub fn provider(kind: &str, client_id: &str, secret: &str) -> ProviderConfig {
         scopes: None,
         allowed_scopes: vec![],
         endpoints: Default::default(),
+        union_id: false,
+        fetch_userinfo: false,
+        spec: None,
     }
 }
 
