@@ -120,6 +120,7 @@ impl LoginError {
             LoginError::Provider(ProviderError::Rejected { .. }) => "PROVIDER_REJECTED",
             LoginError::Provider(ProviderError::Unavailable { .. }) => "PROVIDER_UNAVAILABLE",
             LoginError::Provider(ProviderError::BadResponse { .. }) => "PROVIDER_BAD_RESPONSE",
+            LoginError::Provider(ProviderError::InvalidIdToken { .. }) => "ID_TOKEN_INVALID",
             LoginError::StateUnavailable(_) => "STATE_STORE_UNAVAILABLE",
             LoginError::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
             LoginError::Store(_) => "INTERNAL",

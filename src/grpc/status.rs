@@ -36,7 +36,8 @@ pub fn login_error(e: LoginError) -> Status {
         | LoginError::StateAlreadyUsed
         | LoginError::AccessDenied
         | LoginError::ProviderAuthorizeError { .. }
-        | LoginError::Provider(ProviderError::Rejected { .. }) => Code::FailedPrecondition,
+        | LoginError::Provider(ProviderError::Rejected { .. })
+        | LoginError::Provider(ProviderError::InvalidIdToken { .. }) => Code::FailedPrecondition,
         LoginError::TooManyPendingLogins => Code::ResourceExhausted,
         LoginError::Provider(ProviderError::Unavailable { .. })
         | LoginError::StateUnavailable(_)
@@ -60,7 +61,8 @@ pub fn login_error(e: LoginError) -> Status {
         let provider = match p {
             ProviderError::Rejected { provider, .. }
             | ProviderError::Unavailable { provider, .. }
-            | ProviderError::BadResponse { provider, .. } => provider,
+            | ProviderError::BadResponse { provider, .. }
+            | ProviderError::InvalidIdToken { provider, .. } => provider,
         };
         metadata.insert("provider".to_string(), provider.clone());
         if let Some(code) = p.provider_code() {
@@ -102,6 +104,7 @@ pub const REASONS: &[&str] = &[
     "PROVIDER_REJECTED",
     "PROVIDER_UNAVAILABLE",
     "PROVIDER_BAD_RESPONSE",
+    "ID_TOKEN_INVALID",
     "STATE_STORE_UNAVAILABLE",
     "STORE_UNAVAILABLE",
     "INTERNAL",
@@ -153,6 +156,10 @@ mod tests {
                 provider: provider(),
                 step: step(),
                 what: "w".into(),
+            }),
+            LoginError::Provider(ProviderError::InvalidIdToken {
+                provider: provider(),
+                why: "w".into(),
             }),
             LoginError::StateUnavailable(anyhow::anyhow!("rng")),
             LoginError::Store(StoreError::Unavailable(anyhow::anyhow!("down"))),

@@ -238,14 +238,14 @@ impl SpecProvider {
         Ok(url)
     }
 
-    /// Makes the profile requests and maps the answers to an identity.
-    /// `extra` adds documents the caller already has (OIDC's verified
-    /// `id_token` claims).
-    pub(crate) async fn identity_with(
-        &self,
+    /// Makes the profile requests; returns every answer by name. `extra`
+    /// adds documents the caller already has (OIDC's verified `id_token`
+    /// claims).
+    pub(crate) async fn fetch_docs<'a>(
+        &'a self,
         tokens: &TokenSet,
-        extra: Vec<(&str, Value)>,
-    ) -> Result<Identity, ProviderError> {
+        extra: Vec<(&'a str, Value)>,
+    ) -> Result<Docs<'a>, ProviderError> {
         let mut docs = Docs {
             docs: BTreeMap::from([("token", tokens.raw.clone())]),
         };
@@ -276,10 +276,10 @@ impl SpecProvider {
             let doc = self.call(&r.name, request, errors).await?;
             docs.docs.insert(r.name.as_str(), doc);
         }
-        self.map_identity(&docs)
+        Ok(docs)
     }
 
-    fn map_identity(&self, docs: &Docs) -> Result<Identity, ProviderError> {
+    pub(crate) fn map_identity(&self, docs: &Docs) -> Result<Identity, ProviderError> {
         let id = &self.spec.identity;
         let subject = docs
             .first_string(&id.subject)
@@ -376,11 +376,16 @@ fn parse_scopes(v: &Value) -> Vec<String> {
     }
 }
 
-struct Docs<'a> {
+/// The answers gathered for one login, by name (`token`, `user`, …).
+pub(crate) struct Docs<'a> {
     docs: BTreeMap<&'a str, Value>,
 }
 
 impl Docs<'_> {
+    pub(crate) fn get(&self, doc: &str, pointer: &str) -> Option<&Value> {
+        self.lookup(doc, pointer)
+    }
+
     fn lookup(&self, doc: &str, pointer: &str) -> Option<&Value> {
         self.docs
             .get(doc)?
@@ -477,7 +482,8 @@ impl Provider for SpecProvider {
         tokens: &TokenSet,
         _login: &PendingLogin,
     ) -> Result<Identity, ProviderError> {
-        self.identity_with(tokens, Vec::new()).await
+        let docs = self.fetch_docs(tokens, Vec::new()).await?;
+        self.map_identity(&docs)
     }
 
     fn refresher(&self) -> Option<&dyn Refresh> {

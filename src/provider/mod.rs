@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod engine;
+pub mod oidc;
 pub mod registry;
 pub mod sandbox;
 pub mod spec;
@@ -65,8 +66,9 @@ pub struct ProviderInfo {
 }
 
 /// Why a provider call failed. Messages never contain tokens, codes, or the
-/// provider's free-text descriptions (some echo the code back).
-#[derive(Debug, thiserror::Error)]
+/// provider's free-text descriptions (some echo the code back). `Clone` so a
+/// failure shared by coalesced callers (OIDC discovery) reaches each intact.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProviderError {
     /// The provider said no: bad, expired or reused code, bad client
     /// credentials, revoked token. Retrying the same call will not help.
@@ -90,9 +92,13 @@ pub enum ProviderError {
         step: String,
         what: String,
     },
+    /// An OIDC ID token failed verification (signature, issuer, audience,
+    /// expiry or nonce): possibly an attack, never to be trusted.
+    #[error("{provider} sent an ID token that fails verification: {why}")]
+    InvalidIdToken { provider: String, why: String },
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Unavailable {
     #[error("timed out")]
     Timeout,
@@ -100,8 +106,9 @@ pub enum Unavailable {
     Connect,
     #[error("HTTP {0}")]
     Status(u16),
+    /// The transport error's whole cause chain (it never holds the URL).
     #[error("transport error: {0}")]
-    Transport(#[source] reqwest::Error),
+    Transport(String),
 }
 
 impl ProviderError {
@@ -130,7 +137,7 @@ impl ProviderError {
             HttpError::Transport(e) => ProviderError::Unavailable {
                 provider,
                 step,
-                cause: Unavailable::Transport(e),
+                cause: Unavailable::Transport(crate::telemetry::cause_chain(&e)),
             },
             HttpError::TooLarge { limit } => ProviderError::BadResponse {
                 provider,

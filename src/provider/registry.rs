@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::{
     Provider, ProviderInfo,
     engine::{SpecParts, SpecProvider},
+    oidc::{self, OidcConfig, OidcProvider},
     spec::{self, ProviderSpec},
 };
 use crate::{config::ProviderConfig, http::HttpClient};
@@ -109,12 +110,62 @@ fn build_one(
             "{at}: provider names are 1-64 characters of a-z, 0-9, '_' and '-'"
         ));
     }
+    let credentials = credentials(&at, cfg, &mut problems);
+    check_redirect_uris(&at, cfg, &mut problems);
+    let is_oidc = cfg.kind == "oidc" || spec::oidc_preset(&cfg.kind).is_some();
+    let built = if is_oidc {
+        build_oidc(&at, name, cfg, http, &mut problems)
+    } else {
+        build_oauth2(&at, name, cfg, http, sandbox_base, &mut problems)
+    };
+    match (built, credentials, problems.is_empty()) {
+        (Some(make), Some((client_id, secret)), true) => Ok(make(client_id, secret)),
+        _ => Err(problems),
+    }
+}
+
+/// A provider, once the client credentials are known to be valid.
+type Make = Box<dyn FnOnce(String, SecretString) -> Arc<dyn Provider>>;
+
+fn info_for(
+    name: &str,
+    cfg: &ProviderConfig,
+    display_name: &str,
+    default_scopes: &[String],
+) -> ProviderInfo {
+    ProviderInfo {
+        name: Arc::from(name),
+        kind: cfg.kind.clone(),
+        display_name: display_name.to_string(),
+        redirect_uris: cfg
+            .redirect_uris
+            .iter()
+            .map(|u| Arc::from(u.as_str()))
+            .collect(),
+        scopes: Arc::from(
+            cfg.scopes
+                .clone()
+                .unwrap_or_else(|| default_scopes.to_vec()),
+        ),
+        allowed_scopes: cfg.allowed_scopes.clone(),
+        pkce: false,
+        nonce: false,
+        denied: vec!["access_denied".into()],
+        refresh_token_single_use: false,
+    }
+}
+
+fn build_oauth2(
+    at: &str,
+    name: &str,
+    cfg: &ProviderConfig,
+    http: &HttpClient,
+    sandbox_base: Option<&Url>,
+    problems: &mut Vec<String>,
+) -> Option<Make> {
     let is_sandbox = cfg.kind == "sandbox";
-    let spec = spec_for(&at, cfg, &mut problems);
-    if let Some(spec) = &spec
-        && cfg.union_id
-        && spec.identity.union_id.0.is_empty()
-    {
+    let spec = spec_for(at, cfg, problems)?;
+    if cfg.union_id && spec.identity.union_id.0.is_empty() {
         problems.push(format!(
             "{at}.union_id: {:?} has no union id to ask for",
             cfg.kind
@@ -125,14 +176,165 @@ fn build_one(
             "{at}.fetch_userinfo: only OIDC providers take this option"
         ));
     }
+    let mut endpoints = BTreeMap::new();
+    for (key, value) in &spec.endpoints {
+        let chosen = cfg.endpoints.get(key).unwrap_or(value);
+        match parse_http_url(chosen) {
+            Ok(mut url) => {
+                if is_sandbox
+                    && !cfg.endpoints.contains_key(key)
+                    && let Some(base) = sandbox_base
+                {
+                    let path = url.path().to_string();
+                    url = base.clone();
+                    url.set_path(&path);
+                }
+                endpoints.insert(key.clone(), url);
+            }
+            Err(e) => problems.push(format!("{at}.endpoints.{key}: {e}")),
+        }
+    }
+    let known: Vec<&str> = spec.endpoints.keys().map(String::as_str).collect();
+    unknown_endpoint_keys(at, cfg, &known, problems);
 
+    let mut info = info_for(name, cfg, &spec.display_name, &spec.default_scopes);
+    info.pkce = spec.pkce;
+    info.denied = spec.authorize.denied.clone();
+    info.refresh_token_single_use = spec.refresh_token_single_use;
+    let options = cfg
+        .union_id
+        .then(|| "union_id".to_string())
+        .into_iter()
+        .collect();
+    let http = http.clone();
+    Some(Box::new(move |client_id, client_secret| {
+        Arc::new(SpecProvider::new(SpecParts {
+            info,
+            spec,
+            endpoints,
+            client_id,
+            client_secret,
+            options,
+            http,
+        })) as Arc<dyn Provider>
+    }))
+}
+
+fn build_oidc(
+    at: &str,
+    name: &str,
+    cfg: &ProviderConfig,
+    http: &HttpClient,
+    problems: &mut Vec<String>,
+) -> Option<Make> {
+    let preset = match spec::oidc_preset(&cfg.kind) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            problems.push(format!(
+                "{at}.kind: built-in preset {:?} is broken: {e}",
+                cfg.kind
+            ));
+            return None;
+        }
+        None => None,
+    };
+    if cfg.spec.is_some() {
+        problems.push(format!(
+            "{at}.spec: only kind = \"oauth2\" takes a spec; OIDC providers use discovery"
+        ));
+    }
+    if cfg.union_id {
+        problems.push(format!("{at}.union_id: OIDC providers have no union id"));
+    }
+    unknown_endpoint_keys(at, cfg, oidc::ENDPOINT_KEYS, problems);
+    let mut overrides = BTreeMap::new();
+    for (key, value) in &cfg.endpoints {
+        match parse_http_url(value) {
+            Ok(url) => {
+                overrides.insert(key.clone(), url);
+            }
+            Err(e) => problems.push(format!("{at}.endpoints.{key}: {e}")),
+        }
+    }
+    let issuer = match (cfg.endpoints.get("issuer"), &preset) {
+        (Some(i), _) => i.trim_end_matches('/').to_string(),
+        (None, Some(p)) => p.issuer.clone(),
+        (None, None) => {
+            problems.push(format!(
+                "{at}.endpoints.issuer: kind \"oidc\" needs the issuer URL (discovery is read from ISSUER/.well-known/openid-configuration)"
+            ));
+            return None;
+        }
+    };
+    let (display_name, aliases, default_scopes, authorize_params) = match preset {
+        Some(p) => (
+            p.display_name,
+            p.issuer_aliases,
+            p.default_scopes,
+            p.authorize_params,
+        ),
+        None => (
+            name.to_string(),
+            Vec::new(),
+            vec!["openid".into(), "email".into(), "profile".into()],
+            BTreeMap::new(),
+        ),
+    };
+    let mut info = info_for(name, cfg, &display_name, &default_scopes);
+    if !info.scopes.iter().any(|s| s == "openid") {
+        problems.push(format!("{at}.scopes: OIDC needs the \"openid\" scope"));
+    }
+    // Generated for every login; used when discovery advertises S256.
+    info.pkce = true;
+    info.nonce = true;
+    let fetch_userinfo = cfg.fetch_userinfo;
+    let http = http.clone();
+    Some(Box::new(move |client_id, client_secret| {
+        Arc::new(OidcProvider::new(OidcConfig {
+            info,
+            issuer,
+            issuer_aliases: aliases,
+            overrides,
+            authorize_params,
+            client_id,
+            client_secret,
+            fetch_userinfo,
+            http,
+        })) as Arc<dyn Provider>
+    }))
+}
+
+fn unknown_endpoint_keys(
+    at: &str,
+    cfg: &ProviderConfig,
+    known: &[&str],
+    problems: &mut Vec<String>,
+) {
+    for key in cfg.endpoints.keys() {
+        if !known.contains(&key.as_str()) {
+            problems.push(format!(
+                "{at}.endpoints.{key}: not an endpoint of {:?} (known: {})",
+                cfg.kind,
+                known.join(", ")
+            ));
+        }
+    }
+}
+
+/// Client id and secret, or the problems with them.
+fn credentials(
+    at: &str,
+    cfg: &ProviderConfig,
+    problems: &mut Vec<String>,
+) -> Option<(String, SecretString)> {
+    let is_sandbox = cfg.kind == "sandbox";
     let client_id = match (cfg.client_id.trim(), is_sandbox) {
-        ("", true) => SANDBOX_CLIENT_ID.to_string(),
+        ("", true) => Some(SANDBOX_CLIENT_ID.to_string()),
         ("", false) => {
             problems.push(format!("{at}.client_id: required"));
-            String::new()
+            None
         }
-        (id, _) => id.to_string(),
+        (id, _) => Some(id.to_string()),
     };
     let secret = match (&cfg.client_secret, &cfg.client_secret_file) {
         (Some(_), Some(_)) => {
@@ -161,15 +363,18 @@ fn build_one(
         },
         _ if is_sandbox => Some(SecretString::from(SANDBOX_CLIENT_SECRET)),
         _ => {
+            let env_name = at.replace('.', "__").to_ascii_uppercase();
             problems.push(format!(
                 "{at}: a client secret is required (client_secret, client_secret_file, \
-                 or AUTHBROKER__PROVIDERS__{}__CLIENT_SECRET)",
-                name.to_ascii_uppercase()
+                 or AUTHBROKER__{env_name}__CLIENT_SECRET)"
             ));
             None
         }
     };
+    Some((client_id?, secret?))
+}
 
+fn check_redirect_uris(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) {
     if cfg.redirect_uris.is_empty() {
         problems.push(format!("{at}.redirect_uris: at least one is required"));
     }
@@ -182,75 +387,6 @@ fn build_one(
             Err(e) => problems.push(format!("{at}.redirect_uris: {e}")),
         }
     }
-
-    let mut endpoints = BTreeMap::new();
-    if let Some(spec) = &spec {
-        for (key, value) in &spec.endpoints {
-            let chosen = cfg.endpoints.get(key).unwrap_or(value);
-            match parse_http_url(chosen) {
-                Ok(mut url) => {
-                    if is_sandbox
-                        && !cfg.endpoints.contains_key(key)
-                        && let Some(base) = sandbox_base
-                    {
-                        let path = url.path().to_string();
-                        url = base.clone();
-                        url.set_path(&path);
-                    }
-                    endpoints.insert(key.clone(), url);
-                }
-                Err(e) => problems.push(format!("{at}.endpoints.{key}: {e}")),
-            }
-        }
-        for key in cfg.endpoints.keys() {
-            if !spec.endpoints.contains_key(key) {
-                let known: Vec<&str> = spec.endpoints.keys().map(String::as_str).collect();
-                problems.push(format!(
-                    "{at}.endpoints.{key}: not an endpoint of {:?} (known: {})",
-                    cfg.kind,
-                    known.join(", ")
-                ));
-            }
-        }
-    }
-
-    let (Some(spec), Some(secret), true) = (spec, secret, problems.is_empty()) else {
-        return Err(problems);
-    };
-    let scopes = cfg
-        .scopes
-        .clone()
-        .unwrap_or_else(|| spec.default_scopes.clone());
-    let info = ProviderInfo {
-        name: Arc::from(name),
-        kind: cfg.kind.clone(),
-        display_name: spec.display_name.clone(),
-        redirect_uris: cfg
-            .redirect_uris
-            .iter()
-            .map(|u| Arc::from(u.as_str()))
-            .collect(),
-        scopes: Arc::from(scopes),
-        allowed_scopes: cfg.allowed_scopes.clone(),
-        pkce: spec.pkce,
-        nonce: false,
-        denied: spec.authorize.denied.clone(),
-        refresh_token_single_use: spec.refresh_token_single_use,
-    };
-    let options = cfg
-        .union_id
-        .then(|| "union_id".to_string())
-        .into_iter()
-        .collect();
-    Ok(Arc::new(SpecProvider::new(SpecParts {
-        info,
-        spec,
-        endpoints,
-        client_id,
-        client_secret: secret,
-        options,
-        http: http.clone(),
-    })))
 }
 
 /// The spec a provider runs on: a built-in preset, or for `kind = "oauth2"`
@@ -298,8 +434,13 @@ fn spec_for(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) -> Optio
             None
         }
         None => {
-            let mut known: Vec<&str> = spec::PRESETS.iter().map(|(n, _)| *n).collect();
-            known.push("oauth2");
+            let mut known: Vec<&str> = spec::PRESETS
+                .iter()
+                .chain(spec::OIDC_PRESETS)
+                .map(|(n, _)| *n)
+                .collect();
+            known.extend(["oauth2", "oidc"]);
+            known.sort_unstable();
             problems.push(format!(
                 "{at}.kind: unknown kind {:?} (known: {})",
                 cfg.kind,

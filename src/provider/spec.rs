@@ -19,6 +19,17 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("weibo", include_str!("../../providers/weibo.toml")),
 ];
 
+/// Built-in OpenID Connect presets (schema: `oidc::OidcSpec`).
+pub const OIDC_PRESETS: &[(&str, &str)] =
+    &[("google", include_str!("../../providers/google.toml"))];
+
+pub fn oidc_preset(kind: &str) -> Option<Result<super::oidc::OidcSpec, String>> {
+    OIDC_PRESETS
+        .iter()
+        .find(|(name, _)| *name == kind)
+        .map(|(_, text)| toml::from_str(text).map_err(|e| e.message().to_string()))
+}
+
 pub fn preset(kind: &str) -> Option<Result<ProviderSpec, String>> {
     PRESETS
         .iter()
@@ -546,6 +557,11 @@ mod tests {
     fn every_preset_parses() {
         for (name, text) in PRESETS {
             ProviderSpec::parse(text).unwrap_or_else(|e| panic!("preset {name}: {e}"));
+        }
+        for (name, _) in OIDC_PRESETS {
+            oidc_preset(name)
+                .unwrap()
+                .unwrap_or_else(|e| panic!("preset {name}: {e}"));
         }
     }
 

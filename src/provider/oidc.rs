@@ -1,0 +1,607 @@
+//! OpenID Connect: what data alone cannot say. Endpoints come from discovery
+//! (`{issuer}/.well-known/openid-configuration`, cached); the ID token is
+//! verified against the issuer's JWKS (cached for its `max-age`, refetched
+//! once, rate-limited, on an unknown `kid`); the code exchange, userinfo and
+//! refresh then run through the same spec engine as every other provider.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use jsonwebtoken::{
+    Algorithm, DecodingKey, Validation,
+    jwk::{Jwk, JwkSet},
+};
+use moka::{Expiry, future::Cache};
+use reqwest::{Method, header};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+use url::Url;
+
+use super::{
+    Provider, ProviderError, ProviderInfo, Refresh, Revoke, TokenSet, Unavailable, body,
+    engine::{SpecParts, SpecProvider},
+    spec::{
+        AuthorizeSpec, ErrorSpec, FieldRef, IdentitySpec, Part, Paths, ProviderSpec, RequestAuth,
+        RequestSpec, RevokeMethod, RevokeSpec, Template, TokenSpec,
+    },
+};
+use crate::{domain::Identity, http::HttpClient, state::PendingLogin};
+
+/// An OIDC preset file (`providers/google.toml`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSpec {
+    pub display_name: String,
+    pub issuer: String,
+    /// Other `iss` values this issuer's tokens legitimately carry.
+    #[serde(default)]
+    pub issuer_aliases: Vec<String>,
+    #[serde(default = "openid_scopes")]
+    pub default_scopes: Vec<String>,
+    /// Extra fixed authorize parameters.
+    #[serde(default)]
+    pub authorize_params: BTreeMap<String, String>,
+}
+
+fn openid_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into(), "profile".into()]
+}
+
+/// Endpoint keys an OIDC provider accepts under `[providers.NAME.endpoints]`;
+/// all but `issuer` override what discovery says.
+pub const ENDPOINT_KEYS: &[&str] = &[
+    "issuer",
+    "authorize_url",
+    "token_url",
+    "userinfo_url",
+    "jwks_uri",
+    "revoke_url",
+];
+
+/// Clock skew tolerated on `exp` and `iat`.
+const LEEWAY: Duration = Duration::from_secs(60);
+/// How long discovery is trusted.
+const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+/// JWKS lifetime bounds: honour `max-age`, within reason.
+const JWKS_MIN_TTL: Duration = Duration::from_secs(60);
+const JWKS_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+const JWKS_DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// An unknown `kid` forces a JWKS refetch at most this often, so forged
+/// tokens cannot make us hammer the provider.
+const KID_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+const ALGORITHMS: &[Algorithm] = &[Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
+
+/// What one OIDC provider is configured with.
+pub struct OidcConfig {
+    pub info: ProviderInfo,
+    pub issuer: String,
+    pub issuer_aliases: Vec<String>,
+    pub overrides: BTreeMap<String, Url>,
+    pub authorize_params: BTreeMap<String, String>,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub fetch_userinfo: bool,
+    pub http: HttpClient,
+}
+
+pub struct OidcProvider {
+    config: OidcConfig,
+    discovery: Cache<(), Arc<Discovered>>,
+    jwks: Cache<(), Arc<Jwks>>,
+    last_forced_refetch: Mutex<Option<Instant>>,
+}
+
+/// Discovery's answer, turned into an engine.
+struct Discovered {
+    engine: SpecProvider,
+    jwks_uri: Url,
+}
+
+/// A fetched key set and how long it may be trusted.
+struct Jwks {
+    set: JwkSet,
+    ttl: Duration,
+}
+
+struct JwksExpiry;
+
+impl Expiry<(), Arc<Jwks>> for JwksExpiry {
+    fn expire_after_create(&self, _: &(), v: &Arc<Jwks>, _: Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+#[derive(Deserialize)]
+struct DiscoveryDoc {
+    issuer: String,
+    authorization_endpoint: Url,
+    token_endpoint: Url,
+    jwks_uri: Url,
+    #[serde(default)]
+    userinfo_endpoint: Option<Url>,
+    #[serde(default)]
+    revocation_endpoint: Option<Url>,
+    #[serde(default)]
+    code_challenge_methods_supported: Vec<String>,
+    #[serde(default)]
+    grant_types_supported: Option<Vec<String>>,
+}
+
+/// Parses `doc:/pointer` literals of this module; each is checked by a test.
+fn paths(items: &[&str]) -> Paths {
+    Paths(items.iter().filter_map(|s| s.parse().ok()).collect())
+}
+
+/// `max-age=N` from a Cache-Control header.
+fn max_age(cache_control: &str) -> Option<Duration> {
+    cache_control.split(',').find_map(|d| {
+        d.trim()
+            .strip_prefix("max-age=")
+            .and_then(|n| n.trim().parse().ok())
+            .map(Duration::from_secs)
+    })
+}
+
+/// Identity mapping for OIDC: claims from the verified ID token, with
+/// userinfo (when fetched) taking precedence for profile fields.
+fn identity_mapping() -> IdentitySpec {
+    IdentitySpec {
+        subject: paths(&["id_token:/sub"]),
+        union_id: Paths::default(),
+        username: paths(&[
+            "userinfo:/preferred_username",
+            "id_token:/preferred_username",
+        ]),
+        display_name: paths(&["userinfo:/name", "id_token:/name"]),
+        avatar_url: paths(&["userinfo:/picture", "id_token:/picture"]),
+        email: paths(&["userinfo:/email", "id_token:/email"]),
+        email_verified: paths(&["userinfo:/email_verified", "id_token:/email_verified"]),
+        email_list: None,
+    }
+}
+
+impl OidcProvider {
+    pub fn new(config: OidcConfig) -> Self {
+        OidcProvider {
+            config,
+            discovery: Cache::builder()
+                .max_capacity(1)
+                .time_to_live(DISCOVERY_TTL)
+                .build(),
+            jwks: Cache::builder()
+                .max_capacity(1)
+                .expire_after(JwksExpiry)
+                .build(),
+            last_forced_refetch: Mutex::new(None),
+        }
+    }
+
+    fn name(&self) -> String {
+        self.config.info.name.to_string()
+    }
+
+    fn bad(&self, step: &str, what: impl Into<String>) -> ProviderError {
+        ProviderError::BadResponse {
+            provider: self.name(),
+            step: step.into(),
+            what: what.into(),
+        }
+    }
+
+    fn invalid(&self, why: impl Into<String>) -> ProviderError {
+        ProviderError::InvalidIdToken {
+            provider: self.name(),
+            why: why.into(),
+        }
+    }
+
+    /// Discovery, fetched once per TTL; concurrent first callers share one
+    /// fetch (moka's `try_get_with` coalesces them).
+    async fn discovered(&self) -> Result<Arc<Discovered>, ProviderError> {
+        self.discovery
+            .try_get_with((), self.discover())
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn fetch_json(
+        &self,
+        step: &str,
+        url: Url,
+    ) -> Result<(Value, Option<Duration>), ProviderError> {
+        let answer = self
+            .config
+            .http
+            .send(self.config.http.request(Method::GET, url))
+            .await
+            .map_err(|e| ProviderError::from_http(&self.config.info.name, step, e))?;
+        if answer.status.is_server_error() {
+            return Err(ProviderError::Unavailable {
+                provider: self.name(),
+                step: step.into(),
+                cause: Unavailable::Status(answer.status.as_u16()),
+            });
+        }
+        if !answer.status.is_success() {
+            return Err(self.bad(step, format!("HTTP {}", answer.status.as_u16())));
+        }
+        let max_age = answer
+            .headers
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(max_age);
+        let doc = body::parse(&answer.body).ok_or_else(|| self.bad(step, "answer is not JSON"))?;
+        Ok((doc, max_age))
+    }
+
+    async fn discover(&self) -> Result<Arc<Discovered>, ProviderError> {
+        let c = &self.config;
+        let base = c.issuer.trim_end_matches('/');
+        let url = Url::parse(&format!("{base}/.well-known/openid-configuration"))
+            .map_err(|_| self.bad("discovery", "the issuer is not a URL"))?;
+        let (doc, _) = self.fetch_json("discovery", url).await?;
+        let doc: DiscoveryDoc = serde_json::from_value(doc)
+            .map_err(|e| self.bad("discovery", format!("discovery document: {e}")))?;
+        // OIDC Discovery §4.3: the document must name the issuer we asked.
+        if doc.issuer.trim_end_matches('/') != base {
+            return Err(self.bad(
+                "discovery",
+                "the discovery document names a different issuer",
+            ));
+        }
+        let pick = |key: &str, found: Url| c.overrides.get(key).cloned().unwrap_or(found);
+        let pick_opt = |key: &str, found: Option<Url>| c.overrides.get(key).cloned().or(found);
+        let mut endpoints = BTreeMap::from([
+            (
+                "authorize_url".to_string(),
+                pick("authorize_url", doc.authorization_endpoint),
+            ),
+            (
+                "token_url".to_string(),
+                pick("token_url", doc.token_endpoint),
+            ),
+        ]);
+        let userinfo = pick_opt("userinfo_url", doc.userinfo_endpoint);
+        if c.fetch_userinfo && userinfo.is_none() {
+            return Err(self.bad(
+                "discovery",
+                "fetch_userinfo is set but the provider has no userinfo endpoint",
+            ));
+        }
+        if let Some(u) = userinfo {
+            endpoints.insert("userinfo_url".to_string(), u);
+        }
+        let revoke = pick_opt("revoke_url", doc.revocation_endpoint);
+        if let Some(u) = &revoke {
+            endpoints.insert("revoke_url".to_string(), u.clone());
+        }
+        let jwks_uri = pick("jwks_uri", doc.jwks_uri);
+        let pkce = doc
+            .code_challenge_methods_supported
+            .iter()
+            .any(|m| m == "S256");
+        let refresh = doc
+            .grant_types_supported
+            .as_ref()
+            .is_none_or(|g| g.iter().any(|t| t == "refresh_token"));
+
+        let spec = ProviderSpec {
+            display_name: c.info.display_name.clone(),
+            pkce,
+            scope_separator: " ".into(),
+            default_scopes: c.info.scopes.to_vec(),
+            endpoints: endpoints
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            authorize: AuthorizeSpec {
+                params: c.authorize_params.clone(),
+                ..AuthorizeSpec::default()
+            },
+            token: TokenSpec::default(),
+            errors: ErrorSpec::default(),
+            requests: if c.fetch_userinfo {
+                vec![RequestSpec {
+                    name: "userinfo".into(),
+                    endpoint: "userinfo_url".into(),
+                    auth: RequestAuth::Bearer,
+                    query: BTreeMap::new(),
+                    query_when: BTreeMap::new(),
+                    headers: BTreeMap::new(),
+                    when_scope: Vec::new(),
+                    errors: None,
+                }]
+            } else {
+                Vec::new()
+            },
+            identity: identity_mapping(),
+            refresh: refresh.then(|| TokenSpec {
+                redirect_uri: false,
+                ..TokenSpec::default()
+            }),
+            refresh_token_single_use: false,
+            revoke: revoke.map(|_| RevokeSpec {
+                endpoint: "revoke_url".into(),
+                method: RevokeMethod::PostForm,
+                token_in_path: false,
+                params: BTreeMap::from([(
+                    "token".to_string(),
+                    Template(vec![Part::Field(FieldRef {
+                        doc: "token".into(),
+                        pointer: "/access_token".into(),
+                    })]),
+                )]),
+                auth: RequestAuth::None,
+            }),
+        };
+        let mut info = c.info.clone();
+        info.pkce = pkce;
+        let engine = SpecProvider::new(SpecParts {
+            info,
+            spec,
+            endpoints,
+            client_id: c.client_id.clone(),
+            client_secret: c.client_secret.clone(),
+            options: Default::default(),
+            http: c.http.clone(),
+        });
+        Ok(Arc::new(Discovered { engine, jwks_uri }))
+    }
+
+    async fn key_set(&self, uri: &Url) -> Result<Arc<Jwks>, ProviderError> {
+        self.jwks
+            .try_get_with((), async {
+                let (doc, max_age) = self.fetch_json("jwks", uri.clone()).await?;
+                let set: JwkSet = serde_json::from_value(doc)
+                    .map_err(|e| self.bad("jwks", format!("JWK set: {e}")))?;
+                let ttl = max_age
+                    .unwrap_or(JWKS_DEFAULT_TTL)
+                    .clamp(JWKS_MIN_TTL, JWKS_MAX_TTL);
+                Ok::<_, ProviderError>(Arc::new(Jwks { set, ttl }))
+            })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    /// Whether an unknown `kid` may force a refetch now (at most once per
+    /// `KID_REFETCH_INTERVAL`).
+    fn may_refetch(&self) -> bool {
+        let mut last = self
+            .last_forced_refetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some(at) if at.elapsed() < KID_REFETCH_INTERVAL => false,
+            _ => {
+                *last = Some(Instant::now());
+                true
+            }
+        }
+    }
+
+    /// Verifies the ID token and returns its claims.
+    async fn verify_id_token(
+        &self,
+        discovered: &Discovered,
+        id_token: &str,
+        nonce: Option<&str>,
+    ) -> Result<Value, ProviderError> {
+        let header = jsonwebtoken::decode_header(id_token)
+            .map_err(|_| self.invalid("not a well-formed JWT"))?;
+        if !ALGORITHMS.contains(&header.alg) {
+            return Err(self.invalid(format!(
+                "signed with {:?}; only RS256, ES256 and EdDSA are accepted",
+                header.alg
+            )));
+        }
+        let mut keys = self.key_set(&discovered.jwks_uri).await?;
+        let mut jwk = find_key(&keys.set, header.kid.as_deref(), header.alg);
+        if jwk.is_none() && self.may_refetch() {
+            // Keys rotate: a new kid may simply be newer than our cache.
+            self.jwks.invalidate(&()).await;
+            keys = self.key_set(&discovered.jwks_uri).await?;
+            jwk = find_key(&keys.set, header.kid.as_deref(), header.alg);
+        }
+        let jwk =
+            jwk.ok_or_else(|| self.invalid("signed with a key the issuer does not publish"))?;
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|_| self.bad("jwks", "a published key cannot be used"))?;
+
+        let c = &self.config;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY.as_secs();
+        validation.set_audience(&[c.client_id.as_str()]);
+        let mut issuers = vec![c.issuer.clone()];
+        issuers.extend(c.issuer_aliases.iter().cloned());
+        validation.set_issuer(&issuers);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+        let claims = jsonwebtoken::decode::<Value>(id_token, &key, &validation)
+            .map_err(|e| self.invalid(describe_jwt_error(&e)))?
+            .claims;
+
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let iat = claims
+            .get("iat")
+            .and_then(Value::as_i64)
+            .unwrap_or(i64::MAX);
+        if iat > now + LEEWAY.as_secs() as i64 {
+            return Err(self.invalid("issued in the future (iat)"));
+        }
+        // OIDC Core §3.1.3.7: several audiences need an azp naming us; an
+        // azp, when present, must name us.
+        let several_audiences = claims
+            .get("aud")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.len() > 1);
+        match claims.get("azp").and_then(Value::as_str) {
+            Some(azp) if azp != c.client_id => {
+                return Err(self.invalid("authorized party (azp) is another client"));
+            }
+            None if several_audiences => {
+                return Err(self.invalid("several audiences but no authorized party (azp)"));
+            }
+            _ => {}
+        }
+        if let Some(expected) = nonce
+            && claims.get("nonce").and_then(Value::as_str) != Some(expected)
+        {
+            return Err(self.invalid("nonce does not match this login"));
+        }
+        Ok(claims)
+    }
+}
+
+fn find_key<'a>(set: &'a JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<&'a Jwk> {
+    match kid {
+        Some(kid) => set.find(kid),
+        // Without a kid, only an unambiguous key will do.
+        None => {
+            let mut usable = set.keys.iter().filter(|k| {
+                DecodingKey::from_jwk(k).is_ok()
+                    && k.common
+                        .key_algorithm
+                        .is_none_or(|a| a.to_string() == format!("{alg:?}"))
+            });
+            let first = usable.next();
+            if usable.next().is_some() { None } else { first }
+        }
+    }
+}
+
+fn describe_jwt_error(e: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::ExpiredSignature => "expired (exp)",
+        ErrorKind::InvalidIssuer => "issued by another issuer (iss)",
+        ErrorKind::InvalidAudience => "meant for another client (aud)",
+        ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+        ErrorKind::ImmatureSignature => "not valid yet (nbf)",
+        ErrorKind::InvalidAlgorithm => "algorithm does not match the key",
+        _ => "malformed",
+    }
+}
+
+#[async_trait]
+impl Provider for OidcProvider {
+    fn info(&self) -> &ProviderInfo {
+        &self.config.info
+    }
+
+    async fn authorize_url(&self, login: &PendingLogin) -> Result<Url, ProviderError> {
+        self.discovered().await?.engine.authorize_url(login).await
+    }
+
+    async fn exchange_code(
+        &self,
+        code: &str,
+        login: &PendingLogin,
+    ) -> Result<TokenSet, ProviderError> {
+        self.discovered()
+            .await?
+            .engine
+            .exchange_code(code, login)
+            .await
+    }
+
+    async fn fetch_identity(
+        &self,
+        tokens: &TokenSet,
+        login: &PendingLogin,
+    ) -> Result<Identity, ProviderError> {
+        let discovered = self.discovered().await?;
+        let id_token = tokens
+            .raw
+            .get("id_token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.bad("token", "no id_token in the answer (is openid in scope?)"))?;
+        let nonce = login.nonce.as_ref().map(|n| n.verifier());
+        let claims = self
+            .verify_id_token(&discovered, id_token, nonce.as_deref())
+            .await?;
+        let docs = discovered
+            .engine
+            .fetch_docs(tokens, vec![("id_token", claims)])
+            .await?;
+        // OIDC Core §5.3.4: userinfo must be about the ID token's subject.
+        if let Some(info_sub) = docs.get("userinfo", "/sub")
+            && Some(info_sub) != docs.get("id_token", "/sub")
+        {
+            return Err(self.invalid("userinfo is about another subject"));
+        }
+        discovered.engine.map_identity(&docs)
+    }
+
+    fn refresher(&self) -> Option<&dyn Refresh> {
+        Some(self)
+    }
+
+    fn revoker(&self) -> Option<&dyn Revoke> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Refresh for OidcProvider {
+    async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        scopes: &[String],
+    ) -> Result<TokenSet, ProviderError> {
+        let discovered = self.discovered().await?;
+        match discovered.engine.refresher() {
+            Some(r) => r.refresh(refresh_token, scopes).await,
+            None => Err(self.bad(
+                "refresh",
+                "the issuer does not offer the refresh_token grant",
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Revoke for OidcProvider {
+    async fn revoke(&self, access_token: &SecretString) -> Result<(), ProviderError> {
+        let discovered = self.discovered().await?;
+        match discovered.engine.revoker() {
+            Some(r) => r.revoke(access_token).await,
+            None => Err(self.bad("revoke", "the issuer has no revocation endpoint")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_literals_parse() {
+        let m = identity_mapping();
+        for p in [
+            &m.subject,
+            &m.username,
+            &m.display_name,
+            &m.avatar_url,
+            &m.email,
+            &m.email_verified,
+        ] {
+            assert!(!p.0.is_empty());
+        }
+        assert_eq!(m.subject.0[0].doc, "id_token");
+    }
+
+    #[test]
+    fn cache_control_max_age() {
+        assert_eq!(
+            max_age("public, max-age=19204, must-revalidate, no-transform"),
+            Some(Duration::from_secs(19204))
+        );
+        assert_eq!(max_age("no-cache"), None);
+    }
+}
