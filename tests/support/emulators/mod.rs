@@ -318,3 +318,12 @@ pub fn query_of(url: &str) -> Vec<(String, String)> {
         .map(|u| u.query_pairs().into_owned().collect())
         .unwrap_or_default()
 }
+pub mod acwing;
+pub mod custom;
+pub mod gitee;
+pub mod github;
+pub mod google;
+pub mod qiita;
+pub mod qq;
+pub mod wechat;
+pub mod weibo;
