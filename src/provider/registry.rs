@@ -257,13 +257,13 @@ fn build_oidc(
         }
     }
     let issuer = match (cfg.endpoints.get("issuer"), &preset) {
-        (Some(i), _) => i.trim_end_matches('/').to_string(),
-        (None, Some(p)) => p.issuer.clone(),
+        (Some(i), _) => Some(i.trim_end_matches('/').to_string()),
+        (None, Some(p)) => Some(p.issuer.clone()),
         (None, None) => {
             problems.push(format!(
                 "{at}.endpoints.issuer: kind \"oidc\" needs the issuer URL (discovery is read from ISSUER/.well-known/openid-configuration)"
             ));
-            return None;
+            None
         }
     };
     let (display_name, aliases, default_scopes, authorize_params) = match preset {
@@ -284,6 +284,7 @@ fn build_oidc(
     if !info.scopes.iter().any(|s| s == "openid") {
         problems.push(format!("{at}.scopes: OIDC needs the \"openid\" scope"));
     }
+    let issuer = issuer?;
     // Generated for every login; used when discovery advertises S256.
     info.pkce = true;
     info.nonce = true;
