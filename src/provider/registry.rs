@@ -541,3 +541,92 @@ mod tests {
         assert!(build(&[("gh", c)]).is_ok());
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::*;
+    use crate::config::{HttpSettings, Settings};
+
+    const README: &str = include_str!("../../README.md");
+
+    fn row(kind: &str) -> Vec<&'static str> {
+        let prefix = format!("| `{kind}` |");
+        let line = README
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("README's provider table has no row for {kind}"));
+        line.split('|').map(str::trim).collect()
+    }
+
+    #[test]
+    fn provider_table_matches_the_presets() {
+        for (kind, _) in spec::PRESETS {
+            let spec = spec::preset(kind).unwrap().unwrap();
+            let cells = row(kind);
+            // cells: "", kind, subject, PKCE, refresh, revoke, union id, email, endpoints, ""
+            assert_eq!(
+                cells[3].starts_with("S256"),
+                spec.pkce,
+                "{kind}: PKCE column"
+            );
+            assert_eq!(
+                cells[4].starts_with("yes"),
+                spec.refresh.is_some(),
+                "{kind}: refresh"
+            );
+            assert_eq!(
+                cells[5].starts_with("yes"),
+                spec.revoke.is_some(),
+                "{kind}: revoke"
+            );
+            if *kind != "sandbox" {
+                for key in spec.endpoints.keys() {
+                    assert!(
+                        cells[8].contains(&format!("`{key}`")),
+                        "{kind}: endpoint {key}"
+                    );
+                }
+                let listed = cells[8].matches('`').count() / 2;
+                assert_eq!(listed, spec.endpoints.len(), "{kind}: endpoint keys");
+            }
+        }
+        for (kind, _) in spec::OIDC_PRESETS {
+            let cells = row(kind);
+            for key in oidc::ENDPOINT_KEYS {
+                assert!(
+                    cells[8].contains(&format!("`{key}`")),
+                    "{kind}: endpoint {key}"
+                );
+            }
+        }
+        row("oidc");
+        row("oauth2");
+    }
+
+    #[test]
+    fn the_custom_provider_example_builds() {
+        let start = README.find("<!-- custom-provider:start -->").unwrap();
+        let end = README.find("<!-- custom-provider:end -->").unwrap();
+        let block = &README[start..end];
+        let toml_text = block
+            .split("```toml")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("nimbus");
+        std::fs::write(&secret, "s3cret").unwrap();
+        let toml_text = toml_text.replace("/run/secrets/nimbus", secret.to_str().unwrap());
+        let settings = Settings::from_figment(
+            figment::Figment::from(figment::providers::Serialized::defaults(Settings::default()))
+                .merge(
+                    <figment::providers::Toml as figment::providers::Format>::string(&toml_text),
+                ),
+        )
+        .unwrap();
+        let http = HttpClient::new(&HttpSettings::default()).unwrap();
+        let registry = Registry::build(&settings.providers, &http, None)
+            .unwrap_or_else(|p| panic!("README example: {p:#?}"));
+        assert!(registry.get("nimbus").is_ok());
+    }
+}
