@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // error_details.proto only feeds reflection; tonic-types has the Rust types.
     let protos = [
         "proto/authbroker/v1/login.proto",
+        "proto/authbroker/v1/admin.proto",
         "proto/google/rpc/error_details.proto",
     ];
     tonic_prost_build::configure()

@@ -11,19 +11,26 @@ use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    admin::{AdminService, ProviderSummary},
     config::{Mode, Role, Settings},
     grpc::{
         self,
+        admin::AdminApi,
         auth::ApiKeys,
         login::LoginApi,
-        pb::login_service_server::{LoginServiceServer, SERVICE_NAME},
+        pb::{
+            admin_service_server::AdminServiceServer,
+            login_service_server::{LoginServiceServer, SERVICE_NAME},
+        },
     },
     http::HttpClient,
-    login::LoginService,
+    login::{LoginParts, LoginService, bind_policies},
     provider::{Registry, sandbox::SandboxServer},
     state::{MemoryStateStore, StateStore},
     store::{self, Store},
     telemetry::cause_chain,
+    tokens::TokenService,
+    vault::Vault,
 };
 
 /// Largest inbound message accepted. Field limits are far below this; it
@@ -37,6 +44,7 @@ pub struct Application {
     local_addr: SocketAddr,
     settings: Settings,
     login: Arc<LoginService>,
+    admin: Arc<AdminService>,
     store: Arc<dyn Store>,
     states: Arc<MemoryStateStore>,
     sandbox: Option<SandboxServer>,
@@ -108,11 +116,38 @@ impl Application {
             settings.login.max_pending,
             settings.login.state_ttl,
         ));
-        let login = Arc::new(LoginService::new(
-            registry,
-            states.clone() as Arc<dyn StateStore>,
+        let vault = Vault::from_settings(&settings.vault)
+            .map_err(|p| anyhow::anyhow!("invalid vault configuration:\n  - {}", p.join("\n  - ")))?
+            .map(Arc::new);
+        let store_tokens = settings
+            .providers
+            .iter()
+            .filter(|(_, p)| p.store_tokens)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let tokens = Arc::new(TokenService::new(
             store.clone(),
-            settings.login.clone(),
+            vault,
+            registry.clone(),
+            store_tokens,
+            settings.vault.refresh_skew,
+        ));
+        let policies = bind_policies(&settings);
+        let summaries = summaries(&settings, &registry, &policies);
+        let login = Arc::new(LoginService::new(LoginParts {
+            providers: registry.clone(),
+            states: states.clone() as Arc<dyn StateStore>,
+            store: store.clone(),
+            tokens: tokens.clone(),
+            policies,
+            settings: settings.login.clone(),
+        }));
+        let admin = Arc::new(AdminService::new(
+            store.clone(),
+            registry,
+            summaries,
+            states.clone() as Arc<dyn StateStore>,
+            tokens,
         ));
         // dev is loopback-only and keyless by design (checked above).
         let api_keys = ApiKeys::new(
@@ -124,6 +159,7 @@ impl Application {
             local_addr,
             settings,
             login,
+            admin,
             store,
             states,
             sandbox,
@@ -189,6 +225,12 @@ impl Application {
         let login = tonic::service::interceptor::InterceptedService::new(login, move |req| {
             keys.check(req, Role::Login)
         });
+        let keys = self.api_keys.clone();
+        let admin = AdminServiceServer::new(AdminApi::new(self.admin.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let admin = tonic::service::interceptor::InterceptedService::new(admin, move |req| {
+            keys.check(req, Role::Admin)
+        });
 
         let (signalled_tx, mut signalled_rx) = watch::channel(false);
         let server = Server::builder()
@@ -196,6 +238,7 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(login)
+            .add_service(admin)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.await;
                 let _ = signalled_tx.send(true);
@@ -217,6 +260,53 @@ impl Application {
         tracing::info!("authbroker stopped");
         result
     }
+}
+
+/// What `ListProviders` shows, disabled providers included.
+fn summaries(
+    settings: &Settings,
+    registry: &Registry,
+    policies: &std::collections::HashMap<String, crate::store::BindPolicy>,
+) -> Vec<ProviderSummary> {
+    settings
+        .providers
+        .iter()
+        .map(|(name, cfg)| {
+            let policy = policies
+                .get(name)
+                .map(|p| {
+                    if p.create_user {
+                        "auto_create"
+                    } else {
+                        "link_required"
+                    }
+                })
+                .unwrap_or("auto_create");
+            let mut summary = ProviderSummary {
+                name: name.clone(),
+                kind: cfg.kind.clone(),
+                display_name: name.clone(),
+                enabled: cfg.enabled,
+                scopes: cfg.scopes.clone().unwrap_or_default(),
+                allowed_scopes: cfg.allowed_scopes.clone(),
+                redirect_uris: cfg.redirect_uris.clone(),
+                pkce: false,
+                refresh: false,
+                revoke: false,
+                policy: policy.to_string(),
+                store_tokens: cfg.store_tokens,
+            };
+            if let Ok(p) = registry.get(name) {
+                let info = p.info();
+                summary.display_name = info.display_name.clone();
+                summary.scopes = info.scopes.to_vec();
+                summary.pkce = info.pkce;
+                summary.refresh = p.refresher().is_some();
+                summary.revoke = p.revoker().is_some();
+            }
+            summary
+        })
+        .collect()
 }
 
 /// Readiness follows the store: NOT_SERVING until it is reachable and

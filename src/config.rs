@@ -21,6 +21,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub sandbox: SandboxSettings,
     pub log: LogSettings,
+    pub vault: crate::vault::VaultSettings,
     pub providers: BTreeMap<String, ProviderConfig>,
 }
 
@@ -71,6 +72,19 @@ pub struct LoginSettings {
     pub max_pending: u64,
     /// Origins (`scheme://host[:port]`) an absolute `return_to` may point at.
     pub return_to_origins: Vec<String>,
+    /// What a first login of an unbound identity does; per provider too.
+    pub policy: Policy,
+    /// How long a `link_ticket` from `OUTCOME_LINK_REQUIRED` stays valid.
+    #[serde(with = "humantime_serde")]
+    pub link_ticket_ttl: Duration,
+    /// Bind a first login to the user of an identity with the same union id
+    /// at a provider of the same `union_group` (QQ/WeChat apps of one
+    /// developer account). Per provider too.
+    pub link_by_union_id: bool,
+    /// Bind a first login to the user of an identity with the same
+    /// *verified* email. Off by default: see the README on takeover risk.
+    /// Per provider too.
+    pub link_by_verified_email: bool,
 }
 
 impl Default for LoginSettings {
@@ -79,6 +93,30 @@ impl Default for LoginSettings {
             state_ttl: Duration::from_secs(600),
             max_pending: 1_000_000,
             return_to_origins: Vec::new(),
+            policy: Policy::AutoCreate,
+            link_ticket_ttl: Duration::from_secs(900),
+            link_by_union_id: false,
+            link_by_verified_email: false,
+        }
+    }
+}
+
+/// Binding policy for an identity seen for the first time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Create a user and bind the identity to it.
+    AutoCreate,
+    /// Persist nothing; return `OUTCOME_LINK_REQUIRED` and a `link_ticket`
+    /// the app redeems with `LinkIdentity` once its user is signed in.
+    LinkRequired,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::AutoCreate => "auto_create",
+            Policy::LinkRequired => "link_required",
         }
     }
 }
@@ -210,10 +248,52 @@ pub struct ProviderConfig {
     /// preset files under `providers/`.
     #[serde(default)]
     pub spec: Option<toml::Table>,
+    /// Overrides `login.policy` for this provider.
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// Overrides `login.link_by_union_id` for this provider.
+    #[serde(default)]
+    pub link_by_union_id: Option<bool>,
+    /// Overrides `login.link_by_verified_email` for this provider.
+    #[serde(default)]
+    pub link_by_verified_email: Option<bool>,
+    /// Providers with the same group share union ids (one developer
+    /// account's QQ and WeChat apps).
+    #[serde(default)]
+    pub union_group: Option<String>,
+    /// Keep the provider's tokens (encrypted) for `GetProviderToken`.
+    #[serde(default)]
+    pub store_tokens: bool,
 }
 
 fn yes() -> bool {
     true
+}
+
+impl Default for ProviderConfig {
+    /// An enabled provider of no kind: set at least `kind`, the client
+    /// credentials and `redirect_uris`.
+    fn default() -> Self {
+        ProviderConfig {
+            kind: String::new(),
+            enabled: true,
+            client_id: String::new(),
+            client_secret: None,
+            client_secret_file: None,
+            redirect_uris: Vec::new(),
+            scopes: None,
+            allowed_scopes: Vec::new(),
+            endpoints: BTreeMap::new(),
+            union_id: false,
+            fetch_userinfo: false,
+            spec: None,
+            policy: None,
+            link_by_union_id: None,
+            link_by_verified_email: None,
+            union_group: None,
+            store_tokens: false,
+        }
+    }
 }
 
 /// Which command the settings are for; some rules differ.
@@ -315,6 +395,30 @@ impl Settings {
         if self.providers.is_empty() {
             problems.push("providers: no provider is configured".into());
         }
+        if self.login.link_ticket_ttl.is_zero() {
+            problems.push("login.link_ticket_ttl: must be greater than zero".into());
+        }
+        for (name, p) in &self.providers {
+            let union = p.link_by_union_id.unwrap_or(self.login.link_by_union_id);
+            if union && p.union_group.is_none() {
+                problems.push(format!(
+                    "providers.{name}.union_group: link_by_union_id needs the provider's union_group"
+                ));
+            }
+        }
+        problems.extend(self.vault.validate());
+        let stores_tokens: Vec<&str> = self
+            .providers
+            .iter()
+            .filter(|(_, p)| p.store_tokens)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !stores_tokens.is_empty() && self.vault.keys.is_empty() {
+            problems.push(format!(
+                "vault.keys: store_tokens is on for {} but no vault key is configured",
+                stores_tokens.join(", ")
+            ));
+        }
         problems
     }
 }
@@ -339,6 +443,11 @@ fn dev_defaults() -> Settings {
             union_id: false,
             fetch_userinfo: false,
             spec: None,
+            policy: None,
+            link_by_union_id: None,
+            link_by_verified_email: None,
+            union_group: None,
+            store_tokens: false,
         },
     );
     s

@@ -31,10 +31,58 @@ pub struct Binding {
 /// How a login ended for the binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The identity was already bound.
+    /// The identity was already bound, or was just bound to an existing user
+    /// by a linking rule (union id, verified email).
     SignedIn,
     /// First login: a user was created for the identity.
     UserCreated,
+    /// The `link_required` policy: nothing was bound; the app links the
+    /// identity to its own user with the link ticket. Only the login use
+    /// case produces this; stores never do.
+    LinkRequired,
+}
+
+/// A local user and every identity bound to them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub created_at: OffsetDateTime,
+    pub identities: Vec<LinkedIdentity>,
+}
+
+/// An identity as bound to a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkedIdentity {
+    pub identity: Identity,
+    pub created_at: OffsetDateTime,
+    pub last_login_at: OffsetDateTime,
+    /// `None`: no provider token stored; `Some(usable)` otherwise.
+    pub token: Option<bool>,
+}
+
+/// Provider tokens as the vault sealed them: the store keeps these bytes and
+/// never sees plaintext.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedToken {
+    /// Which vault key encrypted it.
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    /// Bumped on every write; writers compare it to avoid lost updates.
+    pub version: i64,
+    /// False once the provider refused to refresh it.
+    pub usable: bool,
+    pub updated_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for SealedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedToken")
+            .field("key_id", &self.key_id)
+            .field("version", &self.version)
+            .field("usable", &self.usable)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Kinds of audit events. The string form is stored and is part of the admin API.
@@ -43,24 +91,43 @@ pub enum AuditKind {
     LoginSucceeded,
     LoginFailed,
     UserCreated,
+    IdentityLinked,
+    IdentityUnlinked,
+    UserDeleted,
+    TokenRefreshed,
+    TokenRevoked,
+    AdminCall,
 }
 
 impl AuditKind {
+    pub const ALL: [AuditKind; 9] = [
+        AuditKind::LoginSucceeded,
+        AuditKind::LoginFailed,
+        AuditKind::UserCreated,
+        AuditKind::IdentityLinked,
+        AuditKind::IdentityUnlinked,
+        AuditKind::UserDeleted,
+        AuditKind::TokenRefreshed,
+        AuditKind::TokenRevoked,
+        AuditKind::AdminCall,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuditKind::LoginSucceeded => "login_succeeded",
             AuditKind::LoginFailed => "login_failed",
             AuditKind::UserCreated => "user_created",
+            AuditKind::IdentityLinked => "identity_linked",
+            AuditKind::IdentityUnlinked => "identity_unlinked",
+            AuditKind::UserDeleted => "user_deleted",
+            AuditKind::TokenRefreshed => "token_refreshed",
+            AuditKind::TokenRevoked => "token_revoked",
+            AuditKind::AdminCall => "admin_call",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "login_succeeded" => AuditKind::LoginSucceeded,
-            "login_failed" => AuditKind::LoginFailed,
-            "user_created" => AuditKind::UserCreated,
-            _ => return None,
-        })
+        AuditKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -74,8 +141,12 @@ pub struct AuditEvent {
     pub provider: Option<String>,
     pub subject: Option<String>,
     pub user_id: Option<String>,
-    /// For failures, the stable error reason (e.g. `PROVIDER_REJECTED`).
+    /// For failures, the stable error reason (e.g. `PROVIDER_REJECTED`);
+    /// `None` means success.
     pub reason: Option<String>,
+    /// For admin calls, the RPC name; otherwise free for context that is
+    /// never secret (e.g. "union_id" for how an identity was linked).
+    pub detail: Option<String>,
 }
 
 impl AuditEvent {
@@ -88,6 +159,7 @@ impl AuditEvent {
             subject: None,
             user_id: None,
             reason: None,
+            detail: None,
         }
     }
 }

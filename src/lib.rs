@@ -16,7 +16,11 @@
 //!   listener; `run_until_stopped(shutdown)` serves and drains.
 //! - [`domain`]: value types (identity, binding, audit event) shared by the
 //!   layers below; no protobuf, no SQL.
-//! - [`login`]: the use cases — begin and complete a login.
+//! - [`login`]: the use cases — begin and complete a login, apply the
+//!   binding policy, link an identity with a link ticket.
+//! - [`tokens`]: provider tokens for the app — sealed at login, refreshed
+//!   once per identity however many ask (single flight), revoked.
+//! - [`admin`]: the operator use cases behind `AdminService`, each audited.
 //! - [`state`]: pending-login state (`PendingLogin`), the `StateStore` seam and
 //!   its moka implementation.
 //! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine, the
@@ -26,7 +30,10 @@
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
 //!   proto/domain conversion, caller authentication, error-to-status mapping.
 //! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects).
+//! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
+//!   store only ever sees ciphertext.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod domain;
@@ -37,3 +44,5 @@ pub mod provider;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;
+pub mod vault;

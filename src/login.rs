@@ -1,17 +1,19 @@
 //! The use cases: begin a login, complete it. No protobuf, no SQL: this layer
 //! speaks `Provider`, `StateStore` and `Store`.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use time::OffsetDateTime;
 use url::Url;
 
 use crate::{
-    config::{LoginSettings, parse_origin},
+    config::{LoginSettings, Policy, Settings, parse_origin},
     domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
-    provider::{ProviderError, Registry, registry::Lookup},
-    state::{PendingLogin, PkceVerifier, StateError, StateStore, StateToken},
-    store::{Store, StoreError},
+    provider::{ProviderError, Registry, TokenSet, registry::Lookup},
+    state::{Expiring, PendingLogin, PkceVerifier, SingleUse, StateError, StateStore, StateToken},
+    store::{BindPolicy, BindResult, Conflict, Store, StoreError},
+    tokens::TokenService,
+    vault::VaultError,
 };
 
 /// Input limits. Generous for real values, small enough that nobody can make
@@ -24,6 +26,7 @@ pub mod limits {
     pub const CODE: usize = 2048;
     pub const ERROR: usize = 256;
     pub const ERROR_DESCRIPTION: usize = 2048;
+    pub const USER_ID: usize = 128;
 }
 
 #[derive(Clone, Debug, Default)]
@@ -52,9 +55,72 @@ pub struct CompleteLogin {
 #[derive(Clone, Debug)]
 pub struct CompletedLogin {
     pub outcome: Outcome,
+    /// `None` only with `Outcome::LinkRequired`.
+    pub binding: Option<Binding>,
+    pub identity: Identity,
+    pub return_to: Option<String>,
+    /// Only with `Outcome::LinkRequired`: redeem with `link`.
+    pub link_ticket: Option<StateToken>,
+}
+
+#[derive(Clone, Default)]
+pub struct LinkIdentity {
+    pub link_ticket: String,
+    pub user_id: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct LinkedIdentity {
     pub binding: Binding,
     pub identity: Identity,
     pub return_to: Option<String>,
+}
+
+/// What a `link_required` login leaves for `LinkIdentity`: in memory only,
+/// single use, like a pending login.
+#[derive(Clone)]
+struct LinkTicket {
+    identity: Identity,
+    /// Kept only when the provider stores tokens.
+    tokens: Option<TokenSet>,
+    return_to: Option<String>,
+    expires_at: OffsetDateTime,
+}
+
+impl Expiring for LinkTicket {
+    fn expires_at(&self) -> OffsetDateTime {
+        self.expires_at
+    }
+}
+
+/// The binding policy of every provider, from `[login]` and its per-provider
+/// overrides.
+pub fn bind_policies(settings: &Settings) -> HashMap<String, BindPolicy> {
+    let login = &settings.login;
+    settings
+        .providers
+        .iter()
+        .map(|(name, p)| {
+            let union = p.link_by_union_id.unwrap_or(login.link_by_union_id);
+            let union_group = match (&p.union_group, union) {
+                (Some(group), true) => settings
+                    .providers
+                    .iter()
+                    .filter(|(_, q)| q.union_group.as_ref() == Some(group))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let policy = BindPolicy {
+                create_user: p.policy.unwrap_or(login.policy) == Policy::AutoCreate,
+                union_group,
+                link_verified_email: p
+                    .link_by_verified_email
+                    .unwrap_or(login.link_by_verified_email),
+            };
+            (name.clone(), policy)
+        })
+        .collect()
 }
 
 /// Every way a login can fail. `reason()` is the stable string callers see
@@ -88,6 +154,18 @@ pub enum LoginError {
     StateAlreadyUsed,
     #[error("too many logins are pending; try again shortly")]
     TooManyPendingLogins,
+    #[error("the link ticket is unknown: it was never issued by this service or was forgotten")]
+    LinkTicketUnknown,
+    #[error("the link ticket has expired; start the login again")]
+    LinkTicketExpired,
+    #[error("the link ticket was already used; start the login again")]
+    LinkTicketUsed,
+    #[error("the identity is already bound to another user")]
+    IdentityLinkedElsewhere,
+    #[error("the user already has an identity at this provider; unlink it first")]
+    ProviderAlreadyLinked,
+    #[error("provider tokens cannot be sealed")]
+    Vault(#[source] VaultError),
     #[error("the user denied the request at the provider")]
     AccessDenied,
     #[error("the provider redirected back with error {error:?}")]
@@ -115,15 +193,28 @@ impl LoginError {
             LoginError::StateExpired => "STATE_EXPIRED",
             LoginError::StateAlreadyUsed => "STATE_ALREADY_USED",
             LoginError::TooManyPendingLogins => "TOO_MANY_PENDING_LOGINS",
+            LoginError::LinkTicketUnknown => "LINK_TICKET_UNKNOWN",
+            LoginError::LinkTicketExpired => "LINK_TICKET_EXPIRED",
+            LoginError::LinkTicketUsed => "LINK_TICKET_ALREADY_USED",
+            LoginError::IdentityLinkedElsewhere => "IDENTITY_LINKED_ELSEWHERE",
+            LoginError::ProviderAlreadyLinked => "PROVIDER_ALREADY_LINKED",
+            LoginError::Vault(_) => "INTERNAL",
             LoginError::AccessDenied => "ACCESS_DENIED",
             LoginError::ProviderAuthorizeError { .. } => "PROVIDER_AUTHORIZE_ERROR",
-            LoginError::Provider(ProviderError::Rejected { .. }) => "PROVIDER_REJECTED",
-            LoginError::Provider(ProviderError::Unavailable { .. }) => "PROVIDER_UNAVAILABLE",
-            LoginError::Provider(ProviderError::BadResponse { .. }) => "PROVIDER_BAD_RESPONSE",
-            LoginError::Provider(ProviderError::InvalidIdToken { .. }) => "ID_TOKEN_INVALID",
+            LoginError::Provider(p) => provider_reason(p),
             LoginError::StateUnavailable(_) => "STATE_STORE_UNAVAILABLE",
             LoginError::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
             LoginError::Store(_) => "INTERNAL",
+        }
+    }
+
+    /// Maps a link-ticket lookup failure to its own reasons.
+    fn from_ticket(e: StateError) -> Self {
+        match e {
+            StateError::Unknown => LoginError::LinkTicketUnknown,
+            StateError::Expired => LoginError::LinkTicketExpired,
+            StateError::AlreadyUsed => LoginError::LinkTicketUsed,
+            other => other.into(),
         }
     }
 
@@ -137,8 +228,21 @@ impl LoginError {
             LoginError::RedirectUriNotAllowed => Some("redirect_uri"),
             LoginError::ScopeNotAllowed { .. } => Some("scopes"),
             LoginError::ReturnToNotAllowed(_) => Some("return_to"),
+            LoginError::LinkTicketUnknown
+            | LoginError::LinkTicketExpired
+            | LoginError::LinkTicketUsed => Some("link_ticket"),
             _ => None,
         }
+    }
+}
+
+/// The reason for a provider failure, wherever it surfaces.
+pub fn provider_reason(e: &ProviderError) -> &'static str {
+    match e {
+        ProviderError::Rejected { .. } => "PROVIDER_REJECTED",
+        ProviderError::Unavailable { .. } => "PROVIDER_UNAVAILABLE",
+        ProviderError::BadResponse { .. } => "PROVIDER_BAD_RESPONSE",
+        ProviderError::InvalidIdToken { .. } => "ID_TOKEN_INVALID",
     }
 }
 
@@ -158,8 +262,21 @@ pub struct LoginService {
     providers: Registry,
     states: Arc<dyn StateStore>,
     store: Arc<dyn Store>,
+    tokens: Arc<TokenService>,
+    policies: HashMap<String, BindPolicy>,
+    tickets: SingleUse<LinkTicket>,
     settings: LoginSettings,
     return_to_origins: Vec<url::Origin>,
+}
+
+/// Everything `LoginService::new` needs.
+pub struct LoginParts {
+    pub providers: Registry,
+    pub states: Arc<dyn StateStore>,
+    pub store: Arc<dyn Store>,
+    pub tokens: Arc<TokenService>,
+    pub policies: HashMap<String, BindPolicy>,
+    pub settings: LoginSettings,
 }
 
 fn check_len(field: &'static str, value: &str, limit: usize) -> Result<(), LoginError> {
@@ -176,12 +293,8 @@ fn record_phase(phase: &'static str, started: Instant) {
 }
 
 impl LoginService {
-    pub fn new(
-        providers: Registry,
-        states: Arc<dyn StateStore>,
-        store: Arc<dyn Store>,
-        settings: LoginSettings,
-    ) -> Self {
+    pub fn new(parts: LoginParts) -> Self {
+        let settings = parts.settings;
         // Config validation already rejected bad origins; skipping them here
         // can only make the allowlist stricter.
         let return_to_origins = settings
@@ -189,13 +302,22 @@ impl LoginService {
             .iter()
             .filter_map(|o| parse_origin(o).ok())
             .collect();
+        // Tickets share the pending-login bound: each stems from one login.
+        let tickets = SingleUse::new(settings.max_pending, settings.link_ticket_ttl);
         LoginService {
-            providers,
-            states,
-            store,
+            providers: parts.providers,
+            states: parts.states,
+            store: parts.store,
+            tokens: parts.tokens,
+            policies: parts.policies,
+            tickets,
             settings,
             return_to_origins,
         }
+    }
+
+    pub fn states(&self) -> &Arc<dyn StateStore> {
+        &self.states
     }
 
     pub fn providers(&self) -> &Registry {
@@ -427,16 +549,122 @@ impl LoginService {
         record_phase("identity", started);
         let identity = identity?;
 
+        let sealed = self
+            .tokens
+            .seal_for_login(&login.provider, &identity.subject, &tokens)
+            .map_err(LoginError::Vault)?;
+        let auto_create = BindPolicy {
+            create_user: true,
+            ..BindPolicy::default()
+        };
+        let policy = self.policies.get(&*login.provider).unwrap_or(&auto_create);
         let started = Instant::now();
-        let bound = self.store.bind_login(&identity, actor, now_micros()).await;
+        let bound = self
+            .store
+            .bind_login(&identity, policy, sealed.as_ref(), actor, now_micros())
+            .await;
         record_phase("store", started);
-        let (outcome, binding) = bound?;
+        let return_to = login.return_to.as_deref().map(str::to_string);
+        match bound? {
+            BindResult::Bound {
+                outcome, binding, ..
+            } => Ok(CompletedLogin {
+                outcome,
+                binding: Some(binding),
+                identity,
+                return_to,
+                link_ticket: None,
+            }),
+            BindResult::LinkRequired => {
+                let ticket = StateToken::generate()?;
+                let ttl = time::Duration::try_from(self.settings.link_ticket_ttl)
+                    .unwrap_or(time::Duration::minutes(15));
+                let keep_tokens = sealed.is_some().then_some(tokens);
+                self.tickets
+                    .put(
+                        ticket,
+                        LinkTicket {
+                            identity: identity.clone(),
+                            tokens: keep_tokens,
+                            return_to: return_to.clone(),
+                            expires_at: OffsetDateTime::now_utc() + ttl,
+                        },
+                    )
+                    .await?;
+                Ok(CompletedLogin {
+                    outcome: Outcome::LinkRequired,
+                    binding: None,
+                    identity,
+                    return_to,
+                    link_ticket: Some(ticket),
+                })
+            }
+        }
+    }
 
-        Ok(CompletedLogin {
-            outcome,
+    /// Finishes a `link_required` login: binds the ticket's identity to the
+    /// app's user, creating the user row if authbroker does not know it.
+    pub async fn link(
+        &self,
+        req: LinkIdentity,
+        actor: Option<&str>,
+    ) -> Result<LinkedIdentity, LoginError> {
+        if req.link_ticket.is_empty() {
+            return Err(LoginError::MissingField {
+                field: "link_ticket",
+            });
+        }
+        let ticket_id = StateToken::parse(&req.link_ticket).ok_or(LoginError::InvalidField {
+            field: "link_ticket",
+            problem: "is not a ticket issued by CompleteLogin (43 base64url characters)".into(),
+        })?;
+        check_user_id(&req.user_id)?;
+        let ticket = self
+            .tickets
+            .take(&ticket_id, OffsetDateTime::now_utc())
+            .await
+            .map_err(LoginError::from_ticket)?;
+        let identity = ticket.identity;
+        let sealed = match &ticket.tokens {
+            Some(tokens) => self
+                .tokens
+                .seal_for_login(&identity.provider, &identity.subject, tokens)
+                .map_err(LoginError::Vault)?,
+            None => None,
+        };
+        let binding = self
+            .store
+            .link_identity(&req.user_id, &identity, sealed.as_ref(), actor, now_micros())
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(Conflict::IdentityLinkedElsewhere) => {
+                    LoginError::IdentityLinkedElsewhere
+                }
+                StoreError::Conflict(Conflict::ProviderAlreadyLinked) => {
+                    LoginError::ProviderAlreadyLinked
+                }
+                other => LoginError::Store(other),
+            })?;
+        Ok(LinkedIdentity {
             binding,
             identity,
-            return_to: login.return_to.as_deref().map(str::to_string),
+            return_to: ticket.return_to,
         })
     }
+}
+
+/// An app's user id: any opaque string a person could not mistake for
+/// something else — no control characters, no surrounding spaces.
+pub fn check_user_id(user_id: &str) -> Result<(), LoginError> {
+    if user_id.is_empty() {
+        return Err(LoginError::MissingField { field: "user_id" });
+    }
+    check_len("user_id", user_id, limits::USER_ID)?;
+    if user_id.chars().any(char::is_control) || user_id.trim() != user_id {
+        return Err(LoginError::InvalidField {
+            field: "user_id",
+            problem: "must not contain control characters or surrounding spaces".into(),
+        });
+    }
+    Ok(())
 }

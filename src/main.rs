@@ -37,6 +37,8 @@ enum Command {
     Migrate,
     /// Check the configuration, report every problem, exit 1 if there is any.
     CheckConfig,
+    /// Re-encrypt every stored provider token with the newest vault key.
+    RotateKeys,
 }
 
 #[tokio::main]
@@ -58,6 +60,7 @@ async fn main() -> ExitCode {
         Command::Serve => serve(settings, Mode::Serve).await,
         Command::Dev => serve(settings, Mode::Dev).await,
         Command::Migrate => migrate(settings).await,
+        Command::RotateKeys => rotate_keys(settings).await,
         Command::CheckConfig => return check_config(&settings),
     };
     match result {
@@ -83,6 +86,33 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
         .context("cannot open the database")?;
     store.migrate().await.context("migration failed")?;
     println!("database is up to date");
+    Ok(())
+}
+
+async fn rotate_keys(settings: Settings) -> anyhow::Result<()> {
+    let vault = authbroker::vault::Vault::from_settings(&settings.vault)
+        .map_err(|p| anyhow::anyhow!("invalid vault configuration:\n  - {}", p.join("\n  - ")))?
+        .ok_or_else(|| anyhow::anyhow!("no [[vault.keys]] configured: nothing to rotate to"))?;
+    let store = store::open(&settings.database.url, settings.database.pool_size)
+        .await
+        .context("cannot open the database")?;
+    store.migrate().await.context("migration failed")?;
+    let report = authbroker::vault::rotate(&*store, &vault)
+        .await
+        .context("rotation failed")?;
+    println!(
+        "re-encrypted {} token(s) with key {:?}; {} already current; {} undecryptable",
+        report.rotated,
+        vault.current_key_id(),
+        report.already_current,
+        report.undecryptable
+    );
+    if report.undecryptable > 0 {
+        anyhow::bail!(
+            "{} token(s) could not be decrypted with any configured key; they were left as they are",
+            report.undecryptable
+        );
+    }
     Ok(())
 }
 

@@ -83,10 +83,10 @@ async fn python_grpcio_client_logs_in() {
         .unwrap();
     let created = events
         .iter()
-        .find(|e| e.kind.as_str() == "user_created")
+        .find(|e| e.event.kind.as_str() == "user_created")
         .expect("a user_created event");
-    assert_eq!(created.user_id.as_deref(), Some(user_id));
-    let subject = created.subject.as_deref().unwrap();
+    assert_eq!(created.event.user_id.as_deref(), Some(user_id));
+    let subject = created.event.subject.as_deref().unwrap();
     let stored = app
         .store
         .find_binding("sandbox", subject)

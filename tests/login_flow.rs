@@ -80,12 +80,12 @@ async fn new_then_returning_user(backend: Backend) {
         })
         .await
         .unwrap();
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.kind.as_str()).collect();
     assert_eq!(
         kinds,
         ["login_succeeded", "login_succeeded", "user_created"]
     );
-    assert!(events.iter().all(|e| e.actor.as_deref() == Some("web")));
+    assert!(events.iter().all(|e| e.event.actor.as_deref() == Some("web")));
     app.stop().await;
 }
 
@@ -174,9 +174,9 @@ async fn bad_code_persists_nothing(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].kind.as_str(), "login_failed");
-    assert_eq!(events[0].reason.as_deref(), Some("PROVIDER_REJECTED"));
-    assert_eq!(events[0].actor.as_deref(), Some("web"));
+    assert_eq!(events[0].event.kind.as_str(), "login_failed");
+    assert_eq!(events[0].event.reason.as_deref(), Some("PROVIDER_REJECTED"));
+    assert_eq!(events[0].event.actor.as_deref(), Some("web"));
 }
 
 async fn access_denied_consumes_the_state(backend: Backend) {
@@ -216,7 +216,7 @@ async fn access_denied_consumes_the_state(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].reason.as_deref(), Some("ACCESS_DENIED"));
+    assert_eq!(events[0].event.reason.as_deref(), Some("ACCESS_DENIED"));
 
     // Any other error the provider redirects with gets its own reason.
     let begun = app.begin_with("sandbox").await;

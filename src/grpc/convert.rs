@@ -5,8 +5,11 @@ use time::OffsetDateTime;
 
 use super::pb;
 use crate::{
-    domain::{Binding, Identity, Outcome},
-    login::{BeginLogin, BegunLogin, CompleteLogin, CompletedLogin},
+    admin::ProviderSummary,
+    domain::{AuditEvent, Binding, Identity, LinkedIdentity, Outcome, User},
+    login::{self, BeginLogin, BegunLogin, CompleteLogin, CompletedLogin, LinkIdentity},
+    store::AuditRecord,
+    tokens::FreshToken,
 };
 
 pub fn timestamp(t: OffsetDateTime) -> Timestamp {
@@ -52,7 +55,17 @@ fn outcome(o: Outcome) -> pb::Outcome {
     match o {
         Outcome::SignedIn => pb::Outcome::SignedIn,
         Outcome::UserCreated => pb::Outcome::UserCreated,
+        Outcome::LinkRequired => pb::Outcome::LinkRequired,
     }
+}
+
+/// Proto timestamp to an instant; `None` for absent or out of range.
+pub fn instant(t: Option<prost_types::Timestamp>) -> Option<OffsetDateTime> {
+    let t = t?;
+    OffsetDateTime::from_unix_timestamp_nanos(
+        i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+    )
+    .ok()
 }
 
 pub fn binding(b: Binding) -> pb::Binding {
@@ -82,10 +95,99 @@ impl From<CompletedLogin> for pb::CompleteLoginResponse {
     fn from(c: CompletedLogin) -> Self {
         pb::CompleteLoginResponse {
             outcome: outcome(c.outcome).into(),
-            binding: Some(binding(c.binding)),
+            binding: c.binding.map(binding),
             identity: Some(identity(c.identity)),
             return_to: c.return_to.unwrap_or_default(),
-            link_ticket: String::new(),
+            link_ticket: c.link_ticket.map(|t| t.as_str()).unwrap_or_default(),
         }
+    }
+}
+
+impl From<pb::LinkIdentityRequest> for LinkIdentity {
+    fn from(r: pb::LinkIdentityRequest) -> Self {
+        LinkIdentity {
+            link_ticket: r.link_ticket,
+            user_id: r.user_id,
+        }
+    }
+}
+
+impl From<login::LinkedIdentity> for pb::LinkIdentityResponse {
+    fn from(l: login::LinkedIdentity) -> Self {
+        pb::LinkIdentityResponse {
+            binding: Some(binding(l.binding)),
+            identity: Some(identity(l.identity)),
+            return_to: l.return_to.unwrap_or_default(),
+        }
+    }
+}
+
+fn linked(l: LinkedIdentity) -> pb::LinkedIdentity {
+    pb::LinkedIdentity {
+        identity: Some(identity(l.identity)),
+        created_at: Some(timestamp(l.created_at)),
+        last_login_at: Some(timestamp(l.last_login_at)),
+        has_token: l.token.is_some(),
+        token_usable: l.token.unwrap_or(false),
+    }
+}
+
+pub fn user(u: User) -> pb::User {
+    pb::User {
+        user_id: u.id,
+        created_at: Some(timestamp(u.created_at)),
+        identities: u.identities.into_iter().map(linked).collect(),
+    }
+}
+
+pub fn provider_info(p: ProviderSummary) -> pb::ProviderInfo {
+    pb::ProviderInfo {
+        name: p.name,
+        kind: p.kind,
+        display_name: p.display_name,
+        enabled: p.enabled,
+        scopes: p.scopes,
+        allowed_scopes: p.allowed_scopes,
+        redirect_uris: p.redirect_uris,
+        pkce: p.pkce,
+        refresh: p.refresh,
+        revoke: p.revoke,
+        policy: p.policy,
+        store_tokens: p.store_tokens,
+    }
+}
+
+pub fn audit_event(r: AuditRecord) -> pb::AuditEvent {
+    let AuditEvent {
+        at,
+        kind,
+        actor,
+        provider,
+        subject,
+        user_id,
+        reason,
+        detail,
+    } = r.event;
+    pb::AuditEvent {
+        id: r.id,
+        at: Some(timestamp(at)),
+        kind: kind.as_str().into(),
+        actor: actor.unwrap_or_default(),
+        provider: provider.unwrap_or_default(),
+        subject: subject.unwrap_or_default(),
+        user_id: user_id.unwrap_or_default(),
+        outcome: reason.unwrap_or_else(|| "success".into()),
+        detail: detail.unwrap_or_default(),
+    }
+}
+
+pub fn provider_token(t: FreshToken) -> pb::ProviderToken {
+    use secrecy::ExposeSecret;
+    pb::ProviderToken {
+        access_token: t.access_token.expose_secret().to_string(),
+        token_type: t.token_type.unwrap_or_default(),
+        scopes: t.scopes,
+        expires_at: t.expires_at.map(timestamp),
+        refreshed: t.refreshed,
     }
 }

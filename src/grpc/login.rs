@@ -50,4 +50,20 @@ impl login_service_server::LoginService for LoginApi {
             .map_err(login_error)?;
         Ok(Response::new(done.into()))
     }
+
+    async fn link_identity(
+        &self,
+        request: Request<pb::LinkIdentityRequest>,
+    ) -> Result<Response<pb::LinkIdentityResponse>, Status> {
+        let actor = request
+            .extensions()
+            .get::<Caller>()
+            .and_then(|c| c.name.clone());
+        let linked = self
+            .login
+            .link(request.into_inner().into(), actor.as_deref())
+            .await
+            .map_err(login_error)?;
+        Ok(Response::new(linked.into()))
+    }
 }

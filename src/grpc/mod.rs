@@ -2,6 +2,7 @@
 //! cases, proto/domain conversion, caller authentication, and the single
 //! mapping from domain errors to `tonic::Status`.
 
+pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod login;

@@ -1,16 +1,73 @@
-//! The one mapping from domain errors to `tonic::Status`: a gRPC code, a
-//! `google.rpc.ErrorInfo` with a stable reason (domain `authbroker`), and a
-//! `BadRequest` field violation for bad input. This is also where failures
-//! are logged, with their full cause chain.
+//! The one mapping from domain errors to `tonic::Status`. Every error has a
+//! stable reason; `REASONS` gives each its gRPC code. The status carries a
+//! `google.rpc.ErrorInfo` (domain `authbroker`, the reason, and for provider
+//! failures the provider and its own short error code) and, for bad input, a
+//! `BadRequest` field violation. This is also where failures are logged,
+//! with their full cause chain.
 
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{login::LoginError, provider::ProviderError, store::StoreError};
+use crate::{
+    admin::AdminError, login::LoginError, provider::ProviderError, tokens::TokenError,
+};
 
 pub const DOMAIN: &str = "authbroker";
+
+/// Every `ErrorInfo.reason` this service sends, with its gRPC code. The
+/// README's error table must list each with the same code; a test checks.
+pub const REASONS: &[(&str, Code)] = &[
+    ("MISSING_FIELD", Code::InvalidArgument),
+    ("FIELD_TOO_LONG", Code::InvalidArgument),
+    ("INVALID_FIELD", Code::InvalidArgument),
+    ("INVALID_PAGE_TOKEN", Code::InvalidArgument),
+    ("UNKNOWN_PROVIDER", Code::InvalidArgument),
+    ("REDIRECT_URI_NOT_ALLOWED", Code::InvalidArgument),
+    ("SCOPE_NOT_ALLOWED", Code::InvalidArgument),
+    ("RETURN_TO_NOT_ALLOWED", Code::InvalidArgument),
+    ("PROVIDER_DISABLED", Code::FailedPrecondition),
+    ("STATE_UNKNOWN", Code::NotFound),
+    ("STATE_EXPIRED", Code::FailedPrecondition),
+    ("STATE_ALREADY_USED", Code::FailedPrecondition),
+    ("TOO_MANY_PENDING_LOGINS", Code::ResourceExhausted),
+    ("ACCESS_DENIED", Code::FailedPrecondition),
+    ("PROVIDER_AUTHORIZE_ERROR", Code::FailedPrecondition),
+    ("PROVIDER_REJECTED", Code::FailedPrecondition),
+    ("PROVIDER_UNAVAILABLE", Code::Unavailable),
+    ("PROVIDER_BAD_RESPONSE", Code::Internal),
+    ("ID_TOKEN_INVALID", Code::FailedPrecondition),
+    ("LINK_TICKET_UNKNOWN", Code::NotFound),
+    ("LINK_TICKET_EXPIRED", Code::FailedPrecondition),
+    ("LINK_TICKET_ALREADY_USED", Code::FailedPrecondition),
+    ("IDENTITY_LINKED_ELSEWHERE", Code::FailedPrecondition),
+    ("PROVIDER_ALREADY_LINKED", Code::FailedPrecondition),
+    ("USER_NOT_FOUND", Code::NotFound),
+    ("IDENTITY_NOT_FOUND", Code::NotFound),
+    ("LAST_IDENTITY", Code::FailedPrecondition),
+    ("TOKEN_NOT_STORED", Code::NotFound),
+    ("TOKEN_EXPIRED", Code::FailedPrecondition),
+    ("TOKEN_UNUSABLE", Code::FailedPrecondition),
+    ("REFRESH_TOKEN_REJECTED", Code::FailedPrecondition),
+    ("VAULT_KEY_MISSING", Code::Internal),
+    ("CONCURRENT_UPDATE", Code::Aborted),
+    ("STATE_STORE_UNAVAILABLE", Code::Unavailable),
+    ("STORE_UNAVAILABLE", Code::Unavailable),
+    ("INTERNAL", Code::Internal),
+    ("API_KEY_MISSING", Code::Unauthenticated),
+    ("API_KEY_INVALID", Code::Unauthenticated),
+    ("ROLE_NOT_ALLOWED", Code::PermissionDenied),
+];
+
+/// The code for a reason; an unlisted reason is a bug, reported as INTERNAL.
+pub fn code_of(reason: &str) -> Code {
+    REASONS
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map(|(_, c)| *c)
+        .unwrap_or(Code::Internal)
+}
 
 pub fn error_status(code: Code, reason: &str, message: impl Into<String>) -> Status {
     Status::with_error_details(
@@ -20,103 +77,81 @@ pub fn error_status(code: Code, reason: &str, message: impl Into<String>) -> Sta
     )
 }
 
-pub fn login_error(e: LoginError) -> Status {
-    let reason = e.reason();
-    let code = match &e {
-        LoginError::InvalidField { .. }
-        | LoginError::MissingField { .. }
-        | LoginError::FieldTooLong { .. }
-        | LoginError::UnknownProvider { .. }
-        | LoginError::RedirectUriNotAllowed
-        | LoginError::ScopeNotAllowed { .. }
-        | LoginError::ReturnToNotAllowed(_) => Code::InvalidArgument,
-        LoginError::StateUnknown => Code::NotFound,
-        LoginError::ProviderDisabled
-        | LoginError::StateExpired
-        | LoginError::StateAlreadyUsed
-        | LoginError::AccessDenied
-        | LoginError::ProviderAuthorizeError { .. }
-        | LoginError::Provider(ProviderError::Rejected { .. })
-        | LoginError::Provider(ProviderError::InvalidIdToken { .. }) => Code::FailedPrecondition,
-        LoginError::TooManyPendingLogins => Code::ResourceExhausted,
-        LoginError::Provider(ProviderError::Unavailable { .. })
-        | LoginError::StateUnavailable(_)
-        | LoginError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-        LoginError::Provider(ProviderError::BadResponse { .. }) => Code::Internal,
-        LoginError::Store(_) => Code::Internal,
-    };
-
-    // Expected outcomes are routine; only failures on our side or the
-    // provider's deserve a warning. `{:#}` prints the whole cause chain.
-    let chain = crate::telemetry::cause_chain(&e);
+/// Builds the status; logs routine refusals at info and our own or the
+/// provider's failures at warn, with the cause chain.
+fn status(
+    reason: &'static str,
+    error: &dyn std::error::Error,
+    field: Option<&'static str>,
+    provider: Option<&ProviderError>,
+) -> Status {
+    let code = code_of(reason);
+    let chain = crate::telemetry::cause_chain(error);
     match code {
-        Code::Internal | Code::Unavailable => {
-            tracing::warn!(reason, error = %chain, "login failed")
+        Code::Internal | Code::Unavailable | Code::Aborted => {
+            tracing::warn!(reason, error = %chain, "call failed")
         }
-        _ => tracing::info!(reason, error = %chain, "login refused"),
+        _ => tracing::info!(reason, error = %chain, "call refused"),
     }
-
     let mut metadata = HashMap::new();
-    if let LoginError::Provider(p) = &e {
-        let provider = match p {
+    if let Some(p) = provider {
+        let name = match p {
             ProviderError::Rejected { provider, .. }
             | ProviderError::Unavailable { provider, .. }
             | ProviderError::BadResponse { provider, .. }
             | ProviderError::InvalidIdToken { provider, .. } => provider,
         };
-        metadata.insert("provider".to_string(), provider.clone());
+        metadata.insert("provider".to_string(), name.clone());
         if let Some(code) = p.provider_code() {
             metadata.insert("provider_error".to_string(), code.to_string());
         }
     }
-    if let LoginError::ProviderAuthorizeError { error } = &e {
-        metadata.insert("provider_error".to_string(), error.clone());
-    }
-    let message = match &e {
-        // Internal details stay in the log.
-        LoginError::Store(StoreError::Internal(_)) => "internal error; see the service log".into(),
-        other => other.to_string(),
+    // Details of our own failures stay in the log.
+    let message = if reason == "INTERNAL" {
+        "internal error; see the service log".to_string()
+    } else {
+        error.to_string()
     };
     let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
-    if let Some(field) = e.field() {
+    if let Some(field) = field {
         details.add_bad_request_violation(field, message.clone());
     }
     Status::with_error_details(code, message, details)
 }
 
-/// Every `ErrorInfo.reason` this service sends. The README's error table must
-/// list each one; a test checks both directions.
-pub const REASONS: &[&str] = &[
-    "MISSING_FIELD",
-    "FIELD_TOO_LONG",
-    "INVALID_FIELD",
-    "UNKNOWN_PROVIDER",
-    "REDIRECT_URI_NOT_ALLOWED",
-    "SCOPE_NOT_ALLOWED",
-    "RETURN_TO_NOT_ALLOWED",
-    "PROVIDER_DISABLED",
-    "STATE_UNKNOWN",
-    "STATE_EXPIRED",
-    "STATE_ALREADY_USED",
-    "TOO_MANY_PENDING_LOGINS",
-    "ACCESS_DENIED",
-    "PROVIDER_AUTHORIZE_ERROR",
-    "PROVIDER_REJECTED",
-    "PROVIDER_UNAVAILABLE",
-    "PROVIDER_BAD_RESPONSE",
-    "ID_TOKEN_INVALID",
-    "STATE_STORE_UNAVAILABLE",
-    "STORE_UNAVAILABLE",
-    "INTERNAL",
-    "API_KEY_MISSING",
-    "API_KEY_INVALID",
-    "ROLE_NOT_ALLOWED",
-];
+pub fn login_error(e: LoginError) -> Status {
+    let provider = match &e {
+        LoginError::Provider(p) => Some(p),
+        _ => None,
+    };
+    let mut status = status(e.reason(), &e, e.field(), provider);
+    if let LoginError::ProviderAuthorizeError { error } = &e {
+        let mut details = ErrorDetails::with_error_info(
+            e.reason(),
+            DOMAIN,
+            [("provider_error".to_string(), error.clone())],
+        );
+        if let Some(field) = e.field() {
+            details.add_bad_request_violation(field, status.message());
+        }
+        status = Status::with_error_details(status.code(), status.message(), details);
+    }
+    status
+}
+
+pub fn admin_error(e: AdminError) -> Status {
+    let provider = match &e {
+        AdminError::Token(TokenError::Provider(p) | TokenError::RefreshRejected(p)) => Some(p),
+        AdminError::Input(LoginError::Provider(p)) => Some(p),
+        _ => None,
+    };
+    status(e.reason(), &e, e.field(), provider)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Unavailable;
+    use crate::{provider::Unavailable, store::StoreError};
 
     fn every_login_error() -> Vec<LoginError> {
         let provider = || "p".to_string();
@@ -140,6 +175,11 @@ mod tests {
             LoginError::StateExpired,
             LoginError::StateAlreadyUsed,
             LoginError::TooManyPendingLogins,
+            LoginError::LinkTicketUnknown,
+            LoginError::LinkTicketExpired,
+            LoginError::LinkTicketUsed,
+            LoginError::IdentityLinkedElsewhere,
+            LoginError::ProviderAlreadyLinked,
             LoginError::AccessDenied,
             LoginError::ProviderAuthorizeError { error: "e".into() },
             LoginError::Provider(ProviderError::Rejected {
@@ -167,35 +207,79 @@ mod tests {
         ]
     }
 
+    fn every_admin_error() -> Vec<AdminError> {
+        vec![
+            AdminError::InvalidPageToken,
+            AdminError::InvalidPageSize,
+            AdminError::UserNotFound,
+            AdminError::IdentityNotFound,
+            AdminError::NotLinked,
+            AdminError::LastIdentity,
+            AdminError::Token(TokenError::UnknownProvider),
+            AdminError::Token(TokenError::NotStored),
+            AdminError::Token(TokenError::Unusable),
+            AdminError::Token(TokenError::Expired),
+            AdminError::Token(TokenError::Vault(crate::vault::VaultError::Corrupt)),
+            AdminError::Store(StoreError::Conflict(crate::store::Conflict::StaleToken)),
+        ]
+    }
+
     #[test]
     fn every_reason_is_declared_and_carried() {
-        use tonic_types::StatusExt;
-        for e in every_login_error() {
-            let reason = e.reason();
-            assert!(REASONS.contains(&reason), "{reason} missing from REASONS");
-            let status = login_error(e);
+        let check = |reason: &str, status: Status| {
+            assert!(
+                REASONS.iter().any(|(r, _)| *r == reason),
+                "{reason} missing from REASONS"
+            );
             let info = status.get_details_error_info().unwrap();
             assert_eq!(info.reason, reason);
             assert_eq!(info.domain, DOMAIN);
+            assert_eq!(status.code(), code_of(reason));
+        };
+        for e in every_login_error() {
+            check(e.reason(), login_error(e));
+        }
+        for e in every_admin_error() {
+            check(e.reason(), admin_error(e));
         }
     }
 
     #[test]
     fn readme_error_table_matches_the_code() {
         let readme = include_str!("../../README.md");
-        let table: Vec<&str> = readme
+        let rows: Vec<(&str, &str)> = readme
             .lines()
             .filter_map(|l| l.strip_prefix("| `"))
-            .filter_map(|l| l.split('`').next())
-            .filter(|r| r.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .filter_map(|l| {
+                let mut cells = l.split('|');
+                let reason = cells.next()?.trim().trim_end_matches('`');
+                let code = cells.next()?.trim();
+                reason
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_')
+                    .then_some((reason, code))
+            })
             .collect();
-        for r in REASONS {
-            assert!(table.contains(r), "README error table lacks {r}");
+        for (reason, code) in REASONS {
+            let row = rows.iter().find(|(r, _)| r == reason);
+            let Some((_, listed)) = row else {
+                panic!("README error table lacks {reason}");
+            };
+            let expected = format!("{code:?}")
+                .chars()
+                .fold(String::new(), |mut s, c| {
+                    if c.is_ascii_uppercase() && !s.is_empty() {
+                        s.push('_');
+                    }
+                    s.push(c.to_ascii_uppercase());
+                    s
+                });
+            assert_eq!(*listed, expected, "README gives {reason} the wrong code");
         }
-        for r in &table {
+        for (reason, _) in &rows {
             assert!(
-                REASONS.contains(r),
-                "README lists {r}, which the code never sends"
+                REASONS.iter().any(|(r, _)| r == reason),
+                "README lists {reason}, which the code never sends"
             );
         }
     }

@@ -70,6 +70,11 @@ impl Registry {
         }
     }
 
+    /// Every enabled provider.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Provider>> {
+        self.providers.values()
+    }
+
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.providers.keys().map(String::as_str).collect();
         names.sort_unstable();
@@ -460,17 +465,10 @@ mod tests {
     fn cfg(kind: &str) -> ProviderConfig {
         ProviderConfig {
             kind: kind.into(),
-            enabled: true,
             client_id: "id".into(),
             client_secret: Some("secret".into()),
-            client_secret_file: None,
             redirect_uris: vec!["https://app.example/cb".into()],
-            scopes: None,
-            allowed_scopes: vec![],
-            endpoints: BTreeMap::new(),
-            union_id: false,
-            fetch_userinfo: false,
-            spec: None,
+            ..Default::default()
         }
     }
 

@@ -1,4 +1,6 @@
-//! The default `StateStore`: a bounded in-process moka cache.
+//! The default `StateStore`: a bounded in-process moka cache. The cache
+//! itself (`SingleUse`) also keeps link tickets: both are single-use values
+//! with a deadline, keyed by 32 random bytes.
 
 use std::{
     sync::{
@@ -20,15 +22,35 @@ use time::OffsetDateTime;
 
 use super::{PendingLogin, StateError, StateStore, StateToken};
 
-/// What the cache holds per state. A finished login leaves a tombstone so a
+/// A value with a deadline after which taking it is "expired".
+pub trait Expiring {
+    fn expires_at(&self) -> OffsetDateTime;
+}
+
+impl Expiring for PendingLogin {
+    fn expires_at(&self) -> OffsetDateTime {
+        self.expires_at
+    }
+}
+
+/// What the cache holds per key. A taken value leaves a tombstone so a
 /// replay is answered "already used" rather than "unknown".
-#[derive(Clone)]
-enum Entry {
-    Pending(Arc<PendingLogin>, Instant),
+enum Entry<V> {
+    Pending(Arc<V>, Instant),
     Consumed(Instant),
 }
 
-impl Entry {
+// Not derived: a derive would demand `V: Clone`, but only the Arc is cloned.
+impl<V> Clone for Entry<V> {
+    fn clone(&self) -> Self {
+        match self {
+            Entry::Pending(v, at) => Entry::Pending(v.clone(), *at),
+            Entry::Consumed(at) => Entry::Consumed(*at),
+        }
+    }
+}
+
+impl<V> Entry<V> {
     fn evict_at(&self) -> Instant {
         match self {
             Entry::Pending(_, at) | Entry::Consumed(at) => *at,
@@ -38,15 +60,15 @@ impl Entry {
 
 struct EvictAt;
 
-impl Expiry<StateToken, Entry> for EvictAt {
-    fn expire_after_create(&self, _: &StateToken, v: &Entry, now: Instant) -> Option<Duration> {
+impl<V> Expiry<StateToken, Entry<V>> for EvictAt {
+    fn expire_after_create(&self, _: &StateToken, v: &Entry<V>, now: Instant) -> Option<Duration> {
         Some(v.evict_at().saturating_duration_since(now))
     }
 
     fn expire_after_update(
         &self,
         _: &StateToken,
-        v: &Entry,
+        v: &Entry<V>,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -54,10 +76,11 @@ impl Expiry<StateToken, Entry> for EvictAt {
     }
 }
 
-/// Entries outlive their TTL by `grace` so that a late CompleteLogin gets
-/// "expired" (the user was too slow) instead of "unknown" (possible forgery).
-pub struct MemoryStateStore {
-    cache: Cache<StateToken, Entry>,
+/// Bounded single-use values. Entries outlive their deadline by `grace` so
+/// that a late taker gets "expired" (the user was too slow) instead of
+/// "unknown" (possible forgery).
+pub struct SingleUse<V> {
+    cache: Cache<StateToken, Entry<V>>,
     /// Exact count of entries held. moka's own `entry_count` lags behind
     /// inserts, which would let a burst overshoot the bound and make moka
     /// evict someone's in-flight login.
@@ -66,7 +89,7 @@ pub struct MemoryStateStore {
     grace: Duration,
 }
 
-impl MemoryStateStore {
+impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
     pub fn new(capacity: u64, grace: Duration) -> Self {
         let live = Arc::new(AtomicU64::new(0));
         let on_removal = live.clone();
@@ -84,7 +107,7 @@ impl MemoryStateStore {
                 }
             })
             .build();
-        MemoryStateStore {
+        SingleUse {
             cache,
             live,
             capacity,
@@ -107,16 +130,12 @@ impl MemoryStateStore {
             .is_ok()
     }
 
-    /// Runs moka's deferred housekeeping; the load generator calls it before
-    /// measuring memory.
+    /// Runs moka's deferred housekeeping (evictions, listener calls).
     pub async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks().await;
     }
-}
 
-#[async_trait]
-impl StateStore for MemoryStateStore {
-    async fn put(&self, login: PendingLogin) -> Result<(), StateError> {
+    pub async fn put(&self, key: StateToken, value: V) -> Result<(), StateError> {
         // Refuse rather than evict: evicting would turn someone's in-flight
         // login into STATE_UNKNOWN without telling anyone.
         if !self.reserve() {
@@ -129,24 +148,24 @@ impl StateStore for MemoryStateStore {
                 });
             }
         }
-        let evict_at = self.instant_of(login.expires_at);
+        let evict_at = self.instant_of(value.expires_at());
         self.cache
-            .insert(login.state, Entry::Pending(Arc::new(login), evict_at))
+            .insert(key, Entry::Pending(Arc::new(value), evict_at))
             .await;
         Ok(())
     }
 
-    async fn take(
-        &self,
-        state: &StateToken,
-        now: OffsetDateTime,
-    ) -> Result<PendingLogin, StateError> {
+    /// Exactly one concurrent caller gets the value.
+    pub async fn take(&self, key: &StateToken, now: OffsetDateTime) -> Result<V, StateError>
+    where
+        V: Clone,
+    {
         // and_compute_with runs the closure under a per-key lock, so exactly
         // one concurrent caller sees `Pending` and leaves the tombstone.
         let mut taken = None;
         let result = self
             .cache
-            .entry(*state)
+            .entry(*key)
             .and_compute_with(|current| {
                 let op = match current.map(|e| e.into_value()) {
                     Some(Entry::Pending(login, evict_at)) => {
@@ -159,8 +178,8 @@ impl StateStore for MemoryStateStore {
             })
             .await;
         match taken {
-            Some(login) if login.expires_at <= now => Err(StateError::Expired),
-            Some(login) => Ok(Arc::unwrap_or_clone(login)),
+            Some(value) if value.expires_at() <= now => Err(StateError::Expired),
+            Some(value) => Ok(Arc::unwrap_or_clone(value)),
             None => match result {
                 CompResult::Unchanged(e) if matches!(e.value(), Entry::Consumed(_)) => {
                     Err(StateError::AlreadyUsed)
@@ -170,8 +189,46 @@ impl StateStore for MemoryStateStore {
         }
     }
 
-    fn len(&self) -> u64 {
+    pub fn len(&self) -> u64 {
         self.live.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Pending logins in this process.
+pub struct MemoryStateStore(SingleUse<PendingLogin>);
+
+impl MemoryStateStore {
+    pub fn new(capacity: u64, grace: Duration) -> Self {
+        MemoryStateStore(SingleUse::new(capacity, grace))
+    }
+
+    /// Runs moka's deferred housekeeping; the load generator calls it before
+    /// measuring memory.
+    pub async fn run_pending_tasks(&self) {
+        self.0.run_pending_tasks().await;
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStateStore {
+    async fn put(&self, login: PendingLogin) -> Result<(), StateError> {
+        self.0.put(login.state, login).await
+    }
+
+    async fn take(
+        &self,
+        state: &StateToken,
+        now: OffsetDateTime,
+    ) -> Result<PendingLogin, StateError> {
+        self.0.take(state, now).await
+    }
+
+    fn len(&self) -> u64 {
+        self.0.len()
     }
 }
 

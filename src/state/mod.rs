@@ -3,7 +3,7 @@
 
 mod memory;
 
-pub use memory::MemoryStateStore;
+pub use memory::{Expiring, MemoryStateStore, SingleUse};
 
 use std::{fmt, sync::Arc};
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::domain::{AuditEvent, Binding, Identity, Outcome};
+use crate::domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, SealedToken, User};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -25,18 +25,107 @@ pub enum StoreError {
     /// The URL in `[database] url` is not one we can use.
     #[error("invalid database url: {0}")]
     InvalidUrl(String),
+    /// The user, identity or token does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The change would break a binding rule; nothing was written.
+    #[error("{0}")]
+    Conflict(Conflict),
     /// Anything else: a bug or a broken schema.
     #[error("store failure")]
     Internal(#[source] anyhow::Error),
 }
 
-/// Filter for reading audit events back (newest first).
+/// Binding rules a write can run into (dex's `ErrAlreadyExists`, refined).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// The identity is bound to another user.
+    #[error("the identity is bound to another user")]
+    IdentityLinkedElsewhere,
+    /// The user already has an identity at this provider.
+    #[error("the user already has an identity at this provider")]
+    ProviderAlreadyLinked,
+    /// Unlinking would leave the user with no identity (needs `force`).
+    #[error("this is the user's last identity")]
+    LastIdentity,
+    /// The stored token changed since it was read (someone else refreshed).
+    #[error("the stored token changed concurrently")]
+    StaleToken,
+}
+
+/// How a first login of an unbound identity may be resolved, in the order
+/// tried: union id, verified email, then create or ask the app to link.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BindPolicy {
+    /// `auto_create`: make a user when no rule links the identity. False is
+    /// `link_required`: nothing is written and the app must link.
+    pub create_user: bool,
+    /// Providers sharing the login provider's `union_group` (itself
+    /// included). An identity of one of them with the same union id binds
+    /// the new identity to its user. Empty: off.
+    pub union_group: Vec<String>,
+    /// Bind to the user owning an identity whose verified email equals this
+    /// login's verified email. Off unless the operator turns it on.
+    pub link_verified_email: bool,
+}
+
+/// What `bind_login` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindResult {
+    Bound {
+        outcome: Outcome,
+        binding: Binding,
+        /// The rule that bound a new identity to an existing user:
+        /// `"union_id"` or `"verified_email"`.
+        linked_by: Option<&'static str>,
+    },
+    /// The identity is not bound and the policy did not bind it; nothing
+    /// was written.
+    LinkRequired,
+}
+
+/// Filter and page for `list_users` (newest first).
+#[derive(Clone, Debug, Default)]
+pub struct UserQuery {
+    /// Only users with an identity at this provider.
+    pub provider: Option<String>,
+    pub created_after: Option<OffsetDateTime>,
+    pub created_before: Option<OffsetDateTime>,
+    /// At most this many; 0 means the default of 100.
+    pub limit: u32,
+    /// Keyset cursor: users strictly after this `(created_at, id)` in
+    /// newest-first order.
+    pub after: Option<(OffsetDateTime, String)>,
+}
+
+/// Filter and page for `list_audit_events` (newest first).
 #[derive(Clone, Debug, Default)]
 pub struct AuditQuery {
     pub provider: Option<String>,
     pub user_id: Option<String>,
+    pub kind: Option<AuditKind>,
+    /// Events at or after / strictly before these instants.
+    pub after: Option<OffsetDateTime>,
+    pub before: Option<OffsetDateTime>,
     /// At most this many events; 0 means the default of 100.
     pub limit: u32,
+    /// Keyset cursor: only events with an id below this.
+    pub before_id: Option<i64>,
+}
+
+/// An audit event as stored, with its id (the paging cursor).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub event: AuditEvent,
+}
+
+/// A stored token with the identity it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRow {
+    pub provider: String,
+    pub subject: String,
+    pub token: SealedToken,
 }
 
 #[async_trait]
@@ -47,20 +136,39 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap round trip to the database, for health checks.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// The `auto_create` binding, in one transaction: if `(provider, subject)`
-    /// is bound, refresh its profile and `last_login_at` and return
-    /// `SignedIn`; otherwise create a user, bind the identity and return
-    /// `UserCreated`. Concurrent first logins of one identity create exactly
-    /// one user and all return it. Records `user_created` (when it applies)
-    /// and `login_succeeded` audit events in the same transaction.
+    /// A login, in one transaction. If `(provider, subject)` is bound:
+    /// refresh its profile and `last_login_at` → `SignedIn`. Otherwise apply
+    /// `policy` (union id, then verified email → `SignedIn` with
+    /// `linked_by`; else create a user → `UserCreated`; else
+    /// `LinkRequired`, writing nothing). `tokens`, when given, replace the
+    /// identity's stored token. Concurrent first logins of one identity make
+    /// exactly one user and all return it. Records `user_created`,
+    /// `identity_linked` and `login_succeeded` as they apply.
     async fn bind_login(
         &self,
         identity: &Identity,
+        policy: &BindPolicy,
+        tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
-    ) -> Result<(Outcome, Binding), StoreError>;
+    ) -> Result<BindResult, StoreError>;
 
-    /// Appends one audit event (e.g. a failed login).
+    /// Binds `identity` to `user_id` (an app's own opaque id or an existing
+    /// user; the user row is created if missing), in one transaction.
+    /// Already bound to that user: refreshes the profile. Bound elsewhere:
+    /// `Conflict::IdentityLinkedElsewhere`. The user already has another
+    /// identity at the provider: `Conflict::ProviderAlreadyLinked`. Records
+    /// `identity_linked` (and `user_created`).
+    async fn link_identity(
+        &self,
+        user_id: &str,
+        identity: &Identity,
+        tokens: Option<&SealedToken>,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Binding, StoreError>;
+
+    /// Appends one audit event (e.g. a failed login, an admin call).
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
     async fn find_binding(
@@ -76,9 +184,79 @@ pub trait Store: Send + Sync + 'static {
         subject: &str,
     ) -> Result<Option<Identity>, StoreError>;
 
+    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError>;
+
+    async fn find_user_by_identity(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<User>, StoreError>;
+
+    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError>;
+
+    /// Removes the user's identity at `provider` (and its token).
+    /// `NotFound` if the user has none there; `Conflict::LastIdentity` if
+    /// it is their last and `force` is false. Records `identity_unlinked`.
+    async fn unlink_identity(
+        &self,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<User, StoreError>;
+
+    /// Deletes the user with their identities and tokens. `NotFound` if
+    /// there is no such user. Records `user_deleted`.
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
     async fn count_users(&self) -> Result<u64, StoreError>;
 
-    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError>;
+    async fn get_token(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<SealedToken>, StoreError>;
+
+    /// Writes the identity's token and returns its new version. With
+    /// `expected_version`, only if the stored version still equals it
+    /// (else `Conflict::StaleToken`); without, unconditionally. `NotFound`
+    /// if the identity does not exist. The written token is usable.
+    async fn put_token(
+        &self,
+        provider: &str,
+        subject: &str,
+        token: &SealedToken,
+        expected_version: Option<i64>,
+    ) -> Result<i64, StoreError>;
+
+    /// Marks the token unusable (the provider refused to refresh it), if its
+    /// version is still `expected_version` (else `Conflict::StaleToken`).
+    async fn mark_token_unusable(
+        &self,
+        provider: &str,
+        subject: &str,
+        expected_version: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Forgets the identity's token; false if there was none.
+    async fn delete_token(&self, provider: &str, subject: &str) -> Result<bool, StoreError>;
+
+    /// Stored tokens in `(provider, subject)` order, after the given key,
+    /// for key rotation.
+    async fn list_tokens(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TokenRow>, StoreError>;
+
+    async fn list_audit_events(&self, query: &AuditQuery)
+    -> Result<Vec<AuditRecord>, StoreError>;
 }
 
 /// Opens the store named by `[database] url`: `postgres://…`/`postgresql://…`,

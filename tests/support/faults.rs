@@ -37,6 +37,9 @@ pub enum Fault {
     /// Drops the connection without a complete answer (in practice before
     /// the status line): the client sees a transport error, not an HTTP status.
     CloseConnection,
+    /// Answers exactly this (status, content type, body): the provider's own
+    /// words for a refusal, e.g. a dead refresh token.
+    Respond(u16, &'static str, String),
 }
 
 impl Fault {
@@ -81,6 +84,14 @@ impl Fault {
                         .into_response(),
                 )
             }
+            Fault::Respond(status, content_type, body) => Some(
+                (
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+                    [(header::CONTENT_TYPE, *content_type)],
+                    body.clone(),
+                )
+                    .into_response(),
+            ),
         }
     }
 }

@@ -81,17 +81,10 @@ pub fn base_settings() -> Settings {
 pub fn provider(kind: &str, client_id: &str, secret: &str) -> ProviderConfig {
     ProviderConfig {
         kind: kind.into(),
-        enabled: true,
         client_id: client_id.into(),
         client_secret: (!secret.is_empty()).then(|| secret.into()),
-        client_secret_file: None,
         redirect_uris: vec![REDIRECT.into(), "https://app.example.com/other".into()],
-        scopes: None,
-        allowed_scopes: vec![],
-        endpoints: Default::default(),
-        union_id: false,
-        fetch_userinfo: false,
-        spec: None,
+        ..Default::default()
     }
 }
 

@@ -178,13 +178,9 @@ impl Emulator for AcwingEmulator {
     fn provider_config(&self) -> ProviderConfig {
         ProviderConfig {
             kind: "acwing".into(),
-            enabled: true,
             client_id: APPID.into(),
             client_secret: Some(SECRET.into()),
-            client_secret_file: None,
             redirect_uris: vec![REDIRECT_URI.into()],
-            scopes: None,
-            allowed_scopes: Vec::new(),
             endpoints: [
                 ("authorize_url", AUTHORIZE_PATH),
                 ("token_url", TOKEN_PATH),
@@ -194,9 +190,7 @@ impl Emulator for AcwingEmulator {
             .into_iter()
             .map(|(k, path)| (k.to_string(), self.url(path)))
             .collect(),
-            union_id: false,
-            fetch_userinfo: false,
-            spec: None,
+            ..Default::default()
         }
     }
 

@@ -241,13 +241,9 @@ impl Emulator for CustomEmulator {
     fn provider_config(&self) -> ProviderConfig {
         ProviderConfig {
             kind: "oauth2".into(),
-            enabled: true,
             client_id: CLIENT_ID.into(),
             client_secret: Some(CLIENT_SECRET.into()),
-            client_secret_file: None,
             redirect_uris: vec![REDIRECT_URI.into()],
-            scopes: None,
-            allowed_scopes: Vec::new(),
             endpoints: [
                 ("authorize_url", AUTHORIZE_PATH),
                 ("token_url", TOKEN_PATH),
@@ -258,9 +254,8 @@ impl Emulator for CustomEmulator {
             .into_iter()
             .map(|(k, path)| (k.to_string(), self.url(path)))
             .collect(),
-            union_id: false,
-            fetch_userinfo: false,
             spec: Some(Self::spec_table()),
+            ..Default::default()
         }
     }
 

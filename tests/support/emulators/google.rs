@@ -419,19 +419,13 @@ impl Emulator for GoogleEmulator {
     fn provider_config(&self) -> ProviderConfig {
         ProviderConfig {
             kind: "google".into(),
-            enabled: true,
             client_id: CLIENT_ID.into(),
             client_secret: Some(CLIENT_SECRET.into()),
-            client_secret_file: None,
             redirect_uris: vec![REDIRECT_URI.into()],
-            scopes: None,
-            allowed_scopes: vec![],
             endpoints: [("issuer".to_owned(), self.base_url.clone())]
                 .into_iter()
                 .collect(),
-            union_id: false,
-            fetch_userinfo: false,
-            spec: None,
+            ..Default::default()
         }
     }
 

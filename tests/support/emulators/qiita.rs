@@ -182,13 +182,9 @@ impl Emulator for QiitaEmulator {
     fn provider_config(&self) -> ProviderConfig {
         ProviderConfig {
             kind: "qiita".into(),
-            enabled: true,
             client_id: CLIENT_ID.into(),
             client_secret: Some(CLIENT_SECRET.into()),
-            client_secret_file: None,
             redirect_uris: vec![REGISTERED_REDIRECT.into()],
-            scopes: None,
-            allowed_scopes: Vec::new(),
             endpoints: [
                 ("authorize_url", AUTHORIZE_PATH),
                 ("token_url", TOKEN_PATH),
@@ -198,9 +194,7 @@ impl Emulator for QiitaEmulator {
             .into_iter()
             .map(|(k, path)| (k.to_string(), self.url(path)))
             .collect(),
-            union_id: false,
-            fetch_userinfo: false,
-            spec: None,
+            ..Default::default()
         }
     }
 

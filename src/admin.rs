@@ -1,0 +1,578 @@
+//! The operator use cases behind `AdminService`. Each call is recorded as an
+//! `admin_call` audit event (actor, RPC, provider, user, outcome). No
+//! protobuf, no SQL.
+
+use std::sync::Arc;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use time::OffsetDateTime;
+
+use crate::{
+    domain::{AuditEvent, AuditKind, User, now_micros},
+    login::{LoginError, check_user_id},
+    provider::Registry,
+    state::{StateError, StateStore, StateToken},
+    store::{AuditQuery, AuditRecord, Conflict, Store, StoreError, UserQuery},
+    tokens::{FreshToken, TokenError, TokenService},
+};
+
+/// Page sizes: 0 means the default; more than the maximum is refused.
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+/// What `ListProviders` shows about a provider. Never a secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderSummary {
+    pub name: String,
+    pub kind: String,
+    pub display_name: String,
+    pub enabled: bool,
+    pub scopes: Vec<String>,
+    pub allowed_scopes: Vec<String>,
+    pub redirect_uris: Vec<String>,
+    pub pkce: bool,
+    pub refresh: bool,
+    pub revoke: bool,
+    pub policy: String,
+    pub store_tokens: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Bad input, with the same reasons as LoginService's.
+    #[error(transparent)]
+    Input(LoginError),
+    #[error("page_token is not one this service issued for this listing")]
+    InvalidPageToken,
+    #[error("page_size must be between 0 and {MAX_PAGE}")]
+    InvalidPageSize,
+    #[error("no such user")]
+    UserNotFound,
+    #[error("no identity with that provider and subject")]
+    IdentityNotFound,
+    #[error("the user has no identity at this provider")]
+    NotLinked,
+    #[error("this is the user's last identity; pass force = true to remove it anyway")]
+    LastIdentity,
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(Conflict::LastIdentity) => AdminError::LastIdentity,
+            other => AdminError::Store(other),
+        }
+    }
+}
+
+/// A page of results and the token for the next one (`None` on the last).
+#[derive(Clone, Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct UserFilter {
+    pub provider: Option<String>,
+    pub created_after: Option<OffsetDateTime>,
+    pub created_before: Option<OffsetDateTime>,
+    pub page_size: u32,
+    pub page_token: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    pub user_id: Option<String>,
+    pub provider: Option<String>,
+    pub kind: Option<String>,
+    pub after: Option<OffsetDateTime>,
+    pub before: Option<OffsetDateTime>,
+    pub page_size: u32,
+    pub page_token: String,
+}
+
+pub struct AdminService {
+    store: Arc<dyn Store>,
+    providers: Registry,
+    summaries: Vec<ProviderSummary>,
+    states: Arc<dyn StateStore>,
+    tokens: Arc<TokenService>,
+}
+
+/// Who is calling, for the audit trail.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Actor<'a>(pub Option<&'a str>);
+
+impl AdminService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        providers: Registry,
+        summaries: Vec<ProviderSummary>,
+        states: Arc<dyn StateStore>,
+        tokens: Arc<TokenService>,
+    ) -> Self {
+        AdminService {
+            store,
+            providers,
+            summaries,
+            states,
+            tokens,
+        }
+    }
+
+    /// Records the call, then hands its result back.
+    async fn audited<T>(
+        &self,
+        rpc: &str,
+        actor: Actor<'_>,
+        provider: Option<&str>,
+        user_id: Option<&str>,
+        result: Result<T, AdminError>,
+    ) -> Result<T, AdminError> {
+        let mut event = AuditEvent::new(AuditKind::AdminCall);
+        event.actor = actor.0.map(str::to_string);
+        event.detail = Some(rpc.to_string());
+        event.provider = provider.filter(|p| !p.is_empty()).map(str::to_string);
+        event.user_id = user_id.filter(|u| !u.is_empty()).map(str::to_string);
+        event.reason = result.as_ref().err().map(|e| e.reason().to_string());
+        if let Err(e) = self.store.record_audit(&event).await {
+            tracing::warn!(error = %crate::telemetry::cause_chain(&e), rpc, "could not record an admin call");
+        }
+        result
+    }
+
+    pub async fn list_providers(&self, actor: Actor<'_>) -> Vec<ProviderSummary> {
+        let summaries = self.summaries.clone();
+        let _ = self
+            .audited::<()>("ListProviders", actor, None, None, Ok(()))
+            .await;
+        summaries
+    }
+
+    pub async fn get_user(&self, actor: Actor<'_>, user_id: &str) -> Result<User, AdminError> {
+        let result = async {
+            check_user_id(user_id).map_err(AdminError::Input)?;
+            self.store
+                .get_user(user_id)
+                .await?
+                .ok_or(AdminError::UserNotFound)
+        }
+        .await;
+        self.audited("GetUser", actor, None, Some(user_id), result)
+            .await
+    }
+
+    pub async fn find_user_by_identity(
+        &self,
+        actor: Actor<'_>,
+        provider: &str,
+        subject: &str,
+    ) -> Result<User, AdminError> {
+        let result = async {
+            required("provider", provider)?;
+            required("subject", subject)?;
+            self.store
+                .find_user_by_identity(provider, subject)
+                .await?
+                .ok_or(AdminError::IdentityNotFound)
+        }
+        .await;
+        let user_id = result.as_ref().ok().map(|u| u.id.clone());
+        self.audited(
+            "FindUserByIdentity",
+            actor,
+            Some(provider),
+            user_id.as_deref(),
+            result,
+        )
+        .await
+    }
+
+    pub async fn list_users(
+        &self,
+        actor: Actor<'_>,
+        filter: UserFilter,
+    ) -> Result<Page<User>, AdminError> {
+        let result = async {
+            let limit = page_size(filter.page_size)?;
+            let after = if filter.page_token.is_empty() {
+                None
+            } else {
+                Some(decode_user_cursor(&filter.page_token)?)
+            };
+            let mut users = self
+                .store
+                .list_users(&UserQuery {
+                    provider: filter.provider.clone(),
+                    created_after: filter.created_after,
+                    created_before: filter.created_before,
+                    limit: limit + 1,
+                    after,
+                })
+                .await?;
+            let next = (users.len() > limit as usize).then(|| {
+                users.truncate(limit as usize);
+                users
+                    .last()
+                    .map(|u| encode_user_cursor(u.created_at, &u.id))
+            });
+            Ok(Page {
+                items: users,
+                next_page_token: next.flatten(),
+            })
+        }
+        .await;
+        self.audited("ListUsers", actor, filter.provider.as_deref(), None, result)
+            .await
+    }
+
+    pub async fn unlink_identity(
+        &self,
+        actor: Actor<'_>,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+    ) -> Result<User, AdminError> {
+        let result = async {
+            check_user_id(user_id).map_err(AdminError::Input)?;
+            required("provider", provider)?;
+            match self
+                .store
+                .unlink_identity(user_id, provider, force, actor.0, now_micros())
+                .await
+            {
+                Err(StoreError::NotFound) => {
+                    // Say which: no user, or no identity there.
+                    if self.store.get_user(user_id).await?.is_none() {
+                        Err(AdminError::UserNotFound)
+                    } else {
+                        Err(AdminError::NotLinked)
+                    }
+                }
+                other => Ok(other?),
+            }
+        }
+        .await;
+        self.audited("UnlinkIdentity", actor, Some(provider), Some(user_id), result)
+            .await
+    }
+
+    /// Deletes the user after revoking their stored tokens at providers that
+    /// can revoke. Revocation is best effort: a provider that is down does
+    /// not keep a user from being deleted. Returns where it revoked.
+    pub async fn delete_user(
+        &self,
+        actor: Actor<'_>,
+        user_id: &str,
+    ) -> Result<Vec<String>, AdminError> {
+        let result = async {
+            check_user_id(user_id).map_err(AdminError::Input)?;
+            let user = self
+                .store
+                .get_user(user_id)
+                .await?
+                .ok_or(AdminError::UserNotFound)?;
+            let mut revoked = Vec::new();
+            for linked in user.identities.iter().filter(|i| i.token.is_some()) {
+                let name = &linked.identity.provider;
+                let Ok(provider) = self.providers.get(name) else {
+                    continue;
+                };
+                match self
+                    .tokens
+                    .revoke_subject(&**provider, &linked.identity.subject)
+                    .await
+                {
+                    Ok(true) => {
+                        revoked.push(name.clone());
+                        let mut event = AuditEvent::new(AuditKind::TokenRevoked);
+                        event.actor = actor.0.map(str::to_string);
+                        event.provider = Some(name.clone());
+                        event.subject = Some(linked.identity.subject.clone());
+                        event.user_id = Some(user_id.to_string());
+                        event.detail = Some("at_provider".into());
+                        if let Err(e) = self.store.record_audit(&event).await {
+                            tracing::warn!(error = %crate::telemetry::cause_chain(&e), "could not record a revocation");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(
+                        provider = %name,
+                        error = %crate::telemetry::cause_chain(&e),
+                        "could not revoke a token of a deleted user"
+                    ),
+                }
+            }
+            match self.store.delete_user(user_id, actor.0, now_micros()).await {
+                Err(StoreError::NotFound) => Err(AdminError::UserNotFound),
+                other => other.map_err(AdminError::from).map(|()| revoked),
+            }
+        }
+        .await;
+        self.audited("DeleteUser", actor, None, Some(user_id), result)
+            .await
+    }
+
+    pub async fn get_provider_token(
+        &self,
+        actor: Actor<'_>,
+        user_id: &str,
+        provider: &str,
+    ) -> Result<FreshToken, AdminError> {
+        let result = async {
+            check_user_id(user_id).map_err(AdminError::Input)?;
+            required("provider", provider)?;
+            Ok(self.tokens.fresh_token(user_id, provider, actor.0).await?)
+        }
+        .await;
+        self.audited("GetProviderToken", actor, Some(provider), Some(user_id), result)
+            .await
+    }
+
+    pub async fn revoke_provider_token(
+        &self,
+        actor: Actor<'_>,
+        user_id: &str,
+        provider: &str,
+    ) -> Result<bool, AdminError> {
+        let result = async {
+            check_user_id(user_id).map_err(AdminError::Input)?;
+            required("provider", provider)?;
+            Ok(self.tokens.revoke(user_id, provider, actor.0).await?)
+        }
+        .await;
+        self.audited(
+            "RevokeProviderToken",
+            actor,
+            Some(provider),
+            Some(user_id),
+            result,
+        )
+        .await
+    }
+
+    pub async fn list_audit_events(
+        &self,
+        actor: Actor<'_>,
+        filter: AuditFilter,
+    ) -> Result<Page<AuditRecord>, AdminError> {
+        let result = async {
+            let limit = page_size(filter.page_size)?;
+            let kind = match filter.kind.as_deref() {
+                None | Some("") => None,
+                Some(k) => Some(AuditKind::parse(k).ok_or_else(|| {
+                    AdminError::Input(LoginError::InvalidField {
+                        field: "kind",
+                        problem: format!(
+                            "unknown kind; one of {}",
+                            AuditKind::ALL.map(AuditKind::as_str).join(", ")
+                        ),
+                    })
+                })?),
+            };
+            let before_id = if filter.page_token.is_empty() {
+                None
+            } else {
+                Some(decode_audit_cursor(&filter.page_token)?)
+            };
+            let mut events = self
+                .store
+                .list_audit_events(&AuditQuery {
+                    provider: filter.provider.clone(),
+                    user_id: filter.user_id.clone(),
+                    kind,
+                    after: filter.after,
+                    before: filter.before,
+                    limit: limit + 1,
+                    before_id,
+                })
+                .await?;
+            let next = (events.len() > limit as usize).then(|| {
+                events.truncate(limit as usize);
+                events.last().map(|e| encode_audit_cursor(e.id))
+            });
+            Ok(Page {
+                items: events,
+                next_page_token: next.flatten(),
+            })
+        }
+        .await;
+        // Recorded after reading, so a page never contains its own call.
+        self.audited(
+            "ListAuditEvents",
+            actor,
+            filter.provider.as_deref(),
+            filter.user_id.as_deref(),
+            result,
+        )
+        .await
+    }
+
+    /// Forgets a pending login so its state can no longer complete.
+    pub async fn cancel_login(&self, actor: Actor<'_>, state: &str) -> Result<(), AdminError> {
+        let result = async {
+            let token = StateToken::parse(state).ok_or(AdminError::Input(
+                LoginError::InvalidField {
+                    field: "state",
+                    problem: "is not a state issued by BeginLogin (43 base64url characters)"
+                        .into(),
+                },
+            ))?;
+            match self.states.take(&token, OffsetDateTime::now_utc()).await {
+                // An expired login is as cancelled as it gets.
+                Ok(_) | Err(StateError::Expired) => Ok(()),
+                Err(e) => Err(AdminError::Input(e.into())),
+            }
+        }
+        .await;
+        self.audited("CancelLogin", actor, None, None, result).await
+    }
+}
+
+impl AdminError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AdminError::Input(e) => e.reason(),
+            AdminError::InvalidPageToken => "INVALID_PAGE_TOKEN",
+            AdminError::InvalidPageSize => "INVALID_FIELD",
+            AdminError::UserNotFound => "USER_NOT_FOUND",
+            AdminError::IdentityNotFound | AdminError::NotLinked => "IDENTITY_NOT_FOUND",
+            AdminError::LastIdentity => "LAST_IDENTITY",
+            AdminError::Token(e) => match e {
+                TokenError::UnknownProvider => "UNKNOWN_PROVIDER",
+                TokenError::UserNotFound => "USER_NOT_FOUND",
+                TokenError::IdentityNotFound => "IDENTITY_NOT_FOUND",
+                TokenError::NotStored => "TOKEN_NOT_STORED",
+                TokenError::Unusable => "TOKEN_UNUSABLE",
+                TokenError::Expired => "TOKEN_EXPIRED",
+                TokenError::RefreshRejected(_) => "REFRESH_TOKEN_REJECTED",
+                TokenError::Vault(_) => "VAULT_KEY_MISSING",
+                TokenError::Provider(p) => crate::login::provider_reason(p),
+                TokenError::Store(e) => store_reason(e),
+            },
+            AdminError::Store(e) => store_reason(e),
+        }
+    }
+}
+
+fn store_reason(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(_) => "STORE_UNAVAILABLE",
+        StoreError::Conflict(Conflict::StaleToken) => "CONCURRENT_UPDATE",
+        _ => "INTERNAL",
+    }
+}
+
+impl AdminError {
+    /// The request field at fault, for a `BadRequest` field violation.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            AdminError::Input(e) => e.field(),
+            AdminError::InvalidPageToken => Some("page_token"),
+            AdminError::InvalidPageSize => Some("page_size"),
+            _ => None,
+        }
+    }
+
+    /// Only store failures carry details worth hiding from callers.
+    pub fn is_internal(&self) -> bool {
+        self.reason() == "INTERNAL"
+    }
+}
+
+fn required(field: &'static str, value: &str) -> Result<(), AdminError> {
+    if value.is_empty() {
+        Err(AdminError::Input(LoginError::MissingField { field }))
+    } else if value.len() > crate::login::limits::URL {
+        Err(AdminError::Input(LoginError::FieldTooLong {
+            field,
+            limit: crate::login::limits::URL,
+        }))
+    } else {
+        Ok(())
+    }
+}
+
+fn page_size(requested: u32) -> Result<u32, AdminError> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        _ => Err(AdminError::InvalidPageSize),
+    }
+}
+
+// Page tokens are opaque to callers: base64url of a tagged cursor, so a
+// token from one listing is refused by another.
+fn encode_user_cursor(created_at: OffsetDateTime, id: &str) -> String {
+    let micros = created_at.unix_timestamp_nanos() / 1_000;
+    URL_SAFE_NO_PAD.encode(format!("u1|{micros}|{id}"))
+}
+
+fn decode_user_cursor(token: &str) -> Result<(OffsetDateTime, String), AdminError> {
+    let text = URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(AdminError::InvalidPageToken)?;
+    let mut parts = text.splitn(3, '|');
+    let (Some("u1"), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(AdminError::InvalidPageToken);
+    };
+    let micros: i128 = micros.parse().map_err(|_| AdminError::InvalidPageToken)?;
+    let at = OffsetDateTime::from_unix_timestamp_nanos(micros * 1_000)
+        .map_err(|_| AdminError::InvalidPageToken)?;
+    Ok((at, id.to_string()))
+}
+
+fn encode_audit_cursor(id: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("a1|{id}"))
+}
+
+fn decode_audit_cursor(token: &str) -> Result<i64, AdminError> {
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|t| t.strip_prefix("a1|").and_then(|n| n.parse().ok()))
+        .ok_or(AdminError::InvalidPageToken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_do_not_mix() {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(1_795_270_095_201_940_000).unwrap();
+        let token = encode_user_cursor(at, "user|with|bars");
+        assert_eq!(
+            decode_user_cursor(&token).unwrap(),
+            (at, "user|with|bars".to_string())
+        );
+        assert_eq!(decode_audit_cursor(&encode_audit_cursor(42)).unwrap(), 42);
+        assert!(matches!(
+            decode_audit_cursor(&token),
+            Err(AdminError::InvalidPageToken)
+        ));
+        assert!(matches!(
+            decode_user_cursor(&encode_audit_cursor(1)),
+            Err(AdminError::InvalidPageToken)
+        ));
+        assert!(matches!(
+            decode_user_cursor("!!!"),
+            Err(AdminError::InvalidPageToken)
+        ));
+    }
+
+    #[test]
+    fn page_sizes() {
+        assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE);
+        assert_eq!(page_size(500).unwrap(), 500);
+        assert!(page_size(501).is_err());
+    }
+}
