@@ -11,7 +11,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use authbroker::domain::{Identity, Outcome, now_micros};
-use authbroker::store::{self, PostgresStore, SqliteStore, Store, StoreError, conformance};
+use authbroker::store::{
+    self, AuditQuery, BindPolicy, BindResult, PostgresStore, SqliteStore, Store, StoreError,
+    UserQuery, conformance,
+};
+
+/// `auto_create`: every login binds.
+fn create() -> BindPolicy {
+    BindPolicy {
+        create_user: true,
+        ..BindPolicy::default()
+    }
+}
+
+fn outcome(result: BindResult) -> Outcome {
+    match result {
+        BindResult::Bound { outcome, .. } => outcome,
+        BindResult::LinkRequired => panic!("auto_create always binds"),
+    }
+}
 
 async fn postgres_store(db: &db::TestDatabase) -> Arc<dyn Store> {
     // Fewer connections than the 20 concurrent logins, so that scenario also
@@ -62,8 +80,27 @@ conformance_tests!(
     concurrent_first_logins_create_one_user,
     logins_are_audited,
     audit_events_filter_order_and_limit,
+    audit_events_filter_by_kind_and_time_and_page_by_id,
     text_round_trips_exactly,
     timestamps_round_trip_exactly,
+    tokens_are_stored_on_login_and_replaced,
+    union_id_links_within_the_group,
+    union_id_takes_the_oldest_binding_and_skips_taken_users,
+    verified_email_links_case_insensitively,
+    unverified_emails_never_link,
+    link_required_writes_nothing,
+    concurrent_first_logins_link_once,
+    link_identity_creates_the_user_and_links,
+    link_identity_conflicts_write_nothing,
+    concurrent_links_of_one_identity_bind_once,
+    users_are_read_with_their_identities,
+    list_users_filters_and_pages,
+    unlink_identity_rules,
+    delete_user_cascades_and_keeps_the_audit_trail,
+    token_writes_compare_and_swap,
+    concurrent_token_writes_one_wins,
+    mark_token_unusable_compares_versions,
+    list_tokens_pages_in_key_order,
 );
 
 #[test]
@@ -129,10 +166,16 @@ async fn sqlite_creates_parent_directories_and_persists() {
     let binding = {
         let store = SqliteStore::open(&path).expect("open creates directories");
         store.migrate().await.expect("migrate");
-        let (outcome, binding) = store
-            .bind_login(&identity, None, now_micros())
+        let result = store
+            .bind_login(&identity, &create(), None, None, now_micros())
             .await
             .expect("bind");
+        let BindResult::Bound {
+            outcome, binding, ..
+        } = result
+        else {
+            panic!("auto_create always binds");
+        };
         assert_eq!(outcome, Outcome::UserCreated);
         binding
     };
@@ -177,18 +220,18 @@ async fn sqlite_locked_by_another_process_is_unavailable() {
     };
     let started = Instant::now();
     let err = store
-        .bind_login(&identity, None, now_micros())
+        .bind_login(&identity, &create(), None, None, now_micros())
         .await
         .expect_err("the write lock is held elsewhere");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
 
     other.execute_batch("ROLLBACK").expect("release");
-    let (outcome, _) = store
-        .bind_login(&identity, None, now_micros())
+    let result = store
+        .bind_login(&identity, &create(), None, None, now_micros())
         .await
         .expect("works once the lock is released");
-    assert_eq!(outcome, Outcome::UserCreated);
+    assert_eq!(outcome(result), Outcome::UserCreated);
 }
 
 #[tokio::test]
@@ -206,10 +249,32 @@ async fn postgres_unreachable_is_unavailable_and_fails_fast() {
     let ping = store.ping().await.expect_err("nothing listens");
     assert!(matches!(ping, StoreError::Unavailable(_)), "{ping:?}");
     let bind = store
-        .bind_login(&identity, None, now_micros())
+        .bind_login(&identity, &create(), None, None, now_micros())
         .await
         .expect_err("nothing listens");
     assert!(matches!(bind, StoreError::Unavailable(_)), "{bind:?}");
+    let link = store
+        .link_identity("u", &identity, None, None, now_micros())
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(link, StoreError::Unavailable(_)), "{link:?}");
+    let user = store.get_user("u").await.expect_err("nothing listens");
+    assert!(matches!(user, StoreError::Unavailable(_)), "{user:?}");
+    let users = store
+        .list_users(&UserQuery::default())
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(users, StoreError::Unavailable(_)), "{users:?}");
+    let token = store
+        .put_token("github", "1", &sealed(), None)
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(token, StoreError::Unavailable(_)), "{token:?}");
+    let events = store
+        .list_audit_events(&AuditQuery::default())
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(events, StoreError::Unavailable(_)), "{events:?}");
     let migrate = store.migrate().await.expect_err("nothing listens");
     assert!(matches!(migrate, StoreError::Unavailable(_)), "{migrate:?}");
     let count = store.count_users().await.expect_err("nothing listens");
@@ -236,6 +301,77 @@ async fn postgres_black_hole_times_out_as_unavailable() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// The V2 indexes (and V1's union id index) serve the queries they were made
+/// for.
+#[tokio::test]
+async fn postgres_lookups_can_use_their_indexes() {
+    let db = db::fresh_database().await;
+    postgres_store(&db).await.migrate().await.expect("migrate");
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let connection = tokio::spawn(connection);
+    // Sequential scans off (the tables are tiny), and generic plans, as the
+    // store's cached prepared statements get.
+    client
+        .batch_execute("SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan")
+        .await
+        .expect("set");
+    let cases = [
+        (
+            "SELECT user_id FROM identities WHERE email_verified AND lower(email) = lower($1) \
+             ORDER BY created_at, provider, subject LIMIT 1",
+            "identities_verified_email_idx",
+        ),
+        (
+            "SELECT user_id FROM identities WHERE provider = ANY($1) AND union_id = $2 \
+             ORDER BY created_at, provider, subject LIMIT 1",
+            "identities_union_id_idx",
+        ),
+        (
+            "SELECT id, created_at FROM users WHERE (created_at, id) < ($1, $2) \
+             ORDER BY created_at DESC, id DESC LIMIT 10",
+            "users_created_at_idx",
+        ),
+        (
+            "SELECT id FROM audit_events WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT 10",
+            "audit_events_user_id_idx",
+        ),
+    ];
+    for (sql, index) in cases {
+        // EXPLAIN EXECUTE of a named prepared statement shows the plan its
+        // parameters get; NULLs of the right types stand in for them.
+        let statement = client.prepare(sql).await.expect("prepare");
+        let nulls = statement
+            .params()
+            .iter()
+            .map(|t| format!("NULL::{}", t.name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let name = format!("q{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!("PREPARE {name} AS {sql}"))
+            .await
+            .expect("prepare");
+        let explain = if nulls.is_empty() {
+            format!("EXPLAIN EXECUTE {name}")
+        } else {
+            format!("EXPLAIN EXECUTE {name}({nulls})")
+        };
+        let plan: Vec<String> = client
+            .query(&explain, &[])
+            .await
+            .expect("explain")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains(index), "{sql}\n{plan}");
+    }
+    drop(client);
+    let _ = connection.await;
+}
+
 #[tokio::test]
 async fn malformed_postgres_url_is_invalid() {
     let err = store::open("postgres://user@host:port-is-not-a-number/db", 2)
@@ -243,4 +379,15 @@ async fn malformed_postgres_url_is_invalid() {
         .err()
         .expect("malformed url");
     assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
+}
+
+fn sealed() -> authbroker::domain::SealedToken {
+    authbroker::domain::SealedToken {
+        key_id: "k1".into(),
+        nonce: vec![0; 12],
+        ciphertext: vec![1, 2, 3],
+        version: 0,
+        usable: true,
+        updated_at: now_micros(),
+    }
 }

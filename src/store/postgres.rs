@@ -1,5 +1,13 @@
 //! `Store` on Postgres: a deadpool pool of tokio-postgres connections, schema
 //! managed by refinery (`migrations/postgres`).
+//!
+//! Concurrency: every write that decides from what it read runs in one READ
+//! COMMITTED transaction and locks what the decision rests on — the identity
+//! row (`FOR UPDATE`) for returning logins, the target user row for anything
+//! that adds an identity to an existing user or removes one. A first login
+//! that loses a race to bind the same identity sees `ON CONFLICT DO NOTHING`
+//! insert nothing, rolls back and goes round again; the next attempt then
+//! finds the winner's binding.
 
 use std::ops::DerefMut;
 use std::str::FromStr;
@@ -10,11 +18,17 @@ use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use time::OffsetDateTime;
-use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 
-use super::{AuditQuery, Store, StoreError};
-use crate::domain::{AuditEvent, AuditKind, Binding, Identity, Outcome};
+use super::{
+    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Store, StoreError, TokenRow,
+    UserQuery,
+};
+use crate::domain::{
+    AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
+};
 
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");
@@ -25,8 +39,8 @@ mod embedded {
 /// as `Unavailable` (and a retryable gRPC status) rather than hang logins.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A first login retries when a concurrent transaction bound the same identity
-/// first; the second attempt then finds that binding. More than a couple of
+/// A write retries when a concurrent transaction bound the same identity
+/// first; the next attempt then finds that binding. More than a couple of
 /// attempts means something other than that race is going on.
 const BIND_ATTEMPTS: usize = 5;
 
@@ -34,9 +48,28 @@ const BIND_ATTEMPTS: usize = 5;
 /// (refinery does no locking of its own). Arbitrary but fixed: "authbrkr".
 const MIGRATION_LOCK_KEY: i64 = 0x6175_7468_6272_6b72;
 
-/// Audit reads with `limit == 0` get this many rows, so an unset page size
-/// never means "the whole table".
-const DEFAULT_AUDIT_LIMIT: u32 = 100;
+/// Reads with `limit == 0` get this many rows, so an unset page size never
+/// means "the whole table".
+const DEFAULT_PAGE: u32 = 100;
+
+/// Constraint names from `migrations/postgres/V1__initial.sql`, to tell the
+/// two unique violations on `identities` apart.
+const IDENTITIES_PKEY: &str = "identities_pkey";
+const IDENTITIES_USER_PROVIDER_KEY: &str = "identities_user_provider_key";
+
+/// `BindResult::Bound::linked_by` values (and the `identity_linked` detail).
+const LINKED_BY_UNION_ID: &str = "union_id";
+const LINKED_BY_VERIFIED_EMAIL: &str = "verified_email";
+
+/// A user with each of their identities, one row per identity (a single row
+/// with NULL identity columns for a user who has none). `fold_users` reads it.
+const USER_COLUMNS: &str = "u.id, u.created_at, i.provider, i.subject, i.union_id, i.username, \
+     i.display_name, i.avatar_url, i.email, i.email_verified, i.created_at, i.last_login_at, \
+     t.usable";
+const USER_JOINS: &str = "LEFT JOIN identities i ON i.user_id = u.id \
+     LEFT JOIN provider_tokens t ON t.provider = i.provider AND t.subject = i.subject";
+
+const TOKEN_COLUMNS: &str = "key_id, nonce, ciphertext, version, usable, updated_at";
 
 pub struct PostgresStore {
     pool: Pool,
@@ -49,6 +82,24 @@ impl std::fmt::Debug for PostgresStore {
             .field("pool_max_size", &self.pool.status().max_size)
             .finish()
     }
+}
+
+/// One attempt at a write that may lose a race: `Retry` rolls it back and
+/// runs it again.
+enum Step<T> {
+    Done(T),
+    Retry,
+}
+
+/// What a linking rule found when it looked at its candidate user.
+enum Claim {
+    /// The user has no identity at the login's provider: link to them.
+    Free,
+    /// The user already has another identity there: the rule does not apply.
+    Taken,
+    /// A concurrent transaction changed what we read (bound this identity,
+    /// or deleted the user): start over.
+    Raced,
 }
 
 impl PostgresStore {
@@ -110,130 +161,153 @@ impl PostgresStore {
     async fn bind_login_inner(
         &self,
         identity: &Identity,
+        policy: &BindPolicy,
+        tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
-    ) -> Result<(Outcome, Binding), Failure> {
+    ) -> Result<BindResult, Failure> {
         let now = truncate_to_micros(now);
         let mut client = self.client().await?;
         for _ in 0..BIND_ATTEMPTS {
             let tx = client.transaction().await?;
-
-            // FOR UPDATE serialises concurrent returning logins of one
-            // identity, so profile updates do not interleave.
-            let select = tx
-                .prepare_cached(
-                    "SELECT user_id, created_at FROM identities \
-                     WHERE provider = $1 AND subject = $2 FOR UPDATE",
-                )
-                .await?;
-            if let Some(row) = tx
-                .query_opt(&select, &[&identity.provider, &identity.subject])
-                .await?
-            {
-                let user_id: String = row.try_get(0)?;
-                let created_at: OffsetDateTime = row.try_get(1)?;
-                let update = tx
-                    .prepare_cached(
-                        "UPDATE identities SET union_id = $3, username = $4, display_name = $5, \
-                         avatar_url = $6, email = $7, email_verified = $8, last_login_at = $9 \
-                         WHERE provider = $1 AND subject = $2",
-                    )
-                    .await?;
-                tx.execute(
-                    &update,
-                    &[
-                        &identity.provider,
-                        &identity.subject,
-                        &identity.union_id,
-                        &identity.username,
-                        &identity.display_name,
-                        &identity.avatar_url,
-                        &identity.email,
-                        &identity.email_verified,
-                        &now,
-                    ],
-                )
-                .await?;
-                let binding = Binding {
-                    user_id,
-                    provider: identity.provider.clone(),
-                    subject: identity.subject.clone(),
-                    created_at,
-                    last_login_at: now,
-                };
-                insert_audit(
-                    &tx,
-                    &login_event(AuditKind::LoginSucceeded, &binding, actor, now),
-                )
-                .await?;
-                tx.commit().await?;
-                return Ok((Outcome::SignedIn, binding));
+            // An error drops `tx`, which rolls it back.
+            match bind_attempt(&tx, identity, policy, tokens, actor, now).await? {
+                Step::Done(BindResult::LinkRequired) => {
+                    // Nothing was written; this only releases row locks.
+                    tx.rollback().await?;
+                    return Ok(BindResult::LinkRequired);
+                }
+                Step::Done(result) => {
+                    tx.commit().await?;
+                    return Ok(result);
+                }
+                Step::Retry => tx.rollback().await?,
             }
-
-            // Time-ordered ids keep the users primary key append-mostly.
-            let user_id = uuid::Uuid::now_v7().to_string();
-            let insert_user = tx
-                .prepare_cached("INSERT INTO users (id, created_at) VALUES ($1, $2)")
-                .await?;
-            tx.execute(&insert_user, &[&user_id, &now]).await?;
-
-            // A concurrent first login may have inserted this identity since
-            // our SELECT found nothing. ON CONFLICT waits for that transaction
-            // and, if it committed, inserts nothing: we roll back (dropping our
-            // user) and go round again to find its binding. Only the primary
-            // key is a tolerated conflict; UNIQUE (user_id, provider) cannot
-            // clash for a user created just now, and would be a real error.
-            let insert_identity = tx
-                .prepare_cached(
-                    "INSERT INTO identities (provider, subject, user_id, union_id, username, \
-                     display_name, avatar_url, email, email_verified, created_at, last_login_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
-                     ON CONFLICT (provider, subject) DO NOTHING RETURNING user_id",
-                )
-                .await?;
-            let inserted = tx
-                .query_opt(
-                    &insert_identity,
-                    &[
-                        &identity.provider,
-                        &identity.subject,
-                        &user_id,
-                        &identity.union_id,
-                        &identity.username,
-                        &identity.display_name,
-                        &identity.avatar_url,
-                        &identity.email,
-                        &identity.email_verified,
-                        &now,
-                    ],
-                )
-                .await?;
-            if inserted.is_none() {
-                tx.rollback().await?;
-                continue;
-            }
-
-            let binding = Binding {
-                user_id,
-                provider: identity.provider.clone(),
-                subject: identity.subject.clone(),
-                created_at: now,
-                last_login_at: now,
-            };
-            insert_audit(
-                &tx,
-                &login_event(AuditKind::UserCreated, &binding, actor, now),
-            )
-            .await?;
-            insert_audit(
-                &tx,
-                &login_event(AuditKind::LoginSucceeded, &binding, actor, now),
-            )
-            .await?;
-            tx.commit().await?;
-            return Ok((Outcome::UserCreated, binding));
         }
         Err(Failure::Contention)
+    }
+
+    async fn link_identity_inner(
+        &self,
+        user_id: &str,
+        identity: &Identity,
+        tokens: Option<&SealedToken>,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Binding, Failure> {
+        let now = truncate_to_micros(now);
+        let mut client = self.client().await?;
+        for _ in 0..BIND_ATTEMPTS {
+            let tx = client.transaction().await?;
+            let attempt = link_attempt(&tx, user_id, identity, tokens, actor, now).await;
+            match attempt {
+                Ok(Step::Done(binding)) => {
+                    tx.commit().await?;
+                    return Ok(binding);
+                }
+                Ok(Step::Retry) => tx.rollback().await?,
+                // A concurrent transaction bound the identity (primary key) or
+                // gave the user an identity at the provider after we looked;
+                // the constraint says which. Binders to an existing user lock
+                // it first, as we did, so the identity's new owner cannot be
+                // `user_id`: the primary key means "elsewhere".
+                Err(Failure::Db(e)) => {
+                    return Err(unique_conflict(&e).map_or(Failure::Db(e), Failure::Conflict));
+                }
+                // Dropping `tx` rolls back, including a user row made just now.
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Failure::Contention)
+    }
+
+    async fn unlink_identity_inner(
+        &self,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<User, Failure> {
+        let now = truncate_to_micros(now);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Locking the user serialises unlinks (and links) of one user, so two
+        // concurrent unlinks cannot each see "not the last" and remove both.
+        if !lock_user(&tx, user_id).await? {
+            return Err(Failure::NotFound);
+        }
+        let stmt = tx
+            .prepare_cached("SELECT subject FROM identities WHERE user_id = $1 AND provider = $2")
+            .await?;
+        let Some(row) = tx.query_opt(&stmt, &[&user_id, &provider]).await? else {
+            return Err(Failure::NotFound);
+        };
+        let subject: String = row.try_get(0)?;
+        let stmt = tx
+            .prepare_cached("SELECT count(*) FROM identities WHERE user_id = $1")
+            .await?;
+        let count: i64 = tx.query_one(&stmt, &[&user_id]).await?.try_get(0)?;
+        if count <= 1 && !force {
+            return Err(Failure::Conflict(Conflict::LastIdentity));
+        }
+        // The token goes with it (ON DELETE CASCADE).
+        let stmt = tx
+            .prepare_cached("DELETE FROM identities WHERE provider = $1 AND subject = $2")
+            .await?;
+        tx.execute(&stmt, &[&provider, &subject]).await?;
+        insert_audit(
+            &tx,
+            &AuditEvent {
+                at: now,
+                kind: AuditKind::IdentityUnlinked,
+                actor: actor.map(str::to_owned),
+                provider: Some(provider.to_owned()),
+                subject: Some(subject),
+                user_id: Some(user_id.to_owned()),
+                reason: None,
+                detail: None,
+            },
+        )
+        .await?;
+        let user = load_user(&tx, user_id)
+            .await?
+            .ok_or_else(|| Failure::Corrupt("the locked user vanished".into()))?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    async fn delete_user_inner(
+        &self,
+        user_id: &str,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), Failure> {
+        let now = truncate_to_micros(now);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Identities and their tokens go through the cascade; audit rows have
+        // no foreign key and stay.
+        let stmt = tx.prepare_cached("DELETE FROM users WHERE id = $1").await?;
+        if tx.execute(&stmt, &[&user_id]).await? == 0 {
+            return Err(Failure::NotFound);
+        }
+        insert_audit(
+            &tx,
+            &AuditEvent {
+                at: now,
+                kind: AuditKind::UserDeleted,
+                actor: actor.map(str::to_owned),
+                provider: None,
+                subject: None,
+                user_id: Some(user_id.to_owned()),
+                reason: None,
+                detail: None,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn find_binding_inner(
@@ -287,6 +361,78 @@ impl PostgresStore {
         }))
     }
 
+    async fn find_user_by_identity_inner(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<User>, Failure> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {USER_COLUMNS} FROM users u {USER_JOINS} \
+                 WHERE u.id = (SELECT user_id FROM identities \
+                               WHERE provider = $1 AND subject = $2) \
+                 ORDER BY i.provider"
+            ))
+            .await?;
+        let rows = client.query(&stmt, &[&provider, &subject]).await?;
+        Ok(fold_users(&rows)?.into_iter().next())
+    }
+
+    async fn list_users_inner(&self, query: &UserQuery) -> Result<Vec<User>, Failure> {
+        // One statement per filter combination rather than `$1 IS NULL OR …`,
+        // which a cached generic plan cannot serve from an index.
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let mut conditions = Vec::new();
+        if let Some(provider) = &query.provider {
+            params.push(provider);
+            conditions.push(format!(
+                "EXISTS (SELECT 1 FROM identities f \
+                 WHERE f.user_id = users.id AND f.provider = ${})",
+                params.len()
+            ));
+        }
+        let created_after = query.created_after.map(ceil_to_micros);
+        if let Some(created_after) = &created_after {
+            params.push(created_after);
+            conditions.push(format!("created_at >= ${}", params.len()));
+        }
+        let created_before = query.created_before.map(ceil_to_micros);
+        if let Some(created_before) = &created_before {
+            params.push(created_before);
+            conditions.push(format!("created_at < ${}", params.len()));
+        }
+        if let Some((created_at, id)) = &query.after {
+            params.push(created_at);
+            params.push(id);
+            conditions.push(format!(
+                "(created_at, id) < (${}, ${})",
+                params.len() - 1,
+                params.len()
+            ));
+        }
+        let limit = page_size(query.limit);
+        params.push(&limit);
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        // The page of users first, then their identities in the same
+        // statement: no query per user.
+        let sql = format!(
+            "WITH page AS (SELECT id, created_at FROM users {filter} \
+                           ORDER BY created_at DESC, id DESC LIMIT ${}) \
+             SELECT {USER_COLUMNS} FROM page u {USER_JOINS} \
+             ORDER BY u.created_at DESC, u.id DESC, i.provider",
+            params.len()
+        );
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&sql).await?;
+        let rows = client.query(&stmt, &params).await?;
+        fold_users(&rows)
+    }
+
     async fn count_users_inner(&self) -> Result<u64, Failure> {
         let client = self.client().await?;
         let stmt = client.prepare_cached("SELECT count(*) FROM users").await?;
@@ -294,15 +440,166 @@ impl PostgresStore {
         u64::try_from(count).map_err(|_| Failure::Corrupt(format!("negative user count {count}")))
     }
 
+    async fn get_token_inner(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<SealedToken>, Failure> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM provider_tokens WHERE provider = $1 AND subject = $2"
+            ))
+            .await?;
+        client
+            .query_opt(&stmt, &[&provider, &subject])
+            .await?
+            .map(|row| token_from_row(&row, 0))
+            .transpose()
+    }
+
+    async fn put_token_inner(
+        &self,
+        provider: &str,
+        subject: &str,
+        token: &SealedToken,
+        expected_version: Option<i64>,
+    ) -> Result<i64, Failure> {
+        let client = self.client().await?;
+        let Some(expected) = expected_version else {
+            return match upsert_token(&client, provider, subject, token).await {
+                Ok(Some(version)) => Ok(version),
+                Ok(None) => Err(Failure::NotFound),
+                // The identity was deleted between the upsert's read of it and
+                // its foreign key check.
+                Err(Failure::Db(e)) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                    Err(Failure::NotFound)
+                }
+                Err(e) => Err(e),
+            };
+        };
+        let stmt = client
+            .prepare_cached(
+                "UPDATE provider_tokens SET key_id = $3, nonce = $4, ciphertext = $5, \
+                 version = version + 1, usable = TRUE, updated_at = $6 \
+                 WHERE provider = $1 AND subject = $2 AND version = $7 RETURNING version",
+            )
+            .await?;
+        let updated = client
+            .query_opt(
+                &stmt,
+                &[
+                    &provider,
+                    &subject,
+                    &token.key_id,
+                    &token.nonce,
+                    &token.ciphertext,
+                    &truncate_to_micros(token.updated_at),
+                    &expected,
+                ],
+            )
+            .await?;
+        match updated {
+            Some(row) => Ok(row.try_get(0)?),
+            // The identity exists but its token is not at that version (or is
+            // gone): the caller's read is stale.
+            None if identity_exists(&client, provider, subject).await? => {
+                Err(Failure::Conflict(Conflict::StaleToken))
+            }
+            None => Err(Failure::NotFound),
+        }
+    }
+
+    async fn mark_token_unusable_inner(
+        &self,
+        provider: &str,
+        subject: &str,
+        expected_version: i64,
+    ) -> Result<(), Failure> {
+        let client = self.client().await?;
+        // The version stays: it names the sealed bytes, which are unchanged,
+        // and a refresher that did succeed with them may still store its
+        // result with a compare-and-swap on that version.
+        let stmt = client
+            .prepare_cached(
+                "UPDATE provider_tokens SET usable = FALSE \
+                 WHERE provider = $1 AND subject = $2 AND version = $3",
+            )
+            .await?;
+        if client
+            .execute(&stmt, &[&provider, &subject, &expected_version])
+            .await?
+            == 1
+        {
+            return Ok(());
+        }
+        let stmt = client
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM provider_tokens WHERE provider = $1 AND subject = $2)",
+            )
+            .await?;
+        let exists: bool = client
+            .query_one(&stmt, &[&provider, &subject])
+            .await?
+            .try_get(0)?;
+        Err(if exists {
+            Failure::Conflict(Conflict::StaleToken)
+        } else {
+            Failure::NotFound
+        })
+    }
+
+    async fn delete_token_inner(&self, provider: &str, subject: &str) -> Result<bool, Failure> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM provider_tokens WHERE provider = $1 AND subject = $2")
+            .await?;
+        Ok(client.execute(&stmt, &[&provider, &subject]).await? > 0)
+    }
+
+    async fn list_tokens_inner(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TokenRow>, Failure> {
+        let limit = page_size(limit);
+        let client = self.client().await?;
+        let rows = match after {
+            Some((provider, subject)) => {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT provider, subject, {TOKEN_COLUMNS} FROM provider_tokens \
+                         WHERE (provider, subject) > ($1, $2) \
+                         ORDER BY provider, subject LIMIT $3"
+                    ))
+                    .await?;
+                client.query(&stmt, &[&provider, &subject, &limit]).await?
+            }
+            None => {
+                let stmt = client
+                    .prepare_cached(&format!(
+                        "SELECT provider, subject, {TOKEN_COLUMNS} FROM provider_tokens \
+                         ORDER BY provider, subject LIMIT $1"
+                    ))
+                    .await?;
+                client.query(&stmt, &[&limit]).await?
+            }
+        };
+        rows.iter()
+            .map(|row| {
+                Ok(TokenRow {
+                    provider: row.try_get(0)?,
+                    subject: row.try_get(1)?,
+                    token: token_from_row(row, 2)?,
+                })
+            })
+            .collect()
+    }
+
     async fn list_audit_events_inner(
         &self,
         query: &AuditQuery,
-    ) -> Result<Vec<AuditEvent>, Failure> {
-        // One statement per filter combination rather than `$1 IS NULL OR
-        // provider = $1`, which a cached generic plan cannot serve from an index.
-        let mut sql = String::from(
-            "SELECT at, kind, actor, provider, subject, user_id, reason FROM audit_events",
-        );
+    ) -> Result<Vec<AuditRecord>, Failure> {
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
         let mut conditions = Vec::new();
         if let Some(provider) = &query.provider {
@@ -313,37 +610,60 @@ impl PostgresStore {
             params.push(user_id);
             conditions.push(format!("user_id = ${}", params.len()));
         }
-        if !conditions.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conditions.join(" AND "));
+        let kind = query.kind.map(AuditKind::as_str);
+        if let Some(kind) = &kind {
+            params.push(kind);
+            conditions.push(format!("kind = ${}", params.len()));
         }
-        let limit = i64::from(if query.limit == 0 {
-            DEFAULT_AUDIT_LIMIT
-        } else {
-            query.limit
-        });
+        let after = query.after.map(ceil_to_micros);
+        if let Some(after) = &after {
+            params.push(after);
+            conditions.push(format!("at >= ${}", params.len()));
+        }
+        let before = query.before.map(ceil_to_micros);
+        if let Some(before) = &before {
+            params.push(before);
+            conditions.push(format!("at < ${}", params.len()));
+        }
+        if let Some(before_id) = &query.before_id {
+            params.push(before_id);
+            conditions.push(format!("id < ${}", params.len()));
+        }
+        let limit = page_size(query.limit);
         params.push(&limit);
-        // Events of one transaction share `at`; the id keeps insertion order.
-        sql.push_str(&format!(
-            " ORDER BY at DESC, id DESC LIMIT ${}",
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        // Newest first by id: the id is the paging cursor, and within one
+        // transaction (which shares `at`) it keeps the order of writing.
+        let sql = format!(
+            "SELECT id, at, kind, actor, provider, subject, user_id, reason, detail \
+             FROM audit_events {filter} ORDER BY id DESC LIMIT ${}",
             params.len()
-        ));
+        );
 
         let client = self.client().await?;
         let stmt = client.prepare_cached(&sql).await?;
         let rows = client.query(&stmt, &params).await?;
         rows.iter()
             .map(|row| {
-                let kind: String = row.try_get(1)?;
-                Ok(AuditEvent {
-                    at: row.try_get(0)?,
-                    kind: AuditKind::parse(&kind)
-                        .ok_or_else(|| Failure::Corrupt(format!("unknown audit kind {kind:?}")))?,
-                    actor: row.try_get(2)?,
-                    provider: row.try_get(3)?,
-                    subject: row.try_get(4)?,
-                    user_id: row.try_get(5)?,
-                    reason: row.try_get(6)?,
+                let kind: String = row.try_get(2)?;
+                Ok(AuditRecord {
+                    id: row.try_get(0)?,
+                    event: AuditEvent {
+                        at: row.try_get(1)?,
+                        kind: AuditKind::parse(&kind).ok_or_else(|| {
+                            Failure::Corrupt(format!("unknown audit kind {kind:?}"))
+                        })?,
+                        actor: row.try_get(3)?,
+                        provider: row.try_get(4)?,
+                        subject: row.try_get(5)?,
+                        user_id: row.try_get(6)?,
+                        reason: row.try_get(7)?,
+                        detail: row.try_get(8)?,
+                    },
                 })
             })
             .collect()
@@ -371,12 +691,27 @@ impl Store for PostgresStore {
     async fn bind_login(
         &self,
         identity: &Identity,
+        policy: &BindPolicy,
+        tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
-    ) -> Result<(Outcome, Binding), StoreError> {
-        self.bind_login_inner(identity, actor, now)
+    ) -> Result<BindResult, StoreError> {
+        self.bind_login_inner(identity, policy, tokens, actor, now)
             .await
             .map_err(|e| e.into_store_error("binding a login"))
+    }
+
+    async fn link_identity(
+        &self,
+        user_id: &str,
+        identity: &Identity,
+        tokens: Option<&SealedToken>,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Binding, StoreError> {
+        self.link_identity_inner(user_id, identity, tokens, actor, now)
+            .await
+            .map_err(|e| e.into_store_error("linking an identity"))
     }
 
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
@@ -408,24 +743,626 @@ impl Store for PostgresStore {
             .map_err(|e| e.into_store_error("finding an identity"))
     }
 
+    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        async {
+            let client = self.client().await?;
+            load_user(&client, user_id).await
+        }
+        .await
+        .map_err(|e| e.into_store_error("reading a user"))
+    }
+
+    async fn find_user_by_identity(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<User>, StoreError> {
+        self.find_user_by_identity_inner(provider, subject)
+            .await
+            .map_err(|e| e.into_store_error("finding a user by identity"))
+    }
+
+    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
+        self.list_users_inner(query)
+            .await
+            .map_err(|e| e.into_store_error("listing users"))
+    }
+
+    async fn unlink_identity(
+        &self,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<User, StoreError> {
+        self.unlink_identity_inner(user_id, provider, force, actor, now)
+            .await
+            .map_err(|e| e.into_store_error("unlinking an identity"))
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.delete_user_inner(user_id, actor, now)
+            .await
+            .map_err(|e| e.into_store_error("deleting a user"))
+    }
+
     async fn count_users(&self) -> Result<u64, StoreError> {
         self.count_users_inner()
             .await
             .map_err(|e| e.into_store_error("counting users"))
     }
 
-    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+    async fn get_token(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<SealedToken>, StoreError> {
+        self.get_token_inner(provider, subject)
+            .await
+            .map_err(|e| e.into_store_error("reading a token"))
+    }
+
+    async fn put_token(
+        &self,
+        provider: &str,
+        subject: &str,
+        token: &SealedToken,
+        expected_version: Option<i64>,
+    ) -> Result<i64, StoreError> {
+        self.put_token_inner(provider, subject, token, expected_version)
+            .await
+            .map_err(|e| e.into_store_error("writing a token"))
+    }
+
+    async fn mark_token_unusable(
+        &self,
+        provider: &str,
+        subject: &str,
+        expected_version: i64,
+    ) -> Result<(), StoreError> {
+        self.mark_token_unusable_inner(provider, subject, expected_version)
+            .await
+            .map_err(|e| e.into_store_error("marking a token unusable"))
+    }
+
+    async fn delete_token(&self, provider: &str, subject: &str) -> Result<bool, StoreError> {
+        self.delete_token_inner(provider, subject)
+            .await
+            .map_err(|e| e.into_store_error("deleting a token"))
+    }
+
+    async fn list_tokens(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TokenRow>, StoreError> {
+        self.list_tokens_inner(after, limit)
+            .await
+            .map_err(|e| e.into_store_error("listing tokens"))
+    }
+
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.list_audit_events_inner(query)
             .await
             .map_err(|e| e.into_store_error("listing audit events"))
     }
 }
 
+/// One try at `bind_login` inside `tx`. `Retry` means a concurrent
+/// transaction bound this identity (or deleted the user we meant to link to)
+/// after we looked.
+async fn bind_attempt<C: GenericClient>(
+    tx: &C,
+    identity: &Identity,
+    policy: &BindPolicy,
+    tokens: Option<&SealedToken>,
+    actor: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<Step<BindResult>, Failure> {
+    // FOR UPDATE serialises concurrent returning logins of one identity, so
+    // profile and token updates do not interleave.
+    let select = tx
+        .prepare_cached(
+            "SELECT user_id, created_at FROM identities \
+             WHERE provider = $1 AND subject = $2 FOR UPDATE",
+        )
+        .await?;
+    if let Some(row) = tx
+        .query_opt(&select, &[&identity.provider, &identity.subject])
+        .await?
+    {
+        let binding = Binding {
+            user_id: row.try_get(0)?,
+            provider: identity.provider.clone(),
+            subject: identity.subject.clone(),
+            created_at: row.try_get(1)?,
+            last_login_at: now,
+        };
+        update_profile(tx, identity, Some(now)).await?;
+        if let Some(token) = tokens {
+            store_token(tx, identity, token).await?;
+        }
+        insert_audit(
+            tx,
+            &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
+        )
+        .await?;
+        return Ok(Step::Done(BindResult::Bound {
+            outcome: Outcome::SignedIn,
+            binding,
+            linked_by: None,
+        }));
+    }
+
+    let (user_id, outcome, linked_by) = match link_target(tx, identity, policy).await? {
+        Step::Retry => return Ok(Step::Retry),
+        Step::Done(Some((user_id, rule))) => (user_id, Outcome::SignedIn, Some(rule)),
+        Step::Done(None) if policy.create_user => {
+            // Time-ordered ids keep the users primary key append-mostly.
+            let user_id = uuid::Uuid::now_v7().to_string();
+            let insert_user = tx
+                .prepare_cached("INSERT INTO users (id, created_at) VALUES ($1, $2)")
+                .await?;
+            tx.execute(&insert_user, &[&user_id, &now]).await?;
+            (user_id, Outcome::UserCreated, None)
+        }
+        Step::Done(None) => {
+            // A concurrent login may have bound the identity since our first
+            // look (e.g. by the rule whose candidate we then found taken by
+            // that very binding); it is then a returning login.
+            return Ok(
+                if identity_exists(tx, &identity.provider, &identity.subject).await? {
+                    Step::Retry
+                } else {
+                    Step::Done(BindResult::LinkRequired)
+                },
+            );
+        }
+    };
+
+    // A concurrent first login may have inserted this identity since our
+    // SELECT found nothing. ON CONFLICT waits for that transaction and, if it
+    // committed, inserts nothing: we roll back (dropping any user we made) and
+    // go round again to find its binding.
+    if !insert_identity(tx, &user_id, identity, now).await? {
+        return Ok(Step::Retry);
+    }
+    let binding = Binding {
+        user_id,
+        provider: identity.provider.clone(),
+        subject: identity.subject.clone(),
+        created_at: now,
+        last_login_at: now,
+    };
+    if let Some(token) = tokens {
+        store_token(tx, identity, token).await?;
+    }
+    if outcome == Outcome::UserCreated {
+        insert_audit(
+            tx,
+            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+        )
+        .await?;
+    }
+    if let Some(rule) = linked_by {
+        insert_audit(
+            tx,
+            &binding_event(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
+        )
+        .await?;
+    }
+    insert_audit(
+        tx,
+        &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
+    )
+    .await?;
+    Ok(Step::Done(BindResult::Bound {
+        outcome,
+        binding,
+        linked_by,
+    }))
+}
+
+/// The user an unbound identity links to under `policy`, with the rule that
+/// found them; `None` when no rule applies. Each rule considers only its
+/// oldest matching binding, and applies only if that user has no identity at
+/// the login's provider yet. The chosen user stays locked until commit.
+async fn link_target<C: GenericClient>(
+    tx: &C,
+    identity: &Identity,
+    policy: &BindPolicy,
+) -> Result<Step<Option<(String, &'static str)>>, Failure> {
+    if let Some(union_id) = identity
+        .union_id
+        .as_ref()
+        .filter(|_| !policy.union_group.is_empty())
+    {
+        let stmt = tx
+            .prepare_cached(
+                "SELECT user_id FROM identities WHERE provider = ANY($1) AND union_id = $2 \
+                 ORDER BY created_at, provider, subject LIMIT 1",
+            )
+            .await?;
+        if let Some(row) = tx
+            .query_opt(&stmt, &[&policy.union_group, union_id])
+            .await?
+        {
+            let user_id: String = row.try_get(0)?;
+            match claim_user(tx, &user_id, identity).await? {
+                Claim::Free => return Ok(Step::Done(Some((user_id, LINKED_BY_UNION_ID)))),
+                Claim::Raced => return Ok(Step::Retry),
+                Claim::Taken => {}
+            }
+        }
+    }
+    if let Some(email) = identity
+        .email
+        .as_ref()
+        .filter(|_| policy.link_verified_email && identity.email_verified)
+    {
+        // Expression and predicate as in identities_verified_email_idx.
+        let stmt = tx
+            .prepare_cached(
+                "SELECT user_id FROM identities WHERE email_verified AND lower(email) = lower($1) \
+                 ORDER BY created_at, provider, subject LIMIT 1",
+            )
+            .await?;
+        if let Some(row) = tx.query_opt(&stmt, &[email]).await? {
+            let user_id: String = row.try_get(0)?;
+            match claim_user(tx, &user_id, identity).await? {
+                Claim::Free => return Ok(Step::Done(Some((user_id, LINKED_BY_VERIFIED_EMAIL)))),
+                Claim::Raced => return Ok(Step::Retry),
+                Claim::Taken => {}
+            }
+        }
+    }
+    Ok(Step::Done(None))
+}
+
+/// Locks the candidate user and checks they have no identity at the login's
+/// provider. The lock holds until commit, and every path that adds an
+/// identity to an existing user takes it first, so the check stays true.
+async fn claim_user<C: GenericClient>(
+    tx: &C,
+    user_id: &str,
+    identity: &Identity,
+) -> Result<Claim, Failure> {
+    if !lock_user(tx, user_id).await? {
+        return Ok(Claim::Raced);
+    }
+    let stmt = tx
+        .prepare_cached("SELECT subject FROM identities WHERE user_id = $1 AND provider = $2")
+        .await?;
+    Ok(
+        match tx.query_opt(&stmt, &[&user_id, &identity.provider]).await? {
+            None => Claim::Free,
+            Some(row) if row.try_get::<_, String>(0)? == identity.subject => Claim::Raced,
+            Some(_) => Claim::Taken,
+        },
+    )
+}
+
+/// One try at `link_identity` inside `tx`. Conflicts are errors (the caller
+/// rolls back); unique violations reach the caller as database errors.
+async fn link_attempt<C: GenericClient>(
+    tx: &C,
+    user_id: &str,
+    identity: &Identity,
+    tokens: Option<&SealedToken>,
+    actor: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<Step<Binding>, Failure> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO users (id, created_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+        )
+        .await?;
+    let created = tx.query_opt(&stmt, &[&user_id, &now]).await?.is_some();
+    if !lock_user(tx, user_id).await? {
+        // It existed when we inserted and was deleted since.
+        return Ok(Step::Retry);
+    }
+
+    let stmt = tx
+        .prepare_cached(
+            "SELECT user_id, created_at, last_login_at FROM identities \
+             WHERE provider = $1 AND subject = $2 FOR UPDATE",
+        )
+        .await?;
+    if let Some(row) = tx
+        .query_opt(&stmt, &[&identity.provider, &identity.subject])
+        .await?
+    {
+        let owner: String = row.try_get(0)?;
+        if owner != user_id {
+            return Err(Failure::Conflict(Conflict::IdentityLinkedElsewhere));
+        }
+        // Linking is not a login: the profile is refreshed, last_login_at
+        // is kept.
+        update_profile(tx, identity, None).await?;
+        if let Some(token) = tokens {
+            store_token(tx, identity, token).await?;
+        }
+        return Ok(Step::Done(Binding {
+            user_id: owner,
+            provider: identity.provider.clone(),
+            subject: identity.subject.clone(),
+            created_at: row.try_get(1)?,
+            last_login_at: row.try_get(2)?,
+        }));
+    }
+
+    let stmt = tx
+        .prepare_cached("SELECT 1 FROM identities WHERE user_id = $1 AND provider = $2")
+        .await?;
+    if tx
+        .query_opt(&stmt, &[&user_id, &identity.provider])
+        .await?
+        .is_some()
+    {
+        return Err(Failure::Conflict(Conflict::ProviderAlreadyLinked));
+    }
+    // No ON CONFLICT: a concurrent binding of this identity (by a first
+    // login that made a new user, or a link to another user) surfaces as a
+    // unique violation on the primary key, which the caller maps by name.
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO identities (provider, subject, user_id, union_id, username, \
+             display_name, avatar_url, email, email_verified, created_at, last_login_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
+        )
+        .await?;
+    tx.execute(&stmt, &identity_params(identity, &user_id, &now))
+        .await?;
+    let binding = Binding {
+        user_id: user_id.to_owned(),
+        provider: identity.provider.clone(),
+        subject: identity.subject.clone(),
+        created_at: now,
+        last_login_at: now,
+    };
+    if let Some(token) = tokens {
+        store_token(tx, identity, token).await?;
+    }
+    if created {
+        insert_audit(
+            tx,
+            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+        )
+        .await?;
+    }
+    insert_audit(
+        tx,
+        &binding_event(AuditKind::IdentityLinked, &binding, actor, None),
+    )
+    .await?;
+    Ok(Step::Done(binding))
+}
+
+/// `FOR UPDATE` on the user row; false if there is no such user.
+async fn lock_user<C: GenericClient>(tx: &C, user_id: &str) -> Result<bool, Failure> {
+    let stmt = tx
+        .prepare_cached("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .await?;
+    Ok(tx.query_opt(&stmt, &[&user_id]).await?.is_some())
+}
+
+async fn identity_exists<C: GenericClient>(
+    client: &C,
+    provider: &str,
+    subject: &str,
+) -> Result<bool, Failure> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM identities WHERE provider = $1 AND subject = $2)",
+        )
+        .await?;
+    Ok(client
+        .query_one(&stmt, &[&provider, &subject])
+        .await?
+        .try_get(0)?)
+}
+
+/// Inserts the identity for `user_id` unless it is already bound; false if
+/// it was (after waiting for a concurrent binder to commit).
+async fn insert_identity<C: GenericClient>(
+    tx: &C,
+    user_id: &str,
+    identity: &Identity,
+    now: OffsetDateTime,
+) -> Result<bool, Failure> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO identities (provider, subject, user_id, union_id, username, \
+             display_name, avatar_url, email, email_verified, created_at, last_login_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+             ON CONFLICT (provider, subject) DO NOTHING RETURNING user_id",
+        )
+        .await?;
+    Ok(tx
+        .query_opt(&stmt, &identity_params(identity, &user_id, &now))
+        .await?
+        .is_some())
+}
+
+fn identity_params<'a>(
+    identity: &'a Identity,
+    user_id: &'a &'a str,
+    now: &'a OffsetDateTime,
+) -> [&'a (dyn ToSql + Sync); 10] {
+    [
+        &identity.provider,
+        &identity.subject,
+        user_id,
+        &identity.union_id,
+        &identity.username,
+        &identity.display_name,
+        &identity.avatar_url,
+        &identity.email,
+        &identity.email_verified,
+        now,
+    ]
+}
+
+/// Overwrites the stored profile; `last_login_at` only when given.
+async fn update_profile<C: GenericClient>(
+    tx: &C,
+    identity: &Identity,
+    last_login_at: Option<OffsetDateTime>,
+) -> Result<(), Failure> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE identities SET union_id = $3, username = $4, display_name = $5, \
+             avatar_url = $6, email = $7, email_verified = $8, \
+             last_login_at = COALESCE($9, last_login_at) \
+             WHERE provider = $1 AND subject = $2",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &identity.provider,
+            &identity.subject,
+            &identity.union_id,
+            &identity.username,
+            &identity.display_name,
+            &identity.avatar_url,
+            &identity.email,
+            &identity.email_verified,
+            &last_login_at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `upsert_token` for an identity this transaction has just bound or locked.
+async fn store_token<C: GenericClient>(
+    tx: &C,
+    identity: &Identity,
+    token: &SealedToken,
+) -> Result<(), Failure> {
+    match upsert_token(tx, &identity.provider, &identity.subject, token).await? {
+        Some(_) => Ok(()),
+        None => Err(Failure::Corrupt(
+            "the identity being bound has no row for its token".into(),
+        )),
+    }
+}
+
+/// Writes the token unconditionally: version 1 when new, else the stored
+/// version plus one; usable. `None` if the identity does not exist (the
+/// INSERT … SELECT then has no row to insert).
+async fn upsert_token<C: GenericClient>(
+    client: &C,
+    provider: &str,
+    subject: &str,
+    token: &SealedToken,
+) -> Result<Option<i64>, Failure> {
+    // The casts type the parameters, which a SELECT list leaves unknown.
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO provider_tokens \
+             (provider, subject, key_id, nonce, ciphertext, version, usable, updated_at) \
+             SELECT provider, subject, $3::text, $4::bytea, $5::bytea, 1, TRUE, $6::timestamptz \
+             FROM identities WHERE provider = $1 AND subject = $2 \
+             ON CONFLICT (provider, subject) DO UPDATE SET key_id = EXCLUDED.key_id, \
+             nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext, \
+             version = provider_tokens.version + 1, usable = TRUE, \
+             updated_at = EXCLUDED.updated_at \
+             RETURNING version",
+        )
+        .await?;
+    let row = client
+        .query_opt(
+            &stmt,
+            &[
+                &provider,
+                &subject,
+                &token.key_id,
+                &token.nonce,
+                &token.ciphertext,
+                &truncate_to_micros(token.updated_at),
+            ],
+        )
+        .await?;
+    row.map(|row| row.try_get(0))
+        .transpose()
+        .map_err(Failure::from)
+}
+
+/// A token from `TOKEN_COLUMNS` starting at column `first`.
+fn token_from_row(row: &Row, first: usize) -> Result<SealedToken, Failure> {
+    Ok(SealedToken {
+        key_id: row.try_get(first)?,
+        nonce: row.try_get(first + 1)?,
+        ciphertext: row.try_get(first + 2)?,
+        version: row.try_get(first + 3)?,
+        usable: row.try_get(first + 4)?,
+        updated_at: row.try_get(first + 5)?,
+    })
+}
+
+async fn load_user<C: GenericClient>(client: &C, user_id: &str) -> Result<Option<User>, Failure> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users u {USER_JOINS} WHERE u.id = $1 ORDER BY i.provider"
+        ))
+        .await?;
+    let rows = client.query(&stmt, &[&user_id]).await?;
+    Ok(fold_users(&rows)?.into_iter().next())
+}
+
+/// Groups `USER_COLUMNS` rows (ordered by user, then provider) into users.
+fn fold_users(rows: &[Row]) -> Result<Vec<User>, Failure> {
+    let mut users: Vec<User> = Vec::new();
+    for row in rows {
+        let id: String = row.try_get(0)?;
+        if users.last().is_none_or(|user| user.id != id) {
+            users.push(User {
+                id,
+                created_at: row.try_get(1)?,
+                identities: Vec::new(),
+            });
+        }
+        // NULL: the LEFT JOIN found no identity for this user.
+        let Some(provider) = row.try_get::<_, Option<String>>(2)? else {
+            continue;
+        };
+        if let Some(user) = users.last_mut() {
+            user.identities.push(LinkedIdentity {
+                identity: Identity {
+                    provider,
+                    subject: row.try_get(3)?,
+                    union_id: row.try_get(4)?,
+                    username: row.try_get(5)?,
+                    display_name: row.try_get(6)?,
+                    avatar_url: row.try_get(7)?,
+                    email: row.try_get(8)?,
+                    email_verified: row.try_get(9)?,
+                },
+                created_at: row.try_get(10)?,
+                last_login_at: row.try_get(11)?,
+                token: row.try_get(12)?,
+            });
+        }
+    }
+    Ok(users)
+}
+
 async fn insert_audit<C: GenericClient>(client: &C, event: &AuditEvent) -> Result<(), Failure> {
     let stmt = client
         .prepare_cached(
-            "INSERT INTO audit_events (at, kind, actor, provider, subject, user_id, reason) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO audit_events \
+             (at, kind, actor, provider, subject, user_id, reason, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .await?;
     client
@@ -439,27 +1376,47 @@ async fn insert_audit<C: GenericClient>(client: &C, event: &AuditEvent) -> Resul
                 &event.subject,
                 &event.user_id,
                 &event.reason,
+                &event.detail,
             ],
         )
         .await?;
     Ok(())
 }
 
-fn login_event(
+/// An event about `binding`, at its `last_login_at` (the transaction's time).
+fn binding_event(
     kind: AuditKind,
     binding: &Binding,
     actor: Option<&str>,
-    at: OffsetDateTime,
+    detail: Option<&str>,
 ) -> AuditEvent {
     AuditEvent {
-        at,
+        at: binding.last_login_at,
         kind,
         actor: actor.map(str::to_owned),
         provider: Some(binding.provider.clone()),
         subject: Some(binding.subject.clone()),
         user_id: Some(binding.user_id.clone()),
         reason: None,
+        detail: detail.map(str::to_owned),
     }
+}
+
+/// The unique constraint a violation names, as the conflict it means.
+fn unique_conflict(e: &tokio_postgres::Error) -> Option<Conflict> {
+    let db = e.as_db_error()?;
+    if db.code() != &SqlState::UNIQUE_VIOLATION {
+        return None;
+    }
+    match db.constraint()? {
+        IDENTITIES_PKEY => Some(Conflict::IdentityLinkedElsewhere),
+        IDENTITIES_USER_PROVIDER_KEY => Some(Conflict::ProviderAlreadyLinked),
+        _ => None,
+    }
+}
+
+fn page_size(limit: u32) -> i64 {
+    i64::from(if limit == 0 { DEFAULT_PAGE } else { limit })
 }
 
 /// timestamptz keeps microseconds; truncating up front makes the value we
@@ -467,6 +1424,18 @@ fn login_event(
 fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
     let nanos = t.nanosecond();
     t.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(t)
+}
+
+/// For range bounds on stored (whole-microsecond) times: `at >= t` and
+/// `at < t` select the same rows as with `t` rounded up to the microsecond,
+/// which the database can then compare exactly.
+fn ceil_to_micros(t: OffsetDateTime) -> OffsetDateTime {
+    let down = truncate_to_micros(t);
+    if down == t {
+        t
+    } else {
+        down.checked_add(time::Duration::MICROSECOND).unwrap_or(t)
+    }
 }
 
 /// Everything that can go wrong inside this module, classified once into
@@ -479,7 +1448,11 @@ enum Failure {
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Migrate(#[from] refinery::Error),
-    #[error("first login kept conflicting after {BIND_ATTEMPTS} attempts")]
+    #[error("not found")]
+    NotFound,
+    #[error(transparent)]
+    Conflict(Conflict),
+    #[error("a write kept conflicting after {BIND_ATTEMPTS} attempts")]
     Contention,
     #[error("unexpected data in the database: {0}")]
     Corrupt(String),
@@ -488,6 +1461,8 @@ enum Failure {
 impl Failure {
     fn into_store_error(self, doing: &'static str) -> StoreError {
         let unavailable = match &self {
+            Failure::NotFound => return StoreError::NotFound,
+            Failure::Conflict(conflict) => return StoreError::Conflict(*conflict),
             Failure::Pool(PoolError::Backend(e)) => is_unavailable(e),
             Failure::Pool(PoolError::Timeout(_) | PoolError::Closed) => true,
             Failure::Pool(_) => false,
@@ -543,8 +1518,31 @@ mod tests {
     }
 
     #[test]
+    fn bounds_round_up_to_the_microsecond() {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_001).unwrap();
+        assert_eq!(
+            ceil_to_micros(t).unix_timestamp_nanos(),
+            1_700_000_000_123_457_000
+        );
+        let exact = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).unwrap();
+        assert_eq!(ceil_to_micros(exact), exact);
+    }
+
+    #[test]
     fn bad_url_is_invalid_url() {
         let err = PostgresStore::connect("postgres://u@h:notaport/db", 2).unwrap_err();
         assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
+    }
+
+    #[test]
+    fn not_found_and_conflicts_keep_their_kind() {
+        assert!(matches!(
+            Failure::NotFound.into_store_error("x"),
+            StoreError::NotFound
+        ));
+        assert!(matches!(
+            Failure::Conflict(Conflict::StaleToken).into_store_error("x"),
+            StoreError::Conflict(Conflict::StaleToken)
+        ));
     }
 }

@@ -1,6 +1,11 @@
 //! `Store` on an embedded SQLite file (the zero-setup default), schema managed
 //! by refinery (`migrations/sqlite`). Timestamps are stored as INTEGER unix
 //! microseconds.
+//!
+//! Concurrency: every write that decides from what it read runs in an
+//! IMMEDIATE transaction, which holds SQLite's single write lock from its
+//! first statement; nothing can change between the read and the write, so
+//! unlike Postgres no attempt ever has to be retried.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -8,11 +13,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::ToSql;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{
+    Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, ffi, params,
+    params_from_iter,
+};
 use time::OffsetDateTime;
 
-use super::{AuditQuery, Store, StoreError};
-use crate::domain::{AuditEvent, AuditKind, Binding, Identity, Outcome};
+use super::{
+    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Store, StoreError, TokenRow,
+    UserQuery,
+};
+use crate::domain::{
+    AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
+};
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -22,9 +35,23 @@ mod embedded {
 /// `authbroker migrate` run beside the server) before reporting `Unavailable`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Audit reads with `limit == 0` get this many rows, so an unset page size
-/// never means "the whole table". Same as the Postgres store.
-const DEFAULT_AUDIT_LIMIT: u32 = 100;
+/// Reads with `limit == 0` get this many rows, so an unset page size never
+/// means "the whole table". Same as the Postgres store.
+const DEFAULT_PAGE: u32 = 100;
+
+/// `BindResult::Bound::linked_by` values (and the `identity_linked` detail).
+const LINKED_BY_UNION_ID: &str = "union_id";
+const LINKED_BY_VERIFIED_EMAIL: &str = "verified_email";
+
+/// A user with each of their identities, one row per identity (a single row
+/// with NULL identity columns for a user who has none). `fold_users` reads it.
+const USER_COLUMNS: &str = "u.id, u.created_at, i.provider, i.subject, i.union_id, i.username, \
+     i.display_name, i.avatar_url, i.email, i.email_verified, i.created_at, i.last_login_at, \
+     t.usable";
+const USER_JOINS: &str = "LEFT JOIN identities i ON i.user_id = u.id \
+     LEFT JOIN provider_tokens t ON t.provider = i.provider AND t.subject = i.subject";
+
+const TOKEN_COLUMNS: &str = "key_id, nonce, ciphertext, version, usable, updated_at";
 
 /// One connection behind a std `Mutex`. SQLite admits a single writer at a
 /// time anyway, so a pool would only add lock contention inside SQLite; a
@@ -74,7 +101,8 @@ impl SqliteStore {
             // which is fine.
             let _mode: String =
                 conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-            // Off by default in SQLite; identities rely on the cascade.
+            // Off by default in SQLite; identities and tokens rely on the
+            // cascades.
             conn.pragma_update(None, "foreign_keys", true)?;
             Ok(())
         };
@@ -128,13 +156,49 @@ impl Store for SqliteStore {
     async fn bind_login(
         &self,
         identity: &Identity,
+        policy: &BindPolicy,
+        tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
-    ) -> Result<(Outcome, Binding), StoreError> {
+    ) -> Result<BindResult, StoreError> {
         let identity = identity.clone();
+        let policy = policy.clone();
+        let tokens = tokens.cloned();
         let actor = actor.map(str::to_owned);
         self.run("binding a login", move |conn| {
-            bind_login(conn, &identity, actor.as_deref(), now)
+            bind_login(
+                conn,
+                &identity,
+                &policy,
+                tokens.as_ref(),
+                actor.as_deref(),
+                now,
+            )
+        })
+        .await
+    }
+
+    async fn link_identity(
+        &self,
+        user_id: &str,
+        identity: &Identity,
+        tokens: Option<&SealedToken>,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Binding, StoreError> {
+        let user_id = user_id.to_owned();
+        let identity = identity.clone();
+        let tokens = tokens.cloned();
+        let actor = actor.map(str::to_owned);
+        self.run("linking an identity", move |conn| {
+            link_identity(
+                conn,
+                &user_id,
+                &identity,
+                tokens.as_ref(),
+                actor.as_deref(),
+                now,
+            )
         })
         .await
     }
@@ -204,6 +268,91 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        let user_id = user_id.to_owned();
+        self.run("reading a user", move |conn| load_user(conn, &user_id))
+            .await
+    }
+
+    async fn find_user_by_identity(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<User>, StoreError> {
+        let (provider, subject) = (provider.to_owned(), subject.to_owned());
+        self.run("finding a user by identity", move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {USER_COLUMNS} FROM users u {USER_JOINS} \
+                 WHERE u.id = (SELECT user_id FROM identities \
+                               WHERE provider = ?1 AND subject = ?2) \
+                 ORDER BY i.provider"
+            ))?;
+            let users = fold_users(stmt.query(params![provider, subject])?)?;
+            Ok(users.into_iter().next())
+        })
+        .await
+    }
+
+    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
+        let query = query.clone();
+        self.run("listing users", move |conn| list_users(conn, &query))
+            .await
+    }
+
+    async fn unlink_identity(
+        &self,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<User, StoreError> {
+        let (user_id, provider) = (user_id.to_owned(), provider.to_owned());
+        let actor = actor.map(str::to_owned);
+        self.run("unlinking an identity", move |conn| {
+            unlink_identity(conn, &user_id, &provider, force, actor.as_deref(), now)
+        })
+        .await
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let user_id = user_id.to_owned();
+        let actor = actor.map(str::to_owned);
+        self.run("deleting a user", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Identities and their tokens go through the cascade; audit rows
+            // have no foreign key and stay.
+            if tx
+                .prepare_cached("DELETE FROM users WHERE id = ?1")?
+                .execute(params![user_id])?
+                == 0
+            {
+                return Err(Failure::NotFound);
+            }
+            insert_audit(
+                &tx,
+                &AuditEvent {
+                    at: now,
+                    kind: AuditKind::UserDeleted,
+                    actor,
+                    provider: None,
+                    subject: None,
+                    user_id: Some(user_id),
+                    reason: None,
+                    detail: None,
+                },
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn count_users(&self) -> Result<u64, StoreError> {
         self.run("counting users", |conn| {
             let count: i64 = conn
@@ -215,7 +364,124 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+    async fn get_token(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<SealedToken>, StoreError> {
+        let (provider, subject) = (provider.to_owned(), subject.to_owned());
+        self.run("reading a token", move |conn| {
+            let token = conn
+                .prepare_cached(&format!(
+                    "SELECT {TOKEN_COLUMNS} FROM provider_tokens \
+                     WHERE provider = ?1 AND subject = ?2"
+                ))?
+                .query_row(params![provider, subject], |row| token_from_row(row, 0))
+                .optional()?;
+            Ok(token)
+        })
+        .await
+    }
+
+    async fn put_token(
+        &self,
+        provider: &str,
+        subject: &str,
+        token: &SealedToken,
+        expected_version: Option<i64>,
+    ) -> Result<i64, StoreError> {
+        let (provider, subject) = (provider.to_owned(), subject.to_owned());
+        let token = token.clone();
+        self.run("writing a token", move |conn| {
+            put_token(conn, &provider, &subject, &token, expected_version)
+        })
+        .await
+    }
+
+    async fn mark_token_unusable(
+        &self,
+        provider: &str,
+        subject: &str,
+        expected_version: i64,
+    ) -> Result<(), StoreError> {
+        let (provider, subject) = (provider.to_owned(), subject.to_owned());
+        self.run("marking a token unusable", move |conn| {
+            // The version stays: it names the sealed bytes, which are
+            // unchanged, and a refresher that did succeed with them may still
+            // store its result with a compare-and-swap on that version.
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE provider_tokens SET usable = 0 \
+                     WHERE provider = ?1 AND subject = ?2 AND version = ?3",
+                )?
+                .execute(params![provider, subject, expected_version])?;
+            if changed == 1 {
+                return Ok(());
+            }
+            let exists: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM provider_tokens \
+                     WHERE provider = ?1 AND subject = ?2)",
+                )?
+                .query_row(params![provider, subject], |row| row.get(0))?;
+            Err(if exists {
+                Failure::Conflict(Conflict::StaleToken)
+            } else {
+                Failure::NotFound
+            })
+        })
+        .await
+    }
+
+    async fn delete_token(&self, provider: &str, subject: &str) -> Result<bool, StoreError> {
+        let (provider, subject) = (provider.to_owned(), subject.to_owned());
+        self.run("deleting a token", move |conn| {
+            let deleted = conn
+                .prepare_cached("DELETE FROM provider_tokens WHERE provider = ?1 AND subject = ?2")?
+                .execute(params![provider, subject])?;
+            Ok(deleted > 0)
+        })
+        .await
+    }
+
+    async fn list_tokens(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TokenRow>, StoreError> {
+        let after = after.map(|(p, s)| (p.to_owned(), s.to_owned()));
+        self.run("listing tokens", move |conn| {
+            let limit = page_size(limit);
+            let map = |row: &Row<'_>| {
+                Ok(TokenRow {
+                    provider: row.get(0)?,
+                    subject: row.get(1)?,
+                    token: token_from_row(row, 2)?,
+                })
+            };
+            let tokens = match &after {
+                Some((provider, subject)) => conn
+                    .prepare_cached(&format!(
+                        "SELECT provider, subject, {TOKEN_COLUMNS} FROM provider_tokens \
+                         WHERE (provider, subject) > (?1, ?2) \
+                         ORDER BY provider, subject LIMIT ?3"
+                    ))?
+                    .query_map(params![provider, subject, limit], map)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => conn
+                    .prepare_cached(&format!(
+                        "SELECT provider, subject, {TOKEN_COLUMNS} FROM provider_tokens \
+                         ORDER BY provider, subject LIMIT ?1"
+                    ))?
+                    .query_map(params![limit], map)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            Ok(tokens)
+        })
+        .await
+    }
+
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         let query = query.clone();
         self.run("listing audit events", move |conn| {
             list_audit_events(conn, &query)
@@ -224,12 +490,22 @@ impl Store for SqliteStore {
     }
 }
 
+/// What a linking rule found when it looked at its candidate user.
+enum Claim {
+    /// The user has no identity at the login's provider: link to them.
+    Free,
+    /// The user already has another identity there: the rule does not apply.
+    Taken,
+}
+
 fn bind_login(
     conn: &mut Connection,
     identity: &Identity,
+    policy: &BindPolicy,
+    tokens: Option<&SealedToken>,
     actor: Option<&str>,
     now: OffsetDateTime,
-) -> Result<(Outcome, Binding), Failure> {
+) -> Result<BindResult, Failure> {
     let now_us = to_micros(now);
     let now = from_micros(now_us).map_err(|e| Failure::Corrupt(e.to_string()))?;
     // IMMEDIATE takes the write lock up front: with a deferred transaction,
@@ -245,83 +521,530 @@ fn bind_login(
         })
         .optional()?;
 
-    let (outcome, binding) = match existing {
-        Some((user_id, created_at)) => {
-            tx.prepare_cached(
-                "UPDATE identities SET union_id = ?3, username = ?4, display_name = ?5, \
-                 avatar_url = ?6, email = ?7, email_verified = ?8, last_login_at = ?9 \
-                 WHERE provider = ?1 AND subject = ?2",
-            )?
-            .execute(params![
-                identity.provider,
-                identity.subject,
-                identity.union_id,
-                identity.username,
-                identity.display_name,
-                identity.avatar_url,
-                identity.email,
-                identity.email_verified,
-                now_us,
-            ])?;
-            let binding = Binding {
-                user_id,
-                provider: identity.provider.clone(),
-                subject: identity.subject.clone(),
-                created_at,
-                last_login_at: now,
-            };
-            (Outcome::SignedIn, binding)
+    if let Some((user_id, created_at)) = existing {
+        update_profile(&tx, identity, Some(now_us))?;
+        let binding = Binding {
+            user_id,
+            provider: identity.provider.clone(),
+            subject: identity.subject.clone(),
+            created_at,
+            last_login_at: now,
+        };
+        if let Some(token) = tokens {
+            store_token(&tx, identity, token)?;
         }
-        None => {
+        insert_audit(
+            &tx,
+            &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
+        )?;
+        tx.commit()?;
+        return Ok(BindResult::Bound {
+            outcome: Outcome::SignedIn,
+            binding,
+            linked_by: None,
+        });
+    }
+
+    let (user_id, outcome, linked_by) = match link_target(&tx, identity, policy)? {
+        Some((user_id, rule)) => (user_id, Outcome::SignedIn, Some(rule)),
+        None if policy.create_user => {
             // Time-ordered ids keep the users primary key append-mostly.
             let user_id = uuid::Uuid::now_v7().to_string();
             tx.prepare_cached("INSERT INTO users (id, created_at) VALUES (?1, ?2)")?
                 .execute(params![user_id, now_us])?;
-            // The write lock is ours, so the identity cannot have appeared
-            // since the SELECT: a conflict here is a real error.
-            tx.prepare_cached(
-                "INSERT INTO identities (provider, subject, user_id, union_id, username, \
-                 display_name, avatar_url, email, email_verified, created_at, last_login_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
-            )?
-            .execute(params![
-                identity.provider,
-                identity.subject,
-                user_id,
-                identity.union_id,
-                identity.username,
-                identity.display_name,
-                identity.avatar_url,
-                identity.email,
-                identity.email_verified,
-                now_us,
-            ])?;
-            let binding = Binding {
-                user_id,
-                provider: identity.provider.clone(),
-                subject: identity.subject.clone(),
-                created_at: now,
-                last_login_at: now,
-            };
-            insert_audit(
-                &tx,
-                &login_event(AuditKind::UserCreated, &binding, actor, now),
-            )?;
-            (Outcome::UserCreated, binding)
+            (user_id, Outcome::UserCreated, None)
         }
+        // Dropping `tx` rolls back; nothing was written anyway.
+        None => return Ok(BindResult::LinkRequired),
     };
+    // The write lock is ours, so the identity cannot have appeared since the
+    // SELECT: a conflict here is a real error.
+    insert_identity(&tx, &user_id, identity, now_us)?;
+    let binding = Binding {
+        user_id,
+        provider: identity.provider.clone(),
+        subject: identity.subject.clone(),
+        created_at: now,
+        last_login_at: now,
+    };
+    if let Some(token) = tokens {
+        store_token(&tx, identity, token)?;
+    }
+    if outcome == Outcome::UserCreated {
+        insert_audit(
+            &tx,
+            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+        )?;
+    }
+    if let Some(rule) = linked_by {
+        insert_audit(
+            &tx,
+            &binding_event(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
+        )?;
+    }
     insert_audit(
         &tx,
-        &login_event(AuditKind::LoginSucceeded, &binding, actor, now),
+        &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
     )?;
     tx.commit()?;
-    Ok((outcome, binding))
+    Ok(BindResult::Bound {
+        outcome,
+        binding,
+        linked_by,
+    })
 }
 
-fn list_audit_events(conn: &Connection, query: &AuditQuery) -> Result<Vec<AuditEvent>, Failure> {
-    let mut sql = String::from(
-        "SELECT at, kind, actor, provider, subject, user_id, reason FROM audit_events",
+/// The user an unbound identity links to under `policy`, with the rule that
+/// found them; `None` when no rule applies. Each rule considers only its
+/// oldest matching binding, and applies only if that user has no identity at
+/// the login's provider yet.
+fn link_target(
+    conn: &Connection,
+    identity: &Identity,
+    policy: &BindPolicy,
+) -> Result<Option<(String, &'static str)>, Failure> {
+    if let Some(union_id) = identity
+        .union_id
+        .as_ref()
+        .filter(|_| !policy.union_group.is_empty())
+    {
+        // ?1 is the union id; the group's providers follow as ?2, ?3, …
+        let placeholders = (2..policy.union_group.len() + 2)
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut values: Vec<&dyn ToSql> = vec![union_id];
+        values.extend(policy.union_group.iter().map(|p| p as &dyn ToSql));
+        let candidate: Option<String> = conn
+            .prepare_cached(&format!(
+                "SELECT user_id FROM identities \
+                 WHERE union_id = ?1 AND provider IN ({placeholders}) \
+                 ORDER BY created_at, provider, subject LIMIT 1"
+            ))?
+            .query_row(params_from_iter(values), |row| row.get(0))
+            .optional()?;
+        if let Some(user_id) = candidate
+            && let Claim::Free = claim_user(conn, &user_id, identity)?
+        {
+            return Ok(Some((user_id, LINKED_BY_UNION_ID)));
+        }
+    }
+    if let Some(email) = identity
+        .email
+        .as_ref()
+        .filter(|_| policy.link_verified_email && identity.email_verified)
+    {
+        // Expression and predicate as in identities_verified_email_idx.
+        // SQLite's lower() folds ASCII letters only.
+        let candidate: Option<String> = conn
+            .prepare_cached(
+                "SELECT user_id FROM identities \
+                 WHERE email_verified = 1 AND lower(email) = lower(?1) \
+                 ORDER BY created_at, provider, subject LIMIT 1",
+            )?
+            .query_row(params![email], |row| row.get(0))
+            .optional()?;
+        if let Some(user_id) = candidate
+            && let Claim::Free = claim_user(conn, &user_id, identity)?
+        {
+            return Ok(Some((user_id, LINKED_BY_VERIFIED_EMAIL)));
+        }
+    }
+    Ok(None)
+}
+
+fn claim_user(conn: &Connection, user_id: &str, identity: &Identity) -> Result<Claim, Failure> {
+    let taken = conn
+        .prepare_cached("SELECT 1 FROM identities WHERE user_id = ?1 AND provider = ?2")?
+        .exists(params![user_id, identity.provider])?;
+    Ok(if taken { Claim::Taken } else { Claim::Free })
+}
+
+fn link_identity(
+    conn: &mut Connection,
+    user_id: &str,
+    identity: &Identity,
+    tokens: Option<&SealedToken>,
+    actor: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<Binding, Failure> {
+    let now_us = to_micros(now);
+    let now = from_micros(now_us).map_err(|e| Failure::Corrupt(e.to_string()))?;
+    // Conflicts return early, dropping `tx`, which rolls back (including a
+    // user row made just now): nothing is written.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let created = tx
+        .prepare_cached(
+            "INSERT INTO users (id, created_at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![user_id, now_us])?
+        == 1;
+
+    let existing = tx
+        .prepare_cached(
+            "SELECT user_id, created_at, last_login_at FROM identities \
+             WHERE provider = ?1 AND subject = ?2",
+        )?
+        .query_row(params![identity.provider, identity.subject], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                time_column(row, 1)?,
+                time_column(row, 2)?,
+            ))
+        })
+        .optional()?;
+    if let Some((owner, created_at, last_login_at)) = existing {
+        if owner != user_id {
+            return Err(Failure::Conflict(Conflict::IdentityLinkedElsewhere));
+        }
+        // Linking is not a login: the profile is refreshed, last_login_at
+        // is kept.
+        update_profile(&tx, identity, None)?;
+        if let Some(token) = tokens {
+            store_token(&tx, identity, token)?;
+        }
+        tx.commit()?;
+        return Ok(Binding {
+            user_id: owner,
+            provider: identity.provider.clone(),
+            subject: identity.subject.clone(),
+            created_at,
+            last_login_at,
+        });
+    }
+    if let Claim::Taken = claim_user(&tx, user_id, identity)? {
+        return Err(Failure::Conflict(Conflict::ProviderAlreadyLinked));
+    }
+    // Cannot collide under the write lock after the checks above; if it did,
+    // the constraint names the conflict (see `constraint_conflict`).
+    insert_identity(&tx, user_id, identity, now_us)?;
+    let binding = Binding {
+        user_id: user_id.to_owned(),
+        provider: identity.provider.clone(),
+        subject: identity.subject.clone(),
+        created_at: now,
+        last_login_at: now,
+    };
+    if let Some(token) = tokens {
+        store_token(&tx, identity, token)?;
+    }
+    if created {
+        insert_audit(
+            &tx,
+            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+        )?;
+    }
+    insert_audit(
+        &tx,
+        &binding_event(AuditKind::IdentityLinked, &binding, actor, None),
+    )?;
+    tx.commit()?;
+    Ok(binding)
+}
+
+fn unlink_identity(
+    conn: &mut Connection,
+    user_id: &str,
+    provider: &str,
+    force: bool,
+    actor: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<User, Failure> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let subject: Option<String> = tx
+        .prepare_cached("SELECT subject FROM identities WHERE user_id = ?1 AND provider = ?2")?
+        .query_row(params![user_id, provider], |row| row.get(0))
+        .optional()?;
+    // No such user, or none of theirs at this provider.
+    let Some(subject) = subject else {
+        return Err(Failure::NotFound);
+    };
+    let count: i64 = tx
+        .prepare_cached("SELECT count(*) FROM identities WHERE user_id = ?1")?
+        .query_row(params![user_id], |row| row.get(0))?;
+    if count <= 1 && !force {
+        return Err(Failure::Conflict(Conflict::LastIdentity));
+    }
+    // The token goes with it (ON DELETE CASCADE).
+    tx.prepare_cached("DELETE FROM identities WHERE provider = ?1 AND subject = ?2")?
+        .execute(params![provider, subject])?;
+    insert_audit(
+        &tx,
+        &AuditEvent {
+            at: now,
+            kind: AuditKind::IdentityUnlinked,
+            actor: actor.map(str::to_owned),
+            provider: Some(provider.to_owned()),
+            subject: Some(subject),
+            user_id: Some(user_id.to_owned()),
+            reason: None,
+            detail: None,
+        },
+    )?;
+    let user = load_user(&tx, user_id)?
+        .ok_or_else(|| Failure::Corrupt("the user vanished inside the transaction".into()))?;
+    tx.commit()?;
+    Ok(user)
+}
+
+/// Inserts a new binding; the caller has checked it is not bound.
+fn insert_identity(
+    conn: &Connection,
+    user_id: &str,
+    identity: &Identity,
+    now_us: i64,
+) -> Result<(), Failure> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO identities (provider, subject, user_id, union_id, username, \
+             display_name, avatar_url, email, email_verified, created_at, last_login_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
+        )?
+        .execute(params![
+            identity.provider,
+            identity.subject,
+            user_id,
+            identity.union_id,
+            identity.username,
+            identity.display_name,
+            identity.avatar_url,
+            identity.email,
+            identity.email_verified,
+            now_us,
+        ]);
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(e) => Err(constraint_conflict(&e).map_or(Failure::Sqlite(e), Failure::Conflict)),
+    }
+}
+
+/// Overwrites the stored profile; `last_login_at` only when given.
+fn update_profile(
+    conn: &Connection,
+    identity: &Identity,
+    last_login_us: Option<i64>,
+) -> Result<(), Failure> {
+    conn.prepare_cached(
+        "UPDATE identities SET union_id = ?3, username = ?4, display_name = ?5, \
+         avatar_url = ?6, email = ?7, email_verified = ?8, \
+         last_login_at = COALESCE(?9, last_login_at) \
+         WHERE provider = ?1 AND subject = ?2",
+    )?
+    .execute(params![
+        identity.provider,
+        identity.subject,
+        identity.union_id,
+        identity.username,
+        identity.display_name,
+        identity.avatar_url,
+        identity.email,
+        identity.email_verified,
+        last_login_us,
+    ])?;
+    Ok(())
+}
+
+/// `upsert_token` for an identity this transaction has just bound or found.
+fn store_token(conn: &Connection, identity: &Identity, token: &SealedToken) -> Result<(), Failure> {
+    match upsert_token(conn, &identity.provider, &identity.subject, token)? {
+        Some(_) => Ok(()),
+        None => Err(Failure::Corrupt(
+            "the identity being bound has no row for its token".into(),
+        )),
+    }
+}
+
+/// Writes the token unconditionally: version 1 when new, else the stored
+/// version plus one; usable. `None` if the identity does not exist (the
+/// INSERT … SELECT then has no row to insert).
+fn upsert_token(
+    conn: &Connection,
+    provider: &str,
+    subject: &str,
+    token: &SealedToken,
+) -> Result<Option<i64>, Failure> {
+    // The WHERE clause also keeps SQLite from reading ON CONFLICT as part of
+    // the SELECT's join.
+    let version = conn
+        .prepare_cached(
+            "INSERT INTO provider_tokens \
+             (provider, subject, key_id, nonce, ciphertext, version, usable, updated_at) \
+             SELECT provider, subject, ?3, ?4, ?5, 1, 1, ?6 \
+             FROM identities WHERE provider = ?1 AND subject = ?2 \
+             ON CONFLICT (provider, subject) DO UPDATE SET key_id = excluded.key_id, \
+             nonce = excluded.nonce, ciphertext = excluded.ciphertext, \
+             version = provider_tokens.version + 1, usable = 1, \
+             updated_at = excluded.updated_at \
+             RETURNING version",
+        )?
+        .query_row(
+            params![
+                provider,
+                subject,
+                token.key_id,
+                token.nonce,
+                token.ciphertext,
+                to_micros(token.updated_at),
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(version)
+}
+
+fn put_token(
+    conn: &mut Connection,
+    provider: &str,
+    subject: &str,
+    token: &SealedToken,
+    expected_version: Option<i64>,
+) -> Result<i64, Failure> {
+    let Some(expected) = expected_version else {
+        return upsert_token(conn, provider, subject, token)?.ok_or(Failure::NotFound);
+    };
+    let updated: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE provider_tokens SET key_id = ?3, nonce = ?4, ciphertext = ?5, \
+             version = version + 1, usable = 1, updated_at = ?6 \
+             WHERE provider = ?1 AND subject = ?2 AND version = ?7 RETURNING version",
+        )?
+        .query_row(
+            params![
+                provider,
+                subject,
+                token.key_id,
+                token.nonce,
+                token.ciphertext,
+                to_micros(token.updated_at),
+                expected,
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(version) = updated {
+        return Ok(version);
+    }
+    let identity_exists = conn
+        .prepare_cached("SELECT 1 FROM identities WHERE provider = ?1 AND subject = ?2")?
+        .exists(params![provider, subject])?;
+    // The identity exists but its token is not at that version (or is gone):
+    // the caller's read is stale.
+    Err(if identity_exists {
+        Failure::Conflict(Conflict::StaleToken)
+    } else {
+        Failure::NotFound
+    })
+}
+
+/// A token from `TOKEN_COLUMNS` starting at column `first`.
+fn token_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<SealedToken> {
+    Ok(SealedToken {
+        key_id: row.get(first)?,
+        nonce: row.get(first + 1)?,
+        ciphertext: row.get(first + 2)?,
+        version: row.get(first + 3)?,
+        usable: row.get(first + 4)?,
+        updated_at: time_column(row, first + 5)?,
+    })
+}
+
+fn load_user(conn: &Connection, user_id: &str) -> Result<Option<User>, Failure> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {USER_COLUMNS} FROM users u {USER_JOINS} WHERE u.id = ?1 ORDER BY i.provider"
+    ))?;
+    let users = fold_users(stmt.query(params![user_id])?)?;
+    Ok(users.into_iter().next())
+}
+
+fn list_users(conn: &Connection, query: &UserQuery) -> Result<Vec<User>, Failure> {
+    let mut params: Vec<&dyn ToSql> = Vec::new();
+    let mut conditions = Vec::new();
+    if let Some(provider) = &query.provider {
+        params.push(provider);
+        conditions.push(format!(
+            "EXISTS (SELECT 1 FROM identities f \
+             WHERE f.user_id = users.id AND f.provider = ?{})",
+            params.len()
+        ));
+    }
+    let created_after = query.created_after.map(ceil_micros);
+    if let Some(created_after) = &created_after {
+        params.push(created_after);
+        conditions.push(format!("created_at >= ?{}", params.len()));
+    }
+    let created_before = query.created_before.map(ceil_micros);
+    if let Some(created_before) = &created_before {
+        params.push(created_before);
+        conditions.push(format!("created_at < ?{}", params.len()));
+    }
+    let cursor = query.after.as_ref().map(|(at, id)| (to_micros(*at), id));
+    if let Some((created_at, id)) = &cursor {
+        params.push(created_at);
+        params.push(id);
+        conditions.push(format!(
+            "(created_at, id) < (?{}, ?{})",
+            params.len() - 1,
+            params.len()
+        ));
+    }
+    let limit = page_size(query.limit);
+    params.push(&limit);
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    // The page of users first, then their identities in the same statement:
+    // no query per user.
+    let sql = format!(
+        "WITH page AS (SELECT id, created_at FROM users {filter} \
+                       ORDER BY created_at DESC, id DESC LIMIT ?{}) \
+         SELECT {USER_COLUMNS} FROM page u {USER_JOINS} \
+         ORDER BY u.created_at DESC, u.id DESC, i.provider",
+        params.len()
     );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    fold_users(stmt.query(&*params)?)
+}
+
+/// Groups `USER_COLUMNS` rows (ordered by user, then provider) into users.
+fn fold_users(mut rows: rusqlite::Rows<'_>) -> Result<Vec<User>, Failure> {
+    let mut users: Vec<User> = Vec::new();
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        if users.last().is_none_or(|user| user.id != id) {
+            users.push(User {
+                id,
+                created_at: time_column(row, 1)?,
+                identities: Vec::new(),
+            });
+        }
+        // NULL: the LEFT JOIN found no identity for this user.
+        let Some(provider) = row.get::<_, Option<String>>(2)? else {
+            continue;
+        };
+        if let Some(user) = users.last_mut() {
+            user.identities.push(LinkedIdentity {
+                identity: Identity {
+                    provider,
+                    subject: row.get(3)?,
+                    union_id: row.get(4)?,
+                    username: row.get(5)?,
+                    display_name: row.get(6)?,
+                    avatar_url: row.get(7)?,
+                    email: row.get(8)?,
+                    email_verified: row.get(9)?,
+                },
+                created_at: time_column(row, 10)?,
+                last_login_at: time_column(row, 11)?,
+                token: row.get(12)?,
+            });
+        }
+    }
+    Ok(users)
+}
+
+fn list_audit_events(conn: &Connection, query: &AuditQuery) -> Result<Vec<AuditRecord>, Failure> {
     let mut params: Vec<&dyn ToSql> = Vec::new();
     let mut conditions = Vec::new();
     if let Some(provider) = &query.provider {
@@ -332,40 +1055,62 @@ fn list_audit_events(conn: &Connection, query: &AuditQuery) -> Result<Vec<AuditE
         params.push(user_id);
         conditions.push(format!("user_id = ?{}", params.len()));
     }
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
+    let kind = query.kind.map(AuditKind::as_str);
+    if let Some(kind) = &kind {
+        params.push(kind);
+        conditions.push(format!("kind = ?{}", params.len()));
     }
-    let limit = if query.limit == 0 {
-        DEFAULT_AUDIT_LIMIT
-    } else {
-        query.limit
-    };
+    let after = query.after.map(ceil_micros);
+    if let Some(after) = &after {
+        params.push(after);
+        conditions.push(format!("at >= ?{}", params.len()));
+    }
+    let before = query.before.map(ceil_micros);
+    if let Some(before) = &before {
+        params.push(before);
+        conditions.push(format!("at < ?{}", params.len()));
+    }
+    if let Some(before_id) = &query.before_id {
+        params.push(before_id);
+        conditions.push(format!("id < ?{}", params.len()));
+    }
+    let limit = page_size(query.limit);
     params.push(&limit);
-    // Events of one transaction share `at`; the id keeps insertion order.
-    sql.push_str(&format!(
-        " ORDER BY at DESC, id DESC LIMIT ?{}",
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    // Newest first by id: the id is the paging cursor, and within one
+    // transaction (which shares `at`) it keeps the order of writing.
+    let sql = format!(
+        "SELECT id, at, kind, actor, provider, subject, user_id, reason, detail \
+         FROM audit_events {filter} ORDER BY id DESC LIMIT ?{}",
         params.len()
-    ));
+    );
 
     let mut stmt = conn.prepare_cached(&sql)?;
     let events = stmt
         .query_map(&*params, |row| {
-            let kind: String = row.get(1)?;
-            Ok(AuditEvent {
-                at: time_column(row, 0)?,
-                kind: AuditKind::parse(&kind).ok_or_else(|| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        1,
-                        rusqlite::types::Type::Text,
-                        format!("unknown audit kind {kind:?}").into(),
-                    )
-                })?,
-                actor: row.get(2)?,
-                provider: row.get(3)?,
-                subject: row.get(4)?,
-                user_id: row.get(5)?,
-                reason: row.get(6)?,
+            let kind: String = row.get(2)?;
+            Ok(AuditRecord {
+                id: row.get(0)?,
+                event: AuditEvent {
+                    at: time_column(row, 1)?,
+                    kind: AuditKind::parse(&kind).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Text,
+                            format!("unknown audit kind {kind:?}").into(),
+                        )
+                    })?,
+                    actor: row.get(3)?,
+                    provider: row.get(4)?,
+                    subject: row.get(5)?,
+                    user_id: row.get(6)?,
+                    reason: row.get(7)?,
+                    detail: row.get(8)?,
+                },
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -374,8 +1119,8 @@ fn list_audit_events(conn: &Connection, query: &AuditQuery) -> Result<Vec<AuditE
 
 fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), Failure> {
     conn.prepare_cached(
-        "INSERT INTO audit_events (at, kind, actor, provider, subject, user_id, reason) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO audit_events (at, kind, actor, provider, subject, user_id, reason, detail) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         to_micros(event.at),
@@ -385,25 +1130,46 @@ fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), Failure> {
         event.subject,
         event.user_id,
         event.reason,
+        event.detail,
     ])?;
     Ok(())
 }
 
-fn login_event(
+/// An event about `binding`, at its `last_login_at` (the transaction's time).
+fn binding_event(
     kind: AuditKind,
     binding: &Binding,
     actor: Option<&str>,
-    at: OffsetDateTime,
+    detail: Option<&str>,
 ) -> AuditEvent {
     AuditEvent {
-        at,
+        at: binding.last_login_at,
         kind,
         actor: actor.map(str::to_owned),
         provider: Some(binding.provider.clone()),
         subject: Some(binding.subject.clone()),
         user_id: Some(binding.user_id.clone()),
         reason: None,
+        detail: detail.map(str::to_owned),
     }
+}
+
+/// The binding rule a constraint violation on `identities` means: the
+/// primary key is the identity bound elsewhere, the other unique key a second
+/// identity at one provider for one user.
+fn constraint_conflict(e: &rusqlite::Error) -> Option<Conflict> {
+    match e {
+        rusqlite::Error::SqliteFailure(failure, _) => match failure.extended_code {
+            ffi::SQLITE_CONSTRAINT_PRIMARYKEY => Some(Conflict::IdentityLinkedElsewhere),
+            ffi::SQLITE_CONSTRAINT_UNIQUE => Some(Conflict::ProviderAlreadyLinked),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn page_size(limit: u32) -> u32 {
+    if limit == 0 { DEFAULT_PAGE } else { limit }
 }
 
 /// Unix microseconds, rounded down (like Postgres' timestamptz, which keeps
@@ -411,6 +1177,17 @@ fn login_event(
 fn to_micros(t: OffsetDateTime) -> i64 {
     let micros = t.unix_timestamp_nanos().div_euclid(1_000);
     i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Unix microseconds, rounded up: for range bounds on stored times, `at >= t`
+/// and `at < t` select the same rows with `t` rounded up as with `t` itself.
+fn ceil_micros(t: OffsetDateTime) -> i64 {
+    let down = to_micros(t);
+    if i128::from(down) * 1_000 == t.unix_timestamp_nanos() {
+        down
+    } else {
+        down.saturating_add(1)
+    }
 }
 
 fn from_micros(micros: i64) -> Result<OffsetDateTime, time::error::ComponentRange> {
@@ -434,6 +1211,10 @@ enum Failure {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Migrate(#[from] refinery::Error),
+    #[error("not found")]
+    NotFound,
+    #[error(transparent)]
+    Conflict(Conflict),
     #[error("the connection lock was poisoned by a panic")]
     Poisoned,
     #[error("unexpected value: {0}")]
@@ -443,6 +1224,8 @@ enum Failure {
 impl Failure {
     fn into_store_error(self, doing: &'static str) -> StoreError {
         let unavailable = match &self {
+            Failure::NotFound => return StoreError::NotFound,
+            Failure::Conflict(conflict) => return StoreError::Conflict(*conflict),
             Failure::Sqlite(e) => is_unavailable(e),
             Failure::Migrate(e) => match e.kind() {
                 refinery::error::Kind::Connection(_, source) => source
@@ -484,12 +1267,16 @@ mod tests {
     fn micros_round_trip_and_round_down() {
         let t = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
         assert_eq!(to_micros(t), 1_700_000_000_123_456);
+        assert_eq!(ceil_micros(t), 1_700_000_000_123_457);
         assert_eq!(
             from_micros(to_micros(t)).unwrap().unix_timestamp_nanos(),
             1_700_000_000_123_456_000
         );
         let before_epoch = OffsetDateTime::from_unix_timestamp_nanos(-1_500).unwrap();
         assert_eq!(to_micros(before_epoch), -2);
+        assert_eq!(ceil_micros(before_epoch), -1);
+        let exact = OffsetDateTime::from_unix_timestamp_nanos(-2_000).unwrap();
+        assert_eq!(ceil_micros(exact), -2);
     }
 
     #[test]
@@ -502,5 +1289,90 @@ mod tests {
         let conn = Connection::open_in_memory().unwrap();
         let syntax = conn.execute("SELEKT", []).unwrap_err();
         assert!(!is_unavailable(&syntax));
+    }
+
+    #[test]
+    fn identity_constraints_map_to_their_conflicts() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        embedded::migrations::runner().run(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO users (id, created_at) VALUES ('u1', 0), ('u2', 0);
+             INSERT INTO identities (provider, subject, user_id, created_at, last_login_at)
+             VALUES ('gh', '1', 'u1', 0, 0);",
+        )
+        .unwrap();
+        let insert = |subject: &str, user: &str| {
+            conn.execute(
+                "INSERT INTO identities (provider, subject, user_id, created_at, last_login_at) \
+                 VALUES ('gh', ?1, ?2, 0, 0)",
+                params![subject, user],
+            )
+            .unwrap_err()
+        };
+        assert_eq!(
+            constraint_conflict(&insert("1", "u2")),
+            Some(Conflict::IdentityLinkedElsewhere)
+        );
+        assert_eq!(
+            constraint_conflict(&insert("2", "u1")),
+            Some(Conflict::ProviderAlreadyLinked)
+        );
+        assert_eq!(
+            constraint_conflict(&conn.execute("SELEKT", []).unwrap_err()),
+            None
+        );
+    }
+
+    #[test]
+    fn v1_data_survives_the_v2_upgrade() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        embedded::migrations::runner()
+            .set_target(refinery::Target::Version(1))
+            .run(&mut conn)
+            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO users (id, created_at) VALUES ('u1', 7);
+             INSERT INTO identities (provider, subject, user_id, email, email_verified,
+                                     created_at, last_login_at)
+             VALUES ('gh', '1', 'u1', 'a@b', 1, 7, 8);
+             INSERT INTO audit_events (at, kind, user_id) VALUES (8, 'login_succeeded', 'u1');",
+        )
+        .unwrap();
+        embedded::migrations::runner().run(&mut conn).unwrap();
+
+        let user = load_user(&conn, "u1").unwrap().unwrap();
+        assert_eq!(user.identities.len(), 1);
+        assert_eq!(user.identities[0].token, None);
+        assert_eq!(user.identities[0].last_login_at, from_micros(8).unwrap());
+        let events = list_audit_events(&conn, &AuditQuery::default()).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event.detail, None);
+        assert_eq!(events[0].event.kind, AuditKind::LoginSucceeded);
+    }
+
+    #[test]
+    fn linking_queries_use_their_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        embedded::migrations::runner().run(&mut conn).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt
+                .query_map([], |row| row.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            rows.join("\n")
+        };
+        let email = plan(
+            "SELECT user_id FROM identities WHERE email_verified = 1 \
+             AND lower(email) = lower('a@b') ORDER BY created_at, provider, subject LIMIT 1",
+        );
+        assert!(email.contains("identities_verified_email_idx"), "{email}");
+        let union = plan(
+            "SELECT user_id FROM identities WHERE union_id = 'u' AND provider IN ('a', 'b') \
+             ORDER BY created_at, provider, subject LIMIT 1",
+        );
+        assert!(union.contains("identities_union_id_idx"), "{union}");
     }
 }
