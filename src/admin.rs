@@ -258,8 +258,14 @@ impl AdminService {
             }
         }
         .await;
-        self.audited("UnlinkIdentity", actor, Some(provider), Some(user_id), result)
-            .await
+        self.audited(
+            "UnlinkIdentity",
+            actor,
+            Some(provider),
+            Some(user_id),
+            result,
+        )
+        .await
     }
 
     /// Deletes the user after revoking their stored tokens at providers that
@@ -330,8 +336,14 @@ impl AdminService {
             Ok(self.tokens.fresh_token(user_id, provider, actor.0).await?)
         }
         .await;
-        self.audited("GetProviderToken", actor, Some(provider), Some(user_id), result)
-            .await
+        self.audited(
+            "GetProviderToken",
+            actor,
+            Some(provider),
+            Some(user_id),
+            result,
+        )
+        .await
     }
 
     pub async fn revoke_provider_token(
@@ -416,13 +428,11 @@ impl AdminService {
     /// Forgets a pending login so its state can no longer complete.
     pub async fn cancel_login(&self, actor: Actor<'_>, state: &str) -> Result<(), AdminError> {
         let result = async {
-            let token = StateToken::parse(state).ok_or(AdminError::Input(
-                LoginError::InvalidField {
+            let token =
+                StateToken::parse(state).ok_or(AdminError::Input(LoginError::InvalidField {
                     field: "state",
-                    problem: "is not a state issued by BeginLogin (43 base64url characters)"
-                        .into(),
-                },
-            ))?;
+                    problem: "is not a state issued by BeginLogin (43 base64url characters)".into(),
+                }))?;
             match self.states.take(&token, OffsetDateTime::now_utc()).await {
                 // An expired login is as cancelled as it gets.
                 Ok(_) | Err(StateError::Expired) => Ok(()),

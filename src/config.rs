@@ -398,9 +398,10 @@ impl Settings {
         if self.login.link_ticket_ttl.is_zero() {
             problems.push("login.link_ticket_ttl: must be greater than zero".into());
         }
+        // With the global switch on, providers without a group simply take
+        // no part; asking for it on one provider without a group is a slip.
         for (name, p) in &self.providers {
-            let union = p.link_by_union_id.unwrap_or(self.login.link_by_union_id);
-            if union && p.union_group.is_none() {
+            if p.link_by_union_id == Some(true) && p.union_group.is_none() {
                 problems.push(format!(
                     "providers.{name}.union_group: link_by_union_id needs the provider's union_group"
                 ));

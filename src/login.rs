@@ -634,7 +634,13 @@ impl LoginService {
         };
         let binding = self
             .store
-            .link_identity(&req.user_id, &identity, sealed.as_ref(), actor, now_micros())
+            .link_identity(
+                &req.user_id,
+                &identity,
+                sealed.as_ref(),
+                actor,
+                now_micros(),
+            )
             .await
             .map_err(|e| match e {
                 StoreError::Conflict(Conflict::IdentityLinkedElsewhere) => {

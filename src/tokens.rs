@@ -37,7 +37,9 @@ pub enum TokenError {
     NotStored,
     #[error("the stored token can no longer be refreshed; the user must log in again")]
     Unusable,
-    #[error("the token has expired and the provider offers no way to refresh it; the user must log in again")]
+    #[error(
+        "the token has expired and the provider offers no way to refresh it; the user must log in again"
+    )]
     Expired,
     #[error("the provider refused the refresh token; the user must log in again")]
     RefreshRejected(#[source] ProviderError),
@@ -99,13 +101,21 @@ impl TokenService {
         subject: &str,
         tokens: &TokenSet,
     ) -> Result<Option<SealedToken>, VaultError> {
-        let Some(vault) = self.vault.as_ref().filter(|_| self.store_tokens.contains(provider))
+        let Some(vault) = self
+            .vault
+            .as_ref()
+            .filter(|_| self.store_tokens.contains(provider))
         else {
             return Ok(None);
         };
         let now = now_micros();
         vault
-            .seal(provider, subject, &vault_tokens(tokens, None, false, now), now)
+            .seal(
+                provider,
+                subject,
+                &vault_tokens(tokens, None, false, now),
+                now,
+            )
             .map(Some)
     }
 
@@ -192,7 +202,9 @@ impl TokenService {
                 other => return other,
             }
         }
-        Err(TokenError::Store(StoreError::Conflict(Conflict::StaleToken)))
+        Err(TokenError::Store(StoreError::Conflict(
+            Conflict::StaleToken,
+        )))
     }
 
     async fn refresh_once(
@@ -328,14 +340,11 @@ fn vault_tokens(
     };
     VaultTokens {
         access_token: tokens.access_token.clone(),
-        refresh_token: tokens
-            .refresh_token
-            .clone()
-            .or_else(|| {
-                previous
-                    .filter(|_| keep_old_refresh)
-                    .and_then(|p| p.refresh_token.clone())
-            }),
+        refresh_token: tokens.refresh_token.clone().or_else(|| {
+            previous
+                .filter(|_| keep_old_refresh)
+                .and_then(|p| p.refresh_token.clone())
+        }),
         token_type: tokens
             .token_type
             .clone()

@@ -10,9 +10,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{
-    admin::AdminError, login::LoginError, provider::ProviderError, tokens::TokenError,
-};
+use crate::{admin::AdminError, login::LoginError, provider::ProviderError, tokens::TokenError};
 
 pub const DOMAIN: &str = "authbroker";
 
@@ -265,15 +263,13 @@ mod tests {
             let Some((_, listed)) = row else {
                 panic!("README error table lacks {reason}");
             };
-            let expected = format!("{code:?}")
-                .chars()
-                .fold(String::new(), |mut s, c| {
-                    if c.is_ascii_uppercase() && !s.is_empty() {
-                        s.push('_');
-                    }
-                    s.push(c.to_ascii_uppercase());
-                    s
-                });
+            let expected = format!("{code:?}").chars().fold(String::new(), |mut s, c| {
+                if c.is_ascii_uppercase() && !s.is_empty() {
+                    s.push('_');
+                }
+                s.push(c.to_ascii_uppercase());
+                s
+            });
             assert_eq!(*listed, expected, "README gives {reason} the wrong code");
         }
         for (reason, _) in &rows {

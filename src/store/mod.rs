@@ -255,8 +255,7 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<TokenRow>, StoreError>;
 
-    async fn list_audit_events(&self, query: &AuditQuery)
-    -> Result<Vec<AuditRecord>, StoreError>;
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
 /// Opens the store named by `[database] url`: `postgres://…`/`postgresql://…`,

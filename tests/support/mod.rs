@@ -12,7 +12,9 @@ use std::{sync::Arc, time::Duration};
 use authbroker::{
     app::Application,
     config::{ApiKeyConfig, Mode, ProviderConfig, Role, Settings},
-    grpc::pb::{self, login_service_client::LoginServiceClient},
+    grpc::pb::{
+        self, admin_service_client::AdminServiceClient, login_service_client::LoginServiceClient,
+    },
     store::Store,
 };
 use sha2::{Digest, Sha256};
@@ -160,9 +162,43 @@ pub fn redirect_params(location: &str) -> std::collections::HashMap<String, Stri
         .collect()
 }
 
+/// A fixed 32-byte vault key for tests (base64 of bytes 0..32).
+pub const VAULT_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// Turns on the token vault with one key.
+pub fn with_vault(s: &mut Settings) {
+    s.vault.keys = vec![authbroker::vault::VaultKeyConfig {
+        id: "test-1".into(),
+        key: Some(VAULT_KEY.into()),
+        key_file: None,
+        key_env: None,
+    }];
+}
+
 impl TestApp {
     pub fn client(&self) -> LoginServiceClient<Channel> {
         LoginServiceClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel.clone())
+    }
+
+    pub async fn link(
+        &self,
+        link_ticket: &str,
+        user_id: &str,
+    ) -> Result<pb::LinkIdentityResponse, Status> {
+        self.client()
+            .link_identity(authed(
+                pb::LinkIdentityRequest {
+                    link_ticket: link_ticket.into(),
+                    user_id: user_id.into(),
+                },
+                LOGIN_KEY,
+            ))
+            .await
+            .map(|r| r.into_inner())
     }
 
     pub async fn begin(
@@ -224,6 +260,15 @@ impl TestApp {
         self.complete(&state, &code)
             .await
             .expect("CompleteLogin succeeds")
+    }
+
+    /// The test database's URL (Postgres) or file (SQLite).
+    pub fn database_url(&self) -> String {
+        match (&self._db, &self._dir) {
+            (Some(db), _) => db.url.clone(),
+            (_, Some(dir)) => format!("sqlite://{}", dir.path().join("t.db").display()),
+            _ => unreachable!("every test app has a database"),
+        }
     }
 
     pub async fn stop(mut self) {
