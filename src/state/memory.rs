@@ -76,11 +76,33 @@ impl<V> Expiry<StateToken, Entry<V>> for EvictAt {
     }
 }
 
+/// The keys are 32 bytes from the OS RNG, so any 8 of them are already a
+/// uniform hash; SipHash over all 32 was a measurable share of BeginLogin.
+#[derive(Clone, Default)]
+struct RandomKeyHasher(u64);
+
+impl std::hash::Hasher for RandomKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Fold everything in, so a non-random key still hashes sanely.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
+type KeyHasher = std::hash::BuildHasherDefault<RandomKeyHasher>;
+
 /// Bounded single-use values. Entries outlive their deadline by `grace` so
 /// that a late taker gets "expired" (the user was too slow) instead of
 /// "unknown" (possible forgery).
 pub struct SingleUse<V> {
-    cache: Cache<StateToken, Entry<V>>,
+    cache: Cache<StateToken, Entry<V>, KeyHasher>,
     /// Exact count of entries held. moka's own `entry_count` lags behind
     /// inserts, which would let a burst overshoot the bound and make moka
     /// evict someone's in-flight login.
@@ -106,7 +128,7 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
                     on_removal.fetch_sub(1, Ordering::Relaxed);
                 }
             })
-            .build();
+            .build_with_hasher(KeyHasher::default());
         SingleUse {
             cache,
             live,
