@@ -487,23 +487,38 @@ impl LoginService {
         }
 
         let started = Instant::now();
-        let login = self.states.take(&state, OffsetDateTime::now_utc()).await?;
+        let taken = self.states.take(&state, OffsetDateTime::now_utc()).await;
         record_phase("state", started);
+        let login = match taken {
+            Ok(login) => login,
+            Err(e) => {
+                // Which provider a dead state belonged to is no longer known.
+                let e = LoginError::from(e);
+                self.audit_failure(None, actor, &e).await;
+                return Err(e);
+            }
+        };
 
         let result = self.finish(&login, &req, actor).await;
         if let Err(e) = &result {
-            let mut event = AuditEvent::new(AuditKind::LoginFailed);
-            event.actor = actor.map(str::to_string);
-            event.provider = Some(login.provider.to_string());
-            event.reason = Some(e.reason().to_string());
-            if let Err(audit_err) = self.store.record_audit(&event).await {
-                tracing::warn!(
-                    error = %crate::telemetry::cause_chain(&audit_err),
-                    "could not record a failed login"
-                );
-            }
+            self.audit_failure(Some(&login.provider), actor, e).await;
         }
         result
+    }
+
+    /// A failed login is audited with its reason; losing the audit write
+    /// must not hide the login's own error.
+    async fn audit_failure(&self, provider: Option<&str>, actor: Option<&str>, e: &LoginError) {
+        let mut event = AuditEvent::new(AuditKind::LoginFailed);
+        event.actor = actor.map(str::to_string);
+        event.provider = provider.map(str::to_string);
+        event.reason = Some(e.reason().to_string());
+        if let Err(audit_err) = self.store.record_audit(&event).await {
+            tracing::warn!(
+                error = %crate::telemetry::cause_chain(&audit_err),
+                "could not record a failed login"
+            );
+        }
     }
 
     async fn finish(

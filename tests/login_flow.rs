@@ -85,7 +85,11 @@ async fn new_then_returning_user(backend: Backend) {
         kinds,
         ["login_succeeded", "login_succeeded", "user_created"]
     );
-    assert!(events.iter().all(|e| e.event.actor.as_deref() == Some("web")));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event.actor.as_deref() == Some("web"))
+    );
     app.stop().await;
 }
 
@@ -215,8 +219,9 @@ async fn access_denied_consumes_the_state(backend: Backend) {
         })
         .await
         .unwrap();
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0].event.reason.as_deref(), Some("ACCESS_DENIED"));
+    let reasons: Vec<_> = events.iter().map(|e| e.event.reason.as_deref()).collect();
+    assert_eq!(reasons, [Some("STATE_ALREADY_USED"), Some("ACCESS_DENIED")]);
+    assert_eq!(events[1].event.provider.as_deref(), Some("sandbox"));
 
     // Any other error the provider redirects with gets its own reason.
     let begun = app.begin_with("sandbox").await;
@@ -252,6 +257,21 @@ async fn expired_and_unknown_states() {
     assert_error(&err, Code::NotFound, "STATE_UNKNOWN");
     assert!(!err.message().contains(&forged));
     assert_eq!(app.store.count_users().await.unwrap(), 0);
+
+    // Every one of those failed logins is in the audit trail, newest first.
+    let reasons: Vec<String> = app
+        .store
+        .list_audit_events(&Default::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.kind.as_str() == "login_failed")
+        .filter_map(|r| r.event.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        ["STATE_UNKNOWN", "STATE_ALREADY_USED", "STATE_EXPIRED"]
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,315 @@
+//! Load generator for authbroker (DESIGN §8): one process, one run, against an
+//! in-process authbroker on 127.0.0.1:0 backed by a throwaway Postgres
+//! database (or SQLite with `--sqlite`) and the built-in sandbox provider,
+//! over real gRPC on a loopback socket.
+//!
+//!     cargo build --release --example loadgen
+//!     target/release/examples/loadgen [--quick] [--duration 5s] [--database-url URL]
+//!
+//! Layout, one job per module:
+//! - `machine`: what the numbers were measured on (cores, CPU, memory, OS).
+//! - `bench_db`: creates and drops the randomly named benchmark database.
+//! - `harness`: settings, the running app, its gRPC channels.
+//! - `calls`: one call of each scenario, and how a failure is described.
+//! - `runner`: N concurrent callers for a fixed time; latency histograms.
+//! - `phases`: the in-process metrics recorder and where a login's time goes.
+//! - `memory`: RSS per pending login with a million held.
+//! - `report`: the printed tables, ratios and target verdicts.
+//!
+//! The modules live in `examples/loadgen/`; a crate root's `mod` looks beside
+//! it, hence the `#[path]`s.
+
+#[path = "loadgen/bench_db.rs"]
+mod bench_db;
+#[path = "loadgen/calls.rs"]
+mod calls;
+#[path = "loadgen/harness.rs"]
+mod harness;
+#[path = "loadgen/machine.rs"]
+mod machine;
+#[path = "loadgen/memory.rs"]
+mod memory;
+#[path = "loadgen/phases.rs"]
+mod phases;
+#[path = "loadgen/report.rs"]
+mod report;
+#[path = "loadgen/runner.rs"]
+mod runner;
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
+
+use crate::{
+    calls::{Scenario, Shared},
+    harness::RunningApp,
+    phases::Breakdown,
+    runner::{Interleaved, Level, Row},
+};
+
+/// The default server when neither `--database-url` nor `TEST_DATABASE_URL`
+/// says otherwise: the conventional local Postgres.
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Logins in flight while the returning users are created: enough to make
+/// setup quick, not part of any measurement.
+const CREATE_CONCURRENCY: usize = 64;
+
+#[derive(Parser, Debug)]
+#[command(about = "Measures authbroker: Health/Check floor, BeginLogin, full sandbox logins")]
+struct Args {
+    /// How long each (scenario, concurrency) level is measured, e.g. 5s, 1500ms.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Unmeasured run before each level, so connections, pools and caches are warm.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// 1 s levels and 250 ms warm-ups: a smoke run, not for publishing.
+    #[arg(long)]
+    quick: bool,
+    /// Scenarios to run, comma-separated (default: all four, in this order).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Scenario::ALL)]
+    scenarios: Vec<Scenario>,
+    /// Concurrent callers, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 64])]
+    concurrency: Vec<usize>,
+    /// A Postgres server URL whose user may create databases; its database,
+    /// if any, is only used to CREATE and DROP the benchmark database.
+    #[arg(
+        long,
+        env = "TEST_DATABASE_URL",
+        hide_env_values = true,
+        default_value = DEFAULT_DATABASE_URL
+    )]
+    database_url: String,
+    /// Use a temporary SQLite file instead of Postgres.
+    #[arg(long)]
+    sqlite: bool,
+    /// gRPC channels (HTTP/2 connections) shared round-robin by the callers.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Users created up front for the returning-user logins.
+    #[arg(long, default_value_t = 1000)]
+    returning_users: usize,
+    /// Pending logins held for the memory measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pending: u64,
+    /// Rounds of the interleaved Health/BeginLogin cross-check at 64 callers
+    /// (each round: one slice of each); 0 skips it.
+    #[arg(long, default_value_t = 5)]
+    ab_rounds: usize,
+    /// Skip the memory measurement.
+    #[arg(long)]
+    skip_memory: bool,
+    /// The app's database pool size (default: the app's own default).
+    #[arg(long)]
+    pool_size: Option<usize>,
+    /// Print the app's logs (info level) to stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+impl Args {
+    fn level_timing(&self) -> (Duration, Duration) {
+        if self.quick {
+            (Duration::from_secs(1), Duration::from_millis(250))
+        } else {
+            (self.duration, self.warmup)
+        }
+    }
+}
+
+/// `5s`, `1500ms`, `0.5s`: enough for a command line without another crate.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.strip_suffix("ms") {
+        Some(n) => (n, 1e-3),
+        None => (s.strip_suffix('s').unwrap_or(s), 1.0),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 5s or 500ms"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(value * unit))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Installed before anything runs so every phase timing lands in it.
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    if recorder.install().is_err() {
+        eprintln!("loadgen: a metrics recorder is already installed");
+        return ExitCode::FAILURE;
+    }
+    // Client and server share this runtime (and so the machine's cores): the
+    // default worker count is one thread per core.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: cannot start the Tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, snapshotter)) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(errors) => {
+            eprintln!("loadgen: {errors} calls failed; the figures above are not clean");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets up the database, runs everything, and always drops the database.
+/// Returns the number of failed calls.
+async fn run(args: Args, snapshotter: Snapshotter) -> anyhow::Result<u64> {
+    if args.verbose {
+        authbroker::telemetry::init(&Default::default());
+    }
+    let (duration, warmup) = args.level_timing();
+    report::header(&machine::describe(), &args_summary(&args, duration, warmup));
+
+    if args.sqlite {
+        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        return bench(&args, &url, &snapshotter).await;
+    }
+    let db = bench_db::BenchDatabase::create(&args.database_url).await?;
+    let result = bench(&args, &db.url, &snapshotter).await;
+    if let Err(e) = db.drop_database().await {
+        eprintln!("loadgen: warning: {e:#}");
+    }
+    result
+}
+
+fn args_summary(args: &Args, duration: Duration, warmup: Duration) -> String {
+    let backend = if args.sqlite {
+        "SQLite (temporary file)".to_string()
+    } else {
+        format!(
+            "Postgres at {} (throwaway database)",
+            authbroker::config::redact_url(&args.database_url)
+        )
+    };
+    format!(
+        "levels {:?} concurrent callers, {:.1} s each after a {:.2} s warm-up; {} gRPC channels; \
+         store: {backend}",
+        args.concurrency,
+        duration.as_secs_f64(),
+        warmup.as_secs_f64(),
+        args.channels
+    )
+}
+
+/// Memory first, on a fresh heap (see `memory`), then the gRPC scenarios.
+async fn bench(args: &Args, database_url: &str, snapshotter: &Snapshotter) -> anyhow::Result<u64> {
+    let settings = harness::settings(database_url, args.pool_size)?;
+    let memory = if args.skip_memory {
+        None
+    } else {
+        eprintln!("memory: holding {} pending logins …", args.pending);
+        Some(memory::measure(settings.clone(), args.pending).await?)
+    };
+
+    let app = RunningApp::start(settings, args.channels).await?;
+    eprintln!("app listening on {}", app.addr);
+    let outcome = grpc_scenarios(args, &app, snapshotter).await;
+    app.stop().await;
+    let (rows, breakdowns, cross_check) = outcome?;
+
+    report::throughput(&rows);
+    report::ratios(&rows, &args.concurrency);
+    report::breakdowns(&breakdowns);
+    if let Some(m) = &memory {
+        report::memory(m);
+    }
+    report::verdicts(&rows, cross_check.as_ref(), memory.as_ref());
+    let cross_check_errors = cross_check.as_ref().map_or(0, |c| c.errors);
+    Ok(rows.iter().map(|r| r.errors + r.warmup_errors).sum::<u64>() + cross_check_errors)
+}
+
+/// Every scenario at every level, in order; pre-creates the returning users
+/// just before their scenario.
+async fn grpc_scenarios(
+    args: &Args,
+    app: &RunningApp,
+    snapshotter: &Snapshotter,
+) -> anyhow::Result<(Vec<Row>, Vec<Breakdown>, Option<Interleaved>)> {
+    let (duration, warmup) = args.level_timing();
+    let shared = Arc::new(Shared::new(app, args.returning_users)?);
+    let (mut rows, mut breakdowns) = (Vec::new(), Vec::new());
+    for &scenario in &args.scenarios {
+        if scenario == Scenario::ReturningUser {
+            eprintln!("creating {} returning users …", args.returning_users);
+            calls::create_returning_users(&shared, CREATE_CONCURRENCY).await?;
+        }
+        for &concurrency in &args.concurrency {
+            eprintln!("{} @ {concurrency} …", scenario.name());
+            let level = Level {
+                scenario,
+                concurrency,
+                duration,
+                warmup,
+            };
+            let measured = runner::measure(&shared, level, snapshotter).await?;
+            if let Some(b) = measured.breakdown {
+                breakdowns.push(b);
+            }
+            rows.push(measured.row);
+        }
+    }
+    let cross_check = cross_check(args, &shared).await?;
+    Ok((rows, breakdowns, cross_check))
+}
+
+/// The BeginLogin target again, measured interleaved with Health/Check.
+async fn cross_check(args: &Args, shared: &Arc<Shared>) -> anyhow::Result<Option<Interleaved>> {
+    let wanted = [Scenario::Health, Scenario::BeginLogin];
+    if args.ab_rounds == 0 || !wanted.iter().all(|s| args.scenarios.contains(s)) {
+        return Ok(None);
+    }
+    let (slice, _) = args.level_timing();
+    let slice = slice.min(Duration::from_secs(1));
+    eprintln!(
+        "cross-check: Health/Check vs BeginLogin @ {} interleaved …",
+        report::TARGET_CONCURRENCY
+    );
+    let result = runner::interleaved(
+        shared,
+        (Scenario::Health, Scenario::BeginLogin),
+        report::TARGET_CONCURRENCY,
+        slice,
+        args.ab_rounds,
+    )
+    .await?;
+    for e in &result.first_errors {
+        eprintln!("  error: {e}");
+    }
+    Ok(Some(result))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! Memory per pending login: the resident set grows by how much when a
+//! million logins are pending? Measured in-process through `LoginService`
+//! (no gRPC: the question is what the state store holds, not what a call
+//! costs) on an app of its own, before any gRPC traffic, so the heap is fresh
+//! and the delta cannot be hidden by memory an earlier run freed.
+
+use std::{
+    fs,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use authbroker::{
+    app::Application,
+    config::{Mode, Settings},
+    login::BeginLogin,
+    state::{PendingLogin, StateStore},
+};
+
+/// The state store must hold them all: refusing would end the measurement.
+const MIN_CAPACITY: u64 = 2_000_000;
+/// Used when sysconf cannot say (it always can on Linux).
+const FALLBACK_PAGE_SIZE: u64 = 4096;
+
+pub struct MemoryReport {
+    pub requested: u64,
+    /// What the state store reports holding after its housekeeping.
+    pub entries: u64,
+    pub page_size: u64,
+    pub page_size_assumed: bool,
+    pub rss_before: u64,
+    pub rss_held: u64,
+    pub rss_after_drop: u64,
+    /// After `malloc_trim(0)`: how much glibc was keeping for reuse.
+    pub rss_after_trim: Option<u64>,
+    pub elapsed: Duration,
+    pub pending_login_size: usize,
+}
+
+impl MemoryReport {
+    pub fn delta(&self) -> i64 {
+        self.rss_held as i64 - self.rss_before as i64
+    }
+
+    pub fn bytes_per_login(&self) -> f64 {
+        self.delta() as f64 / self.entries.max(1) as f64
+    }
+}
+
+pub async fn measure(mut settings: Settings, pending: u64) -> anyhow::Result<MemoryReport> {
+    settings.login.max_pending = pending.saturating_mul(2).max(MIN_CAPACITY);
+    let app = Application::build(settings, Mode::Serve)
+        .await
+        .context("cannot build the app for the memory measurement")?;
+    let login = app.login_service();
+    let states = app.state_store();
+    let (page_size, page_size_assumed) = page_size();
+
+    states.run_pending_tasks().await;
+    let rss_before = rss(page_size)?;
+    let started = Instant::now();
+    for i in 0..pending {
+        let request = BeginLogin {
+            provider: "sandbox".into(),
+            ..Default::default()
+        };
+        login
+            .begin(request)
+            .await
+            .with_context(|| format!("BeginLogin (in-process) number {i}"))?;
+    }
+    // moka applies inserts to its policy lazily; flush so the count and
+    // the memory are those of a settled cache.
+    states.run_pending_tasks().await;
+    let elapsed = started.elapsed();
+    let rss_held = rss(page_size)?;
+    let entries = states.len();
+
+    drop((states, login, app));
+    let rss_after_drop = rss(page_size)?;
+    let rss_after_trim = trim().then(|| rss(page_size)).transpose()?;
+    Ok(MemoryReport {
+        requested: pending,
+        entries,
+        page_size,
+        page_size_assumed,
+        rss_before,
+        rss_held,
+        rss_after_drop,
+        rss_after_trim,
+        elapsed,
+        pending_login_size: std::mem::size_of::<PendingLogin>(),
+    })
+}
+
+/// Resident bytes: the second field of /proc/self/statm is in pages.
+fn rss(page_size: u64) -> anyhow::Result<u64> {
+    let statm = fs::read_to_string("/proc/self/statm").context("cannot read /proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .context("unexpected /proc/self/statm format")?;
+    Ok(pages * page_size)
+}
+
+/// (page size, whether it was assumed rather than asked).
+fn page_size() -> (u64, bool) {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    match u64::try_from(size) {
+        Ok(s) if s > 0 => (s, false),
+        _ => (FALLBACK_PAGE_SIZE, true),
+    }
+}
+
+/// Asks glibc to hand freed memory back to the kernel; false elsewhere.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() -> bool {
+    // SAFETY: malloc_trim has no preconditions; 0 keeps no padding.
+    unsafe { libc::malloc_trim(0) };
+    true
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() -> bool {
+    false
+}

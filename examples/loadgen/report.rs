@@ -1,0 +1,337 @@
+//! Everything the load generator prints on stdout: the header, the tables,
+//! the ratios and the target verdicts. Progress goes to stderr.
+
+use crate::{
+    calls::Scenario,
+    machine::Machine,
+    memory::MemoryReport,
+    phases::{Breakdown, Stat},
+    runner::{Interleaved, Row},
+};
+
+/// BeginLogin must reach this share of the Health/Check floor…
+const BEGIN_TARGET_RATIO: f64 = 0.8;
+/// …at this concurrency.
+pub const TARGET_CONCURRENCY: usize = 64;
+/// Resident bytes per pending login, measured with a million held.
+const MEMORY_TARGET_BYTES: f64 = 1024.0;
+
+fn ms(us: f64) -> f64 {
+    us / 1000.0
+}
+
+pub fn header(machine: &Machine, run: &str) {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    println!("authbroker loadgen {} — {now}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "machine: {} cores (nproc), {}, {:.1} GiB RAM, {}",
+        machine.cores, machine.cpu_model, machine.memory_gib, machine.os
+    );
+    println!(
+        "note: client and server run in this one process on one Tokio runtime \
+         ({} worker threads) and share these {} cores",
+        machine.cores, machine.cores
+    );
+    println!("run: {run}");
+    println!("source: {}", crate::machine::source_revision());
+    println!("load average at start: {}", crate::machine::load_average());
+    println!();
+}
+
+pub fn throughput(rows: &[Row]) {
+    println!("== Throughput and latency (closed loop; latency of the whole call) ==");
+    println!(
+        "{:<28} {:>5} {:>9} {:>7} {:>11} {:>9} {:>9}",
+        "scenario", "conc", "calls", "errors", "calls/s", "p50 ms", "p99 ms"
+    );
+    for r in rows {
+        println!(
+            "{:<28} {:>5} {:>9} {:>7} {:>11.1} {:>9.3} {:>9.3}",
+            r.scenario.name(),
+            r.concurrency,
+            r.ok,
+            r.errors,
+            r.throughput(),
+            ms(r.p50_us as f64),
+            ms(r.p99_us as f64)
+        );
+    }
+    println!("(calls = successful calls in the window; calls/s = calls / window)");
+    for r in rows.iter().filter(|r| r.errors + r.warmup_errors > 0) {
+        println!(
+            "ERRORS in {} @ {}: {} measured, {} in warm-up; first ones:",
+            r.scenario.name(),
+            r.concurrency,
+            r.errors,
+            r.warmup_errors
+        );
+        for e in &r.first_errors {
+            println!("  {e}");
+        }
+    }
+    println!();
+}
+
+fn find(rows: &[Row], scenario: Scenario, concurrency: usize) -> Option<&Row> {
+    rows.iter()
+        .find(|r| r.scenario == scenario && r.concurrency == concurrency)
+}
+
+/// `scenario` throughput over Health/Check's at the same concurrency.
+fn ratio(rows: &[Row], scenario: Scenario, concurrency: usize) -> Option<f64> {
+    let floor = find(rows, Scenario::Health, concurrency)?.throughput();
+    let it = find(rows, scenario, concurrency)?.throughput();
+    (floor > 0.0).then(|| it / floor)
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "n/a".into(), |r| format!("{r:.3}"))
+}
+
+pub fn ratios(rows: &[Row], levels: &[usize]) {
+    println!("== Throughput ratios (scenario / Health/Check at the same concurrency) ==");
+    println!(
+        "{:>5} {:>18} {:>22} {:>28}",
+        "conc", "BeginLogin/Health", "new-user login/Health", "returning-user login/Health"
+    );
+    for &c in levels {
+        println!(
+            "{:>5} {:>18} {:>22} {:>28}",
+            c,
+            fmt_ratio(ratio(rows, Scenario::BeginLogin, c)),
+            fmt_ratio(ratio(rows, Scenario::NewUser, c)),
+            fmt_ratio(ratio(rows, Scenario::ReturningUser, c)),
+        );
+    }
+    println!();
+}
+
+pub fn breakdowns(all: &[Breakdown]) {
+    for b in all {
+        breakdown(b);
+    }
+}
+
+fn line(part: &str, mean_us: f64, p50_us: Option<f64>, total_us: f64) {
+    let p50 = p50_us.map_or_else(|| "—".to_string(), |p| format!("{:.3}", ms(p)));
+    let share = if total_us > 0.0 {
+        100.0 * mean_us / total_us
+    } else {
+        0.0
+    };
+    println!(
+        "{:<52} {:>9.3} {:>9} {:>7.1}%",
+        part,
+        ms(mean_us),
+        p50,
+        share
+    );
+}
+
+fn stat_line(part: &str, s: Stat, total_us: f64) {
+    line(part, s.mean_us, Some(s.p50_us), total_us);
+}
+
+fn breakdown(b: &Breakdown) {
+    let total = b.total.mean_us;
+    let phase = |name| b.server.phase(name);
+    println!(
+        "== Where a full login's time goes: {} @ {} concurrent ({} logins) ==",
+        b.scenario.name(),
+        b.concurrency,
+        b.total.count
+    );
+    println!(
+        "{:<52} {:>9} {:>9} {:>8}",
+        "part", "mean ms", "p50 ms", "share"
+    );
+    stat_line("BeginLogin RPC (client)", b.begin, total);
+    stat_line(
+        "browser step: sandbox authorize GET (client)",
+        b.browser,
+        total,
+    );
+    stat_line("CompleteLogin RPC (client), of which:", b.complete, total);
+    stat_line("  state take (server)", phase("state"), total);
+    let provider = phase("exchange").mean_us + phase("identity").mean_us;
+    line(
+        "  provider calls: exchange + identity (server)",
+        provider,
+        None,
+        total,
+    );
+    stat_line("    exchange (server)", phase("exchange"), total);
+    provider_steps(b, |step| step == "token", total);
+    stat_line("    identity (server)", phase("identity"), total);
+    provider_steps(b, |step| step != "token", total);
+    stat_line("  store: bind in Postgres (server)", phase("store"), total);
+    line(
+        "  our own code + gRPC (Complete − the 4 phases)",
+        b.own_code_and_grpc_us(),
+        None,
+        total,
+    );
+    let glue = total - b.begin.mean_us - b.browser.mean_us - b.complete.mean_us;
+    line(
+        "client glue (end-to-end − the 3 client parts)",
+        glue,
+        None,
+        total,
+    );
+    stat_line("end-to-end (client)", b.total, total);
+    let counts: Vec<String> = ["state", "exchange", "identity", "store"]
+        .iter()
+        .map(|p| format!("{p} {}", phase(p).count))
+        .collect();
+    println!(
+        "server samples: {} (successful logins: {}); shares are of the end-to-end mean",
+        counts.join(", "),
+        b.total.count
+    );
+    println!();
+}
+
+/// The provider engine's own timing of each HTTP request, under its phase.
+fn provider_steps(b: &Breakdown, include: impl Fn(&str) -> bool, total: f64) {
+    for (step, s) in b.server.provider.iter().filter(|(k, _)| include(k)) {
+        stat_line(&format!("      of which HTTP {step} (server)"), *s, total);
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+pub fn memory(m: &MemoryReport) {
+    println!("== Memory per pending login ==");
+    println!(
+        "method: LoginService::begin(sandbox) × {} in-process on a fresh app, before any gRPC \
+         traffic; then run_pending_tasks; RSS = resident pages from /proc/self/statm × page size \
+         {} ({}); allocator: glibc malloc",
+        m.requested,
+        m.page_size,
+        if m.page_size_assumed {
+            "assumed"
+        } else {
+            "sysconf"
+        }
+    );
+    println!("entries held (state_store().len()): {}", m.entries);
+    println!(
+        "RSS before: {:.1} MiB, with them held: {:.1} MiB, delta: {:.1} MiB",
+        mib(m.rss_before),
+        mib(m.rss_held),
+        m.delta() as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "bytes per pending login: {:.0} (size_of::<PendingLogin>() = {} B; the rest is the Arc, \
+         the cache's per-entry bookkeeping and allocator overhead)",
+        m.bytes_per_login(),
+        m.pending_login_size
+    );
+    let trimmed = m
+        .rss_after_trim
+        .map_or_else(|| "n/a".into(), |r| format!("{:.1} MiB", mib(r)));
+    println!(
+        "after dropping the app: {:.1} MiB; after malloc_trim(0): {trimmed} \
+         (what glibc kept for reuse vs returned)",
+        mib(m.rss_after_drop)
+    );
+    println!(
+        "{} in-process BeginLogins took {:.2} s ({:.0}/s, one task, no gRPC)",
+        m.requested,
+        m.elapsed.as_secs_f64(),
+        m.requested as f64 / m.elapsed.as_secs_f64()
+    );
+    println!();
+}
+
+pub fn verdicts(rows: &[Row], cross_check: Option<&Interleaved>, memory: Option<&MemoryReport>) {
+    println!("== Targets ==");
+    println!(
+        "BeginLogin throughput >= {BEGIN_TARGET_RATIO} x Health/Check at \
+         {TARGET_CONCURRENCY} concurrent calls: {}",
+        begin_verdict(rows)
+    );
+    if let Some(c) = cross_check {
+        println!("  cross-check, interleaved: {}", cross_check_verdict(c));
+    }
+    println!(
+        "memory per pending login <= {MEMORY_TARGET_BYTES:.0} B (RSS delta with 1,000,000 \
+         held): {}",
+        memory.map_or_else(|| "NOT MEASURED (--skip-memory)".into(), memory_verdict)
+    );
+    println!("load average at end: {}", crate::machine::load_average());
+    let errors: u64 = rows.iter().map(|r| r.errors + r.warmup_errors).sum();
+    if errors > 0 {
+        println!("RUN HAD ERRORS: {errors} failed calls (see above); figures are not clean");
+    } else {
+        println!("errors: none");
+    }
+}
+
+fn begin_verdict(rows: &[Row]) -> String {
+    let c = TARGET_CONCURRENCY;
+    let (Some(floor), Some(begin)) = (
+        find(rows, Scenario::Health, c),
+        find(rows, Scenario::BeginLogin, c),
+    ) else {
+        return format!("NOT MEASURED (no level {c} in --concurrency)");
+    };
+    let failed = floor.errors + begin.errors;
+    let r = begin.throughput() / floor.throughput().max(f64::MIN_POSITIVE);
+    let pass = failed == 0 && r >= BEGIN_TARGET_RATIO;
+    format!(
+        "{} (ratio {r:.3}: {:.0} vs {:.0} calls/s{})",
+        if pass { "PASS" } else { "FAIL" },
+        begin.throughput(),
+        floor.throughput(),
+        if failed > 0 {
+            format!("; {failed} errors")
+        } else {
+            String::new()
+        }
+    )
+}
+
+fn cross_check_verdict(c: &Interleaved) -> String {
+    let r = c.ratio();
+    let (lo, hi) = c.spread();
+    let pass = c.errors == 0 && r >= BEGIN_TARGET_RATIO;
+    let rounds: Vec<String> = c
+        .rounds
+        .iter()
+        .map(|(h, b)| format!("{b:.0}/{h:.0}"))
+        .collect();
+    format!(
+        "{} (ratio {r:.3} over {} A-B-B-A rounds, per round {lo:.3}..{hi:.3}; BeginLogin/Health \
+         calls/s per round: {}{})",
+        if pass { "PASS" } else { "FAIL" },
+        c.rounds.len(),
+        rounds.join(", "),
+        if c.errors > 0 {
+            format!("; {} errors", c.errors)
+        } else {
+            String::new()
+        }
+    )
+}
+
+fn memory_verdict(m: &MemoryReport) -> String {
+    let per = m.bytes_per_login();
+    let all_held = m.entries >= m.requested;
+    let pass = all_held && per <= MEMORY_TARGET_BYTES;
+    let mut note = String::new();
+    if !all_held {
+        note.push_str(&format!("; only {} of {} held", m.entries, m.requested));
+    }
+    if m.requested != 1_000_000 {
+        note.push_str(&format!("; measured with {} (--pending)", m.requested));
+    }
+    format!(
+        "{} ({per:.0} B per pending login{note})",
+        if pass { "PASS" } else { "FAIL" }
+    )
+}

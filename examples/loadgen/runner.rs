@@ -1,0 +1,263 @@
+//! N concurrent callers, each calling back to back until a deadline: a
+//! closed-loop load, so throughput is what the machine sustains with N calls
+//! in flight. Each caller keeps its own histograms (no shared lock on the hot
+//! path); they are merged when the level ends.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use metrics_util::debugging::Snapshotter;
+
+use crate::{
+    calls::{Caller, LoginTimes, Scenario, Shared},
+    phases::{self, Breakdown},
+};
+
+/// Failures printed per level; the rest are only counted.
+const ERRORS_KEPT: usize = 5;
+/// Histogram range in microseconds: 1 µs to 60 s, 3 significant digits.
+const MAX_MICROS: u64 = 60_000_000;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Level {
+    pub scenario: Scenario,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+}
+
+/// One line of the throughput table.
+#[derive(Debug)]
+pub struct Row {
+    pub scenario: Scenario,
+    pub concurrency: usize,
+    pub ok: u64,
+    pub errors: u64,
+    pub warmup_errors: u64,
+    pub elapsed: Duration,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub first_errors: Vec<String>,
+}
+
+impl Row {
+    /// Successful calls per second over the measured window.
+    pub fn throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+pub struct Measured {
+    pub row: Row,
+    pub breakdown: Option<Breakdown>,
+}
+
+/// Microsecond latency histograms of one caller, or of a whole level.
+pub struct Tally {
+    pub ok: u64,
+    pub errors: u64,
+    pub first_errors: Vec<String>,
+    /// Whole call (for a full login: Begin + browser + Complete).
+    pub total: Histogram<u64>,
+    pub begin: Histogram<u64>,
+    pub browser: Histogram<u64>,
+    pub complete: Histogram<u64>,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, MAX_MICROS, 3).context("histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Tally {
+    fn new() -> anyhow::Result<Tally> {
+        Ok(Tally {
+            ok: 0,
+            errors: 0,
+            first_errors: Vec::new(),
+            total: histogram()?,
+            begin: histogram()?,
+            browser: histogram()?,
+            complete: histogram()?,
+        })
+    }
+
+    fn record(&mut self, took: Duration, outcome: Result<Option<LoginTimes>, String>) {
+        match outcome {
+            Ok(parts) => {
+                self.ok += 1;
+                self.total.saturating_record(micros(took));
+                if let Some(p) = parts {
+                    self.begin.saturating_record(micros(p.begin));
+                    self.browser.saturating_record(micros(p.browser));
+                    self.complete.saturating_record(micros(p.complete));
+                }
+            }
+            Err(e) => {
+                self.errors += 1;
+                if self.first_errors.len() < ERRORS_KEPT {
+                    self.first_errors.push(e);
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) -> anyhow::Result<()> {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        let room = ERRORS_KEPT.saturating_sub(self.first_errors.len());
+        self.first_errors
+            .extend(other.first_errors.into_iter().take(room));
+        self.total.add(&other.total).context("merging histograms")?;
+        self.begin.add(&other.begin).context("merging histograms")?;
+        self.browser
+            .add(&other.browser)
+            .context("merging histograms")?;
+        self.complete
+            .add(&other.complete)
+            .context("merging histograms")?;
+        Ok(())
+    }
+}
+
+/// Warm-up, then the measured run; for full logins, the server's phase
+/// timings of exactly the measured run (the recorder is drained before it).
+pub async fn measure(
+    shared: &Arc<Shared>,
+    level: Level,
+    snapshotter: &Snapshotter,
+) -> anyhow::Result<Measured> {
+    let (warm, _) = run_for(shared, level.scenario, level.concurrency, level.warmup).await?;
+    for e in &warm.first_errors {
+        eprintln!("  warm-up error: {e}");
+    }
+    // Every warm-up call has finished, so this drains exactly their samples.
+    let _ = phases::take(snapshotter);
+    let (tally, elapsed) =
+        run_for(shared, level.scenario, level.concurrency, level.duration).await?;
+    let breakdown = level.scenario.is_full_login().then(|| {
+        Breakdown::new(
+            level.scenario,
+            level.concurrency,
+            &tally,
+            phases::take(snapshotter),
+        )
+    });
+    for e in &tally.first_errors {
+        eprintln!("  error: {e}");
+    }
+    let row = Row {
+        scenario: level.scenario,
+        concurrency: level.concurrency,
+        ok: tally.ok,
+        errors: tally.errors,
+        warmup_errors: warm.errors,
+        elapsed,
+        p50_us: tally.total.value_at_quantile(0.50),
+        p99_us: tally.total.value_at_quantile(0.99),
+        first_errors: tally.first_errors,
+    };
+    Ok(Measured { row, breakdown })
+}
+
+/// Throughput of two scenarios measured in alternating slices.
+pub struct Interleaved {
+    /// Per round: (first scenario's calls/s, second's).
+    pub rounds: Vec<(f64, f64)>,
+    pub errors: u64,
+    pub first_errors: Vec<String>,
+}
+
+impl Interleaved {
+    /// Second over first, over all rounds together.
+    pub fn ratio(&self) -> f64 {
+        let (a, b) = self
+            .rounds
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        b / a.max(f64::MIN_POSITIVE)
+    }
+
+    /// Smallest and largest per-round ratio.
+    pub fn spread(&self) -> (f64, f64) {
+        self.rounds
+            .iter()
+            .map(|(a, b)| b / a.max(f64::MIN_POSITIVE))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+                (lo.min(r), hi.max(r))
+            })
+    }
+}
+
+/// `first` and `second` at `concurrency` in `rounds` A-B-B-A slices: the
+/// machine is shared, and a build starting mid-run skews two back-to-back
+/// windows but hits interleaved slices alike.
+pub async fn interleaved(
+    shared: &Arc<Shared>,
+    (first, second): (Scenario, Scenario),
+    concurrency: usize,
+    slice: Duration,
+    rounds: usize,
+) -> anyhow::Result<Interleaved> {
+    let mut result = Interleaved {
+        rounds: Vec::with_capacity(rounds),
+        errors: 0,
+        first_errors: Vec::new(),
+    };
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [first, second]
+        } else {
+            [second, first]
+        };
+        let mut throughput = [0.0; 2];
+        for scenario in order {
+            let (tally, elapsed) = run_for(shared, scenario, concurrency, slice).await?;
+            result.errors += tally.errors;
+            result.first_errors.extend(tally.first_errors);
+            result.first_errors.truncate(ERRORS_KEPT);
+            throughput[usize::from(scenario == second)] = tally.ok as f64 / elapsed.as_secs_f64();
+        }
+        result.rounds.push((throughput[0], throughput[1]));
+    }
+    Ok(result)
+}
+
+/// `concurrency` callers until `duration` has passed. A call in flight at the
+/// deadline is finished and counted, so the window is the time until the
+/// last caller stopped, not the nominal duration.
+async fn run_for(
+    shared: &Arc<Shared>,
+    scenario: Scenario,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<(Tally, Duration)> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let callers: Vec<_> = (0..concurrency)
+        .map(|number| {
+            let mut caller = Caller::new(shared, number);
+            tokio::spawn(async move {
+                let mut tally = Tally::new()?;
+                while Instant::now() < deadline {
+                    let call_started = Instant::now();
+                    let outcome = caller.call(scenario).await;
+                    tally.record(call_started.elapsed(), outcome);
+                }
+                anyhow::Ok(tally)
+            })
+        })
+        .collect();
+    let mut total = Tally::new()?;
+    for caller in callers {
+        total.merge(caller.await.context("a caller task failed")??)?;
+    }
+    Ok((total, started.elapsed()))
+}
