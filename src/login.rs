@@ -10,7 +10,7 @@ use crate::{
     config::{LoginSettings, Policy, Settings, parse_origin},
     domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
     provider::{ProviderError, Registry, TokenSet, registry::Lookup},
-    state::{Expiring, PendingLogin, PkceVerifier, SingleUse, StateError, StateStore, StateToken},
+    state::{Expiring, PendingLogin, SingleUse, StateError, StateStore, StateToken},
     store::{BindPolicy, BindResult, Conflict, Store, StoreError},
     tokens::TokenService,
     vault::VaultError,
@@ -386,22 +386,17 @@ impl LoginService {
         let now = OffsetDateTime::now_utc();
         let ttl = time::Duration::try_from(self.settings.state_ttl)
             .unwrap_or(time::Duration::minutes(10));
+        // One OS RNG call for every secret of this login: each getrandom
+        // syscall showed up in BeginLogin's profile.
+        let (state, pkce, nonce) = crate::state::login_secrets()?;
         let login = PendingLogin {
-            state: StateToken::generate()?,
+            state,
             provider: info.name.clone(),
             redirect_uri,
             scopes,
             return_to: return_to.map(String::into_boxed_str),
-            pkce: if info.pkce {
-                Some(PkceVerifier::generate()?)
-            } else {
-                None
-            },
-            nonce: if info.nonce {
-                Some(PkceVerifier::generate()?)
-            } else {
-                None
-            },
+            pkce: info.pkce.then_some(pkce),
+            nonce: info.nonce.then_some(nonce),
             created_at: now,
             expires_at: now + ttl,
         };

@@ -13,10 +13,10 @@ use std::{
 use async_trait::async_trait;
 use moka::{
     Expiry,
-    future::Cache,
     notification::RemovalCause,
     ops::compute::{CompResult, Op},
     policy::EvictionPolicy,
+    sync::Cache,
 };
 use time::OffsetDateTime;
 
@@ -98,7 +98,10 @@ impl std::hash::Hasher for RandomKeyHasher {
 
 type KeyHasher = std::hash::BuildHasherDefault<RandomKeyHasher>;
 
-/// Bounded single-use values. Entries outlive their deadline by `grace` so
+/// Bounded single-use values. moka's sync cache, not its future one: every
+/// operation here is a short in-memory step that never waits on I/O, and the
+/// async wrapper's per-call futures and housekeeping were a measurable share
+/// of BeginLogin. Entries outlive their deadline by `grace` so
 /// that a late taker gets "expired" (the user was too slow) instead of
 /// "unknown" (possible forgery).
 pub struct SingleUse<V> {
@@ -153,8 +156,8 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
     }
 
     /// Runs moka's deferred housekeeping (evictions, listener calls).
-    pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
     }
 
     pub async fn put(&self, key: StateToken, value: V) -> Result<(), StateError> {
@@ -163,7 +166,7 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
         if !self.reserve() {
             // Expired entries are only dropped during moka's housekeeping;
             // run it once before saying no.
-            self.cache.run_pending_tasks().await;
+            self.cache.run_pending_tasks();
             if !self.reserve() {
                 return Err(StateError::Full {
                     capacity: self.capacity,
@@ -172,8 +175,7 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
         }
         let evict_at = self.instant_of(value.expires_at());
         self.cache
-            .insert(key, Entry::Pending(Arc::new(value), evict_at))
-            .await;
+            .insert(key, Entry::Pending(Arc::new(value), evict_at));
         Ok(())
     }
 
@@ -185,20 +187,15 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
         // and_compute_with runs the closure under a per-key lock, so exactly
         // one concurrent caller sees `Pending` and leaves the tombstone.
         let mut taken = None;
-        let result = self
-            .cache
-            .entry(*key)
-            .and_compute_with(|current| {
-                let op = match current.map(|e| e.into_value()) {
-                    Some(Entry::Pending(login, evict_at)) => {
-                        taken = Some(login);
-                        Op::Put(Entry::Consumed(evict_at))
-                    }
-                    Some(Entry::Consumed(_)) | None => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
+        let result = self.cache.entry(*key).and_compute_with(|current| {
+            match current.map(|e| e.into_value()) {
+                Some(Entry::Pending(login, evict_at)) => {
+                    taken = Some(login);
+                    Op::Put(Entry::Consumed(evict_at))
+                }
+                Some(Entry::Consumed(_)) | None => Op::Nop,
+            }
+        });
         match taken {
             Some(value) if value.expires_at() <= now => Err(StateError::Expired),
             Some(value) => Ok(Arc::unwrap_or_clone(value)),
@@ -231,7 +228,7 @@ impl MemoryStateStore {
     /// Runs moka's deferred housekeeping; the load generator calls it before
     /// measuring memory.
     pub async fn run_pending_tasks(&self) {
-        self.0.run_pending_tasks().await;
+        self.0.run_pending_tasks();
     }
 }
 
