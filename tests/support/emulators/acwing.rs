@@ -171,6 +171,10 @@ impl AcwingEmulator {
 }
 
 impl Emulator for AcwingEmulator {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
     fn kind(&self) -> &'static str {
         "acwing"
     }
@@ -302,18 +306,6 @@ impl Emulator for AcwingEmulator {
         None
     }
 
-    fn set_fault(&self, step: Step, fault: Fault) {
-        self.shared.core.faults.set(step, fault);
-    }
-
-    fn clear_faults(&self) {
-        self.shared.core.faults.clear_all();
-    }
-
-    fn set_numbers_as_strings(&self, on: bool) {
-        self.shared.core.set_numbers_as_strings(on);
-    }
-
     fn issue_tokens(&self, seed: &str) -> (String, Option<String>) {
         let (access, refresh) = self.shared.mint(seed);
         (access, Some(refresh))
@@ -321,14 +313,6 @@ impl Emulator for AcwingEmulator {
 
     fn access_token_valid(&self, token: &str) -> bool {
         self.shared.access_valid(token)
-    }
-
-    fn requests(&self) -> Vec<SeenRequest> {
-        self.shared.core.requests()
-    }
-
-    fn violations(&self) -> Vec<String> {
-        self.shared.core.violations()
     }
 }
 

@@ -234,6 +234,10 @@ impl CustomEmulator {
 }
 
 impl Emulator for CustomEmulator {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
     fn kind(&self) -> &'static str {
         "oauth2"
     }
@@ -383,36 +387,12 @@ impl Emulator for CustomEmulator {
         ])
     }
 
-    fn set_fault(&self, step: Step, fault: Fault) {
-        self.shared.core.faults.set(step, fault);
-    }
-
-    fn clear_faults(&self) {
-        self.shared.core.faults.clear_all();
-    }
-
-    fn set_numbers_as_strings(&self, on: bool) {
-        self.shared.core.set_numbers_as_strings(on);
-    }
-
     fn issue_tokens(&self, seed: &str) -> (String, Option<String>) {
         let scopes: Vec<String> = ["profile.basic", "profile.email"]
             .map(String::from)
             .to_vec();
         let (access, renewal) = self.shared.mint(seed, &scopes);
         (access, Some(renewal))
-    }
-
-    fn access_token_valid(&self, token: &str) -> bool {
-        self.shared.core.access_grant(token).is_some()
-    }
-
-    fn requests(&self) -> Vec<SeenRequest> {
-        self.shared.core.requests()
-    }
-
-    fn violations(&self) -> Vec<String> {
-        self.shared.core.violations()
     }
 }
 

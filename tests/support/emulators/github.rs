@@ -177,6 +177,10 @@ pub fn expected_identity(user: &GithubUser) -> ExpectedIdentity {
 }
 
 impl Emulator for GithubAdapter {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
     fn kind(&self) -> &'static str {
         "github"
     }
@@ -244,10 +248,6 @@ impl Emulator for GithubAdapter {
     /// Token → the token endpoint; Identity → `/user` and `/user/emails`.
     /// GitHub OAuth Apps have no refresh or revoke endpoint, so faults on
     /// those steps never fire.
-    fn set_fault(&self, step: Step, fault: Fault) {
-        self.shared.core.faults.set(step, fault);
-    }
-
     fn clear_faults(&self) {
         self.shared.core.faults.clear_all();
         self.github.clear_faults();
@@ -268,10 +268,6 @@ impl Emulator for GithubAdapter {
     /// Tokens the adapter saw being issued, until `revoke_tokens`.
     fn access_token_valid(&self, token: &str) -> bool {
         lock(&self.shared.tokens).contains(token)
-    }
-
-    fn requests(&self) -> Vec<SeenRequest> {
-        self.shared.core.requests()
     }
 
     /// The wrapped emulator's shape checks, then the relay's own.

@@ -412,6 +412,10 @@ impl GoogleEmulator {
 }
 
 impl Emulator for GoogleEmulator {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
     fn kind(&self) -> &'static str {
         "google"
     }
@@ -468,14 +472,6 @@ impl Emulator for GoogleEmulator {
         Some(back)
     }
 
-    fn set_fault(&self, step: Step, fault: Fault) {
-        self.shared.core.faults.set(step, fault);
-    }
-
-    fn clear_faults(&self) {
-        self.shared.core.faults.clear_all();
-    }
-
     fn set_numbers_as_strings(&self, on: bool) {
         self.shared.core.set_numbers_as_strings(on);
         self.shared.knobs().numbers_as_strings = on;
@@ -484,18 +480,6 @@ impl Emulator for GoogleEmulator {
     fn issue_tokens(&self, seed: &str) -> (String, Option<String>) {
         let (access, refresh) = self.shared.mint(seed, &default_scopes(), true);
         (access, refresh)
-    }
-
-    fn access_token_valid(&self, token: &str) -> bool {
-        self.shared.core.access_grant(token).is_some()
-    }
-
-    fn requests(&self) -> Vec<SeenRequest> {
-        self.shared.core.requests()
-    }
-
-    fn violations(&self) -> Vec<String> {
-        self.shared.core.violations()
     }
 }
 

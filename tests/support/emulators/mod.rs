@@ -95,6 +95,8 @@ impl SeenRequest {
 /// The contract the conformance suite drives. Methods are synchronous; each
 /// emulator's own `async fn start()` builds it.
 pub trait Emulator: Send + Sync {
+    /// The shared machinery; the delegating methods below default to it.
+    fn core(&self) -> &Core;
     /// The preset (or kind) authbroker should use: "qq", "wechat", …
     fn kind(&self) -> &'static str;
     /// A `[providers.NAME]` table pointing every endpoint at this emulator,
@@ -112,20 +114,38 @@ pub trait Emulator: Send + Sync {
     /// What the provider sends to the callback when the user denies, in the
     /// provider's own words; `None` when the provider does not redirect.
     fn deny(&self, authorize_url: &str) -> Option<Vec<(String, String)>>;
-    /// Arms a fault on every endpoint of a step.
-    fn set_fault(&self, step: Step, fault: Fault);
-    fn clear_faults(&self);
-    /// Sends numeric fields (ids, expires_in, error codes) as JSON strings,
-    /// as real providers sometimes do.
-    fn set_numbers_as_strings(&self, on: bool);
     /// Issues tokens for a registered user without the browser, for refresh
     /// and revoke tests: (access token, refresh token if supported).
     fn issue_tokens(&self, seed: &str) -> (String, Option<String>);
+
+    /// Arms a fault on every endpoint of a step.
+    fn set_fault(&self, step: Step, fault: Fault) {
+        self.core().faults.set(step, fault);
+    }
+
+    fn clear_faults(&self) {
+        self.core().faults.clear_all();
+    }
+
+    /// Sends numeric fields (ids, expires_in, error codes) as JSON strings,
+    /// as real providers sometimes do.
+    fn set_numbers_as_strings(&self, on: bool) {
+        self.core().set_numbers_as_strings(on);
+    }
+
     /// Whether an access token is (still) accepted by the provider.
-    fn access_token_valid(&self, token: &str) -> bool;
-    fn requests(&self) -> Vec<SeenRequest>;
+    fn access_token_valid(&self, token: &str) -> bool {
+        self.core().access_grant(token).is_some()
+    }
+
+    fn requests(&self) -> Vec<SeenRequest> {
+        self.core().requests()
+    }
+
     /// Requests a real provider would refuse because of their shape.
-    fn violations(&self) -> Vec<String>;
+    fn violations(&self) -> Vec<String> {
+        self.core().violations()
+    }
 }
 
 /// A code handed out at the browser step.

@@ -175,6 +175,10 @@ impl QiitaEmulator {
 }
 
 impl Emulator for QiitaEmulator {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
     fn kind(&self) -> &'static str {
         "qiita"
     }
@@ -288,33 +292,9 @@ impl Emulator for QiitaEmulator {
         ])
     }
 
-    fn set_fault(&self, step: Step, fault: Fault) {
-        self.shared.core.faults.set(step, fault);
-    }
-
-    fn clear_faults(&self) {
-        self.shared.core.faults.clear_all();
-    }
-
-    fn set_numbers_as_strings(&self, on: bool) {
-        self.shared.core.set_numbers_as_strings(on);
-    }
-
     /// Qiita has no refresh tokens.
     fn issue_tokens(&self, seed: &str) -> (String, Option<String>) {
         (self.shared.mint(seed, &[DEFAULT_SCOPE.into()]), None)
-    }
-
-    fn access_token_valid(&self, token: &str) -> bool {
-        self.shared.core.access_grant(token).is_some()
-    }
-
-    fn requests(&self) -> Vec<SeenRequest> {
-        self.shared.core.requests()
-    }
-
-    fn violations(&self) -> Vec<String> {
-        self.shared.core.violations()
     }
 }
 

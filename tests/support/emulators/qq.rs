@@ -323,6 +323,10 @@ impl QqEmulator {
 }
 
 impl Emulator for QqEmulator {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
     fn kind(&self) -> &'static str {
         "qq"
     }
@@ -383,33 +387,9 @@ impl Emulator for QqEmulator {
         None
     }
 
-    fn set_fault(&self, step: Step, fault: Fault) {
-        self.shared.core.faults.set(step, fault);
-    }
-
-    fn clear_faults(&self) {
-        self.shared.core.faults.clear_all();
-    }
-
-    fn set_numbers_as_strings(&self, on: bool) {
-        self.shared.core.set_numbers_as_strings(on);
-    }
-
     fn issue_tokens(&self, seed: &str) -> (String, Option<String>) {
         let (access, refresh) = self.shared.mint(seed, &["get_user_info".to_string()]);
         (access, Some(refresh))
-    }
-
-    fn access_token_valid(&self, token: &str) -> bool {
-        self.shared.core.access_grant(token).is_some()
-    }
-
-    fn requests(&self) -> Vec<SeenRequest> {
-        self.shared.core.requests()
-    }
-
-    fn violations(&self) -> Vec<String> {
-        self.shared.core.violations()
     }
 }
 

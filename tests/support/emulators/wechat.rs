@@ -248,6 +248,10 @@ impl WechatEmulator {
 }
 
 impl Emulator for WechatEmulator {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
     fn kind(&self) -> &'static str {
         "wechat"
     }
@@ -309,35 +313,11 @@ impl Emulator for WechatEmulator {
         None
     }
 
-    fn set_fault(&self, step: Step, fault: Fault) {
-        self.shared.core.faults.set(step, fault);
-    }
-
-    fn clear_faults(&self) {
-        self.shared.core.faults.clear_all();
-    }
-
-    fn set_numbers_as_strings(&self, on: bool) {
-        self.shared.core.set_numbers_as_strings(on);
-    }
-
     fn issue_tokens(&self, seed: &str) -> (String, Option<String>) {
         let scopes = ["snsapi_login".to_string()];
         let access = self.shared.new_access(seed, &scopes);
         let refresh = self.shared.new_refresh(seed, &scopes, &access);
         (access, Some(refresh))
-    }
-
-    fn access_token_valid(&self, token: &str) -> bool {
-        self.shared.core.access_grant(token).is_some()
-    }
-
-    fn requests(&self) -> Vec<SeenRequest> {
-        self.shared.core.requests()
-    }
-
-    fn violations(&self) -> Vec<String> {
-        self.shared.core.violations()
     }
 }
 
