@@ -4,6 +4,7 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
+mod filter;
 mod postgres;
 mod sqlite;
 

@@ -22,6 +22,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::filter;
+
 use super::{
     AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Store, StoreError, TokenRow,
     UserQuery,
@@ -380,52 +382,20 @@ impl PostgresStore {
     }
 
     async fn list_users_inner(&self, query: &UserQuery) -> Result<Vec<User>, Failure> {
-        // One statement per filter combination rather than `$1 IS NULL OR …`,
-        // which a cached generic plan cannot serve from an index.
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        let mut conditions = Vec::new();
-        if let Some(provider) = &query.provider {
-            params.push(provider);
-            conditions.push(format!(
-                "EXISTS (SELECT 1 FROM identities f \
-                 WHERE f.user_id = users.id AND f.provider = ${})",
-                params.len()
-            ));
-        }
-        let created_after = query.created_after.map(ceil_to_micros);
-        if let Some(created_after) = &created_after {
-            params.push(created_after);
-            conditions.push(format!("created_at >= ${}", params.len()));
-        }
-        let created_before = query.created_before.map(ceil_to_micros);
-        if let Some(created_before) = &created_before {
-            params.push(created_before);
-            conditions.push(format!("created_at < ${}", params.len()));
-        }
-        if let Some((created_at, id)) = &query.after {
-            params.push(created_at);
-            params.push(id);
-            conditions.push(format!(
-                "(created_at, id) < (${}, ${})",
-                params.len() - 1,
-                params.len()
-            ));
-        }
+        let filter = filter::users(query);
+        let (clause, next) = filter.render(|n| format!("${n}"));
+        let values = pg_values(&filter.values);
         let limit = page_size(query.limit);
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| &**v as &(dyn ToSql + Sync)).collect();
         params.push(&limit);
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
         // The page of users first, then their identities in the same
         // statement: no query per user.
         let sql = format!(
-            "WITH page AS (SELECT id, created_at FROM users {filter} \
-                           ORDER BY created_at DESC, id DESC LIMIT ${}) \
+            "WITH page AS (SELECT id, created_at FROM users {clause} \
+                           ORDER BY created_at DESC, id DESC LIMIT ${next}) \
              SELECT {USER_COLUMNS} FROM page u {USER_JOINS} \
-             ORDER BY u.created_at DESC, u.id DESC, i.provider",
-            params.len()
+             ORDER BY u.created_at DESC, u.id DESC, i.provider"
         );
         let client = self.client().await?;
         let stmt = client.prepare_cached(&sql).await?;
@@ -600,48 +570,18 @@ impl PostgresStore {
         &self,
         query: &AuditQuery,
     ) -> Result<Vec<AuditRecord>, Failure> {
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        let mut conditions = Vec::new();
-        if let Some(provider) = &query.provider {
-            params.push(provider);
-            conditions.push(format!("provider = ${}", params.len()));
-        }
-        if let Some(user_id) = &query.user_id {
-            params.push(user_id);
-            conditions.push(format!("user_id = ${}", params.len()));
-        }
-        let kind = query.kind.map(AuditKind::as_str);
-        if let Some(kind) = &kind {
-            params.push(kind);
-            conditions.push(format!("kind = ${}", params.len()));
-        }
-        let after = query.after.map(ceil_to_micros);
-        if let Some(after) = &after {
-            params.push(after);
-            conditions.push(format!("at >= ${}", params.len()));
-        }
-        let before = query.before.map(ceil_to_micros);
-        if let Some(before) = &before {
-            params.push(before);
-            conditions.push(format!("at < ${}", params.len()));
-        }
-        if let Some(before_id) = &query.before_id {
-            params.push(before_id);
-            conditions.push(format!("id < ${}", params.len()));
-        }
+        let filter = filter::audit_events(query);
+        let (clause, next) = filter.render(|n| format!("${n}"));
+        let values = pg_values(&filter.values);
         let limit = page_size(query.limit);
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| &**v as &(dyn ToSql + Sync)).collect();
         params.push(&limit);
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conditions.join(" AND "))
-        };
         // Newest first by id: the id is the paging cursor, and within one
         // transaction (which shares `at`) it keeps the order of writing.
         let sql = format!(
             "SELECT id, at, kind, actor, provider, subject, user_id, reason, detail \
-             FROM audit_events {filter} ORDER BY id DESC LIMIT ${}",
-            params.len()
+             FROM audit_events {clause} ORDER BY id DESC LIMIT ${next}"
         );
 
         let client = self.client().await?;
@@ -1429,6 +1369,20 @@ fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
 /// For range bounds on stored (whole-microsecond) times: `at >= t` and
 /// `at < t` select the same rows as with `t` rounded up to the microsecond,
 /// which the database can then compare exactly.
+/// The shared filter's values as Postgres parameters.
+fn pg_values<'a>(values: &[filter::Value<'a>]) -> Vec<Box<dyn ToSql + Sync + Send + 'a>> {
+    values
+        .iter()
+        .map(|v| -> Box<dyn ToSql + Sync + Send + 'a> {
+            match *v {
+                filter::Value::Text(s) => Box::new(s),
+                filter::Value::Time(t) => Box::new(ceil_to_micros(t)),
+                filter::Value::Int(i) => Box::new(i),
+            }
+        })
+        .collect()
+}
+
 fn ceil_to_micros(t: OffsetDateTime) -> OffsetDateTime {
     let down = truncate_to_micros(t);
     if down == t {

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::filter;
 use async_trait::async_trait;
 use rusqlite::types::ToSql;
 use rusqlite::{
@@ -957,54 +958,21 @@ fn load_user(conn: &Connection, user_id: &str) -> Result<Option<User>, Failure> 
 }
 
 fn list_users(conn: &Connection, query: &UserQuery) -> Result<Vec<User>, Failure> {
-    let mut params: Vec<&dyn ToSql> = Vec::new();
-    let mut conditions = Vec::new();
-    if let Some(provider) = &query.provider {
-        params.push(provider);
-        conditions.push(format!(
-            "EXISTS (SELECT 1 FROM identities f \
-             WHERE f.user_id = users.id AND f.provider = ?{})",
-            params.len()
-        ));
-    }
-    let created_after = query.created_after.map(ceil_micros);
-    if let Some(created_after) = &created_after {
-        params.push(created_after);
-        conditions.push(format!("created_at >= ?{}", params.len()));
-    }
-    let created_before = query.created_before.map(ceil_micros);
-    if let Some(created_before) = &created_before {
-        params.push(created_before);
-        conditions.push(format!("created_at < ?{}", params.len()));
-    }
-    let cursor = query.after.as_ref().map(|(at, id)| (to_micros(*at), id));
-    if let Some((created_at, id)) = &cursor {
-        params.push(created_at);
-        params.push(id);
-        conditions.push(format!(
-            "(created_at, id) < (?{}, ?{})",
-            params.len() - 1,
-            params.len()
-        ));
-    }
+    let filter = filter::users(query);
+    let (clause, next) = filter.render(|n| format!("?{n}"));
     let limit = page_size(query.limit);
-    params.push(&limit);
-    let filter = if conditions.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", conditions.join(" AND "))
-    };
+    let mut params = sqlite_values(&filter.values);
+    params.push(Box::new(limit));
     // The page of users first, then their identities in the same statement:
     // no query per user.
     let sql = format!(
-        "WITH page AS (SELECT id, created_at FROM users {filter} \
-                       ORDER BY created_at DESC, id DESC LIMIT ?{}) \
+        "WITH page AS (SELECT id, created_at FROM users {clause} \
+                       ORDER BY created_at DESC, id DESC LIMIT ?{next}) \
          SELECT {USER_COLUMNS} FROM page u {USER_JOINS} \
-         ORDER BY u.created_at DESC, u.id DESC, i.provider",
-        params.len()
+         ORDER BY u.created_at DESC, u.id DESC, i.provider"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    fold_users(stmt.query(&*params)?)
+    fold_users(stmt.query(rusqlite::params_from_iter(params.iter()))?)
 }
 
 /// Groups `USER_COLUMNS` rows (ordered by user, then provider) into users.
@@ -1045,53 +1013,21 @@ fn fold_users(mut rows: rusqlite::Rows<'_>) -> Result<Vec<User>, Failure> {
 }
 
 fn list_audit_events(conn: &Connection, query: &AuditQuery) -> Result<Vec<AuditRecord>, Failure> {
-    let mut params: Vec<&dyn ToSql> = Vec::new();
-    let mut conditions = Vec::new();
-    if let Some(provider) = &query.provider {
-        params.push(provider);
-        conditions.push(format!("provider = ?{}", params.len()));
-    }
-    if let Some(user_id) = &query.user_id {
-        params.push(user_id);
-        conditions.push(format!("user_id = ?{}", params.len()));
-    }
-    let kind = query.kind.map(AuditKind::as_str);
-    if let Some(kind) = &kind {
-        params.push(kind);
-        conditions.push(format!("kind = ?{}", params.len()));
-    }
-    let after = query.after.map(ceil_micros);
-    if let Some(after) = &after {
-        params.push(after);
-        conditions.push(format!("at >= ?{}", params.len()));
-    }
-    let before = query.before.map(ceil_micros);
-    if let Some(before) = &before {
-        params.push(before);
-        conditions.push(format!("at < ?{}", params.len()));
-    }
-    if let Some(before_id) = &query.before_id {
-        params.push(before_id);
-        conditions.push(format!("id < ?{}", params.len()));
-    }
+    let filter = filter::audit_events(query);
+    let (clause, next) = filter.render(|n| format!("?{n}"));
     let limit = page_size(query.limit);
-    params.push(&limit);
-    let filter = if conditions.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", conditions.join(" AND "))
-    };
+    let mut params = sqlite_values(&filter.values);
+    params.push(Box::new(limit));
     // Newest first by id: the id is the paging cursor, and within one
     // transaction (which shares `at`) it keeps the order of writing.
     let sql = format!(
         "SELECT id, at, kind, actor, provider, subject, user_id, reason, detail \
-         FROM audit_events {filter} ORDER BY id DESC LIMIT ?{}",
-        params.len()
+         FROM audit_events {clause} ORDER BY id DESC LIMIT ?{next}"
     );
 
     let mut stmt = conn.prepare_cached(&sql)?;
     let events = stmt
-        .query_map(&*params, |row| {
+        .query_map(rusqlite::params_from_iter(params.iter()), |row| {
             let kind: String = row.get(2)?;
             Ok(AuditRecord {
                 id: row.get(0)?,
@@ -1174,6 +1110,20 @@ fn page_size(limit: u32) -> u32 {
 
 /// Unix microseconds, rounded down (like Postgres' timestamptz, which keeps
 /// microseconds). Every `OffsetDateTime` (years ±9999) fits in an i64.
+/// The shared filter's values as SQLite parameters (times as microseconds).
+fn sqlite_values<'a>(values: &[filter::Value<'a>]) -> Vec<Box<dyn ToSql + 'a>> {
+    values
+        .iter()
+        .map(|v| -> Box<dyn ToSql + 'a> {
+            match *v {
+                filter::Value::Text(s) => Box::new(s),
+                filter::Value::Time(t) => Box::new(ceil_micros(t)),
+                filter::Value::Int(i) => Box::new(i),
+            }
+        })
+        .collect()
+}
+
 fn to_micros(t: OffsetDateTime) -> i64 {
     let micros = t.unix_timestamp_nanos().div_euclid(1_000);
     i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
