@@ -164,6 +164,28 @@ impl AuditEvent {
     }
 }
 
+impl AuditEvent {
+    /// A successful event about `binding`, at its `last_login_at` (the time
+    /// of the transaction that wrote it).
+    pub fn about(
+        kind: AuditKind,
+        binding: &Binding,
+        actor: Option<&str>,
+        detail: Option<&str>,
+    ) -> Self {
+        AuditEvent {
+            at: binding.last_login_at,
+            kind,
+            actor: actor.map(str::to_owned),
+            provider: Some(binding.provider.clone()),
+            subject: Some(binding.subject.clone()),
+            user_id: Some(binding.user_id.clone()),
+            reason: None,
+            detail: detail.map(str::to_owned),
+        }
+    }
+}
+
 /// Database timestamps have microsecond precision; truncating here keeps values
 /// equal across a round trip through either store.
 pub fn now_micros() -> OffsetDateTime {

@@ -830,7 +830,7 @@ async fn bind_attempt<C: GenericClient>(
         }
         insert_audit(
             tx,
-            &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
+            &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
         )
         .await?;
         return Ok(Step::Done(BindResult::Bound {
@@ -886,20 +886,20 @@ async fn bind_attempt<C: GenericClient>(
     if outcome == Outcome::UserCreated {
         insert_audit(
             tx,
-            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+            &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
         )
         .await?;
     }
     if let Some(rule) = linked_by {
         insert_audit(
             tx,
-            &binding_event(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
+            &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
         )
         .await?;
     }
     insert_audit(
         tx,
-        &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
+        &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
     )
     .await?;
     Ok(Step::Done(BindResult::Bound {
@@ -1074,13 +1074,13 @@ async fn link_attempt<C: GenericClient>(
     if created {
         insert_audit(
             tx,
-            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+            &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
         )
         .await?;
     }
     insert_audit(
         tx,
-        &binding_event(AuditKind::IdentityLinked, &binding, actor, None),
+        &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, None),
     )
     .await?;
     Ok(Step::Done(binding))
@@ -1321,25 +1321,6 @@ async fn insert_audit<C: GenericClient>(client: &C, event: &AuditEvent) -> Resul
         )
         .await?;
     Ok(())
-}
-
-/// An event about `binding`, at its `last_login_at` (the transaction's time).
-fn binding_event(
-    kind: AuditKind,
-    binding: &Binding,
-    actor: Option<&str>,
-    detail: Option<&str>,
-) -> AuditEvent {
-    AuditEvent {
-        at: binding.last_login_at,
-        kind,
-        actor: actor.map(str::to_owned),
-        provider: Some(binding.provider.clone()),
-        subject: Some(binding.subject.clone()),
-        user_id: Some(binding.user_id.clone()),
-        reason: None,
-        detail: detail.map(str::to_owned),
-    }
 }
 
 /// The unique constraint a violation names, as the conflict it means.

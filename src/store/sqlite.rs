@@ -536,7 +536,7 @@ fn bind_login(
         }
         insert_audit(
             &tx,
-            &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
+            &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
         )?;
         tx.commit()?;
         return Ok(BindResult::Bound {
@@ -574,18 +574,18 @@ fn bind_login(
     if outcome == Outcome::UserCreated {
         insert_audit(
             &tx,
-            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+            &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
         )?;
     }
     if let Some(rule) = linked_by {
         insert_audit(
             &tx,
-            &binding_event(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
+            &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
         )?;
     }
     insert_audit(
         &tx,
-        &binding_event(AuditKind::LoginSucceeded, &binding, actor, None),
+        &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
     )?;
     tx.commit()?;
     Ok(BindResult::Bound {
@@ -732,12 +732,12 @@ fn link_identity(
     if created {
         insert_audit(
             &tx,
-            &binding_event(AuditKind::UserCreated, &binding, actor, None),
+            &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
         )?;
     }
     insert_audit(
         &tx,
-        &binding_event(AuditKind::IdentityLinked, &binding, actor, None),
+        &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, None),
     )?;
     tx.commit()?;
     Ok(binding)
@@ -1069,25 +1069,6 @@ fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), Failure> {
         event.detail,
     ])?;
     Ok(())
-}
-
-/// An event about `binding`, at its `last_login_at` (the transaction's time).
-fn binding_event(
-    kind: AuditKind,
-    binding: &Binding,
-    actor: Option<&str>,
-    detail: Option<&str>,
-) -> AuditEvent {
-    AuditEvent {
-        at: binding.last_login_at,
-        kind,
-        actor: actor.map(str::to_owned),
-        provider: Some(binding.provider.clone()),
-        subject: Some(binding.subject.clone()),
-        user_id: Some(binding.user_id.clone()),
-        reason: None,
-        detail: detail.map(str::to_owned),
-    }
 }
 
 /// The binding rule a constraint violation on `identities` means: the
