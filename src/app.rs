@@ -132,7 +132,7 @@ impl Application {
             settings.vault.refresh_skew,
         ));
         let policies = bind_policies(&settings);
-        let summaries = summaries(&settings, &registry, &policies);
+        let summaries = summaries(&settings, &registry);
         let login = Arc::new(LoginService::new(LoginParts {
             providers: registry.clone(),
             states: states.clone() as Arc<dyn StateStore>,
@@ -268,25 +268,12 @@ impl Application {
 }
 
 /// What `ListProviders` shows, disabled providers included.
-fn summaries(
-    settings: &Settings,
-    registry: &Registry,
-    policies: &std::collections::HashMap<String, crate::store::BindPolicy>,
-) -> Vec<ProviderSummary> {
+fn summaries(settings: &Settings, registry: &Registry) -> Vec<ProviderSummary> {
     settings
         .providers
         .iter()
         .map(|(name, cfg)| {
-            let policy = policies
-                .get(name)
-                .map(|p| {
-                    if p.create_user {
-                        "auto_create"
-                    } else {
-                        "link_required"
-                    }
-                })
-                .unwrap_or("auto_create");
+            let policy = cfg.policy.unwrap_or(settings.login.policy).as_str();
             let mut summary = ProviderSummary {
                 name: name.clone(),
                 kind: cfg.kind.clone(),

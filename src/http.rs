@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use bytes_cap::read_capped;
 use reqwest::{Response, StatusCode, header::HeaderMap};
 
 use crate::config::HttpSettings;
@@ -83,26 +82,21 @@ fn classify(e: reqwest::Error) -> HttpError {
     }
 }
 
-mod bytes_cap {
-    use super::*;
-
-    pub(super) async fn read_capped(
-        mut response: Response,
-        limit: usize,
-    ) -> Result<Vec<u8>, HttpError> {
-        if response
-            .content_length()
-            .is_some_and(|len| len > limit as u64)
-        {
+/// Reads the body, refusing it as soon as it passes `limit` (the declared
+/// length is not trusted: chunked answers have none).
+async fn read_capped(mut response: Response, limit: usize) -> Result<Vec<u8>, HttpError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(HttpError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(classify)? {
+        if body.len() + chunk.len() > limit {
             return Err(HttpError::TooLarge { limit });
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(classify)? {
-            if body.len() + chunk.len() > limit {
-                return Err(HttpError::TooLarge { limit });
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        body.extend_from_slice(&chunk);
     }
+    Ok(body)
 }

@@ -715,3 +715,26 @@ async fn rotate_keys_re_encrypts_under_the_newest_key() {
     let err = token(&app, &binding.user_id, "qq").await.unwrap_err();
     assert_error(&err, Code::Internal, "VAULT_KEY_MISSING");
 }
+
+#[tokio::test]
+async fn a_store_outage_is_unavailable_for_admin_calls() {
+    // Nothing listens on port 1: the store is down from the start.
+    let app = spawn_app(|s| s.database.url = "postgres://postgres@127.0.0.1:1/none".into()).await;
+    let err = user_of(&app, "someone").await.unwrap_err();
+    let msg = assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+    assert!(
+        !msg.contains("127.0.0.1:1"),
+        "no connection details leak: {msg}"
+    );
+    let err = app
+        .admin()
+        .list_users(admin(pb::ListUsersRequest::default()))
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+    let err = token(&app, "someone", "sandbox").await.unwrap_err();
+    assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+    let err = app.link(&"A".repeat(43), "someone").await.unwrap_err();
+    // The ticket check comes first and needs no store.
+    assert_error(&err, Code::NotFound, "LINK_TICKET_UNKNOWN");
+}

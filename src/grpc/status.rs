@@ -75,13 +75,29 @@ pub fn error_status(code: Code, reason: &str, message: impl Into<String>) -> Sta
     )
 }
 
+/// `ErrorInfo.metadata` for a provider failure: which provider, and its own
+/// short error code when it gave one.
+fn provider_metadata(p: &ProviderError) -> HashMap<String, String> {
+    let name = match p {
+        ProviderError::Rejected { provider, .. }
+        | ProviderError::Unavailable { provider, .. }
+        | ProviderError::BadResponse { provider, .. }
+        | ProviderError::InvalidIdToken { provider, .. } => provider,
+    };
+    let mut metadata = HashMap::from([("provider".to_string(), name.clone())]);
+    if let Some(code) = p.provider_code() {
+        metadata.insert("provider_error".to_string(), code.to_string());
+    }
+    metadata
+}
+
 /// Builds the status; logs routine refusals at info and our own or the
 /// provider's failures at warn, with the cause chain.
 fn status(
     reason: &'static str,
     error: &dyn std::error::Error,
     field: Option<&'static str>,
-    provider: Option<&ProviderError>,
+    metadata: HashMap<String, String>,
 ) -> Status {
     let code = code_of(reason);
     let chain = crate::telemetry::cause_chain(error);
@@ -90,19 +106,6 @@ fn status(
             tracing::warn!(reason, error = %chain, "call failed")
         }
         _ => tracing::info!(reason, error = %chain, "call refused"),
-    }
-    let mut metadata = HashMap::new();
-    if let Some(p) = provider {
-        let name = match p {
-            ProviderError::Rejected { provider, .. }
-            | ProviderError::Unavailable { provider, .. }
-            | ProviderError::BadResponse { provider, .. }
-            | ProviderError::InvalidIdToken { provider, .. } => provider,
-        };
-        metadata.insert("provider".to_string(), name.clone());
-        if let Some(code) = p.provider_code() {
-            metadata.insert("provider_error".to_string(), code.to_string());
-        }
     }
     // Details of our own failures stay in the log.
     let message = if reason == "INTERNAL" {
@@ -118,32 +121,23 @@ fn status(
 }
 
 pub fn login_error(e: LoginError) -> Status {
-    let provider = match &e {
-        LoginError::Provider(p) => Some(p),
-        _ => None,
-    };
-    let mut status = status(e.reason(), &e, e.field(), provider);
-    if let LoginError::ProviderAuthorizeError { error } = &e {
-        let mut details = ErrorDetails::with_error_info(
-            e.reason(),
-            DOMAIN,
-            [("provider_error".to_string(), error.clone())],
-        );
-        if let Some(field) = e.field() {
-            details.add_bad_request_violation(field, status.message());
+    let metadata = match &e {
+        LoginError::Provider(p) => provider_metadata(p),
+        LoginError::ProviderAuthorizeError { error } => {
+            HashMap::from([("provider_error".to_string(), error.clone())])
         }
-        status = Status::with_error_details(status.code(), status.message(), details);
-    }
-    status
+        _ => HashMap::new(),
+    };
+    status(e.reason(), &e, e.field(), metadata)
 }
 
 pub fn admin_error(e: AdminError) -> Status {
-    let provider = match &e {
-        AdminError::Token(TokenError::Provider(p) | TokenError::RefreshRejected(p)) => Some(p),
-        AdminError::Input(LoginError::Provider(p)) => Some(p),
-        _ => None,
+    let metadata = match &e {
+        AdminError::Token(TokenError::Provider(p) | TokenError::RefreshRejected(p))
+        | AdminError::Input(LoginError::Provider(p)) => provider_metadata(p),
+        _ => HashMap::new(),
     };
-    status(e.reason(), &e, e.field(), provider)
+    status(e.reason(), &e, e.field(), metadata)
 }
 
 #[cfg(test)]

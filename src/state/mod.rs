@@ -71,10 +71,7 @@ impl fmt::Debug for PkceVerifier {
 
 /// A fresh state, PKCE verifier and OIDC nonce from one OS RNG call.
 pub fn login_secrets() -> Result<(StateToken, PkceVerifier, PkceVerifier), StateError> {
-    let mut bytes = [0u8; 96];
-    OsRng
-        .try_fill_bytes(&mut bytes)
-        .map_err(|e| StateError::Unavailable(anyhow::anyhow!("OS RNG failed: {e}")))?;
+    let bytes: [u8; 96] = random_bytes()?;
     let part = |i: usize| {
         let mut out = [0u8; 32];
         out.copy_from_slice(&bytes[32 * i..32 * (i + 1)]);
@@ -87,8 +84,8 @@ pub fn login_secrets() -> Result<(StateToken, PkceVerifier, PkceVerifier), State
     ))
 }
 
-fn random_bytes() -> Result<[u8; 32], StateError> {
-    let mut bytes = [0u8; 32];
+fn random_bytes<const N: usize>() -> Result<[u8; N], StateError> {
+    let mut bytes = [0u8; N];
     OsRng
         .try_fill_bytes(&mut bytes)
         .map_err(|e| StateError::Unavailable(anyhow::anyhow!("OS RNG failed: {e}")))?;

@@ -30,18 +30,17 @@ use url::Url;
 
 use super::{
     Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER, SeenRequest, Step,
-    lock,
-    qq::{
+    lock, random_token, serve,
+    wire::{
         Log, Req, answer, check_origin, derive_u64, hex_lower, no_pkce, obj, provider_config,
         single,
     },
-    random_token, serve,
 };
 
 /// Real-looking Doorkeeper application credentials (64 lower-case hex each).
 pub const CLIENT_ID: &str = "3f9c1a7e5b2d8f4062c4e8a1b3d5f7092e4c6a8b0d2f4e6a8c0b2d4f6e8a0c2e";
 pub const CLIENT_SECRET: &str = "b7d2e9f4a1c6083e5b7d9f1a3c5e7092b4d6f8a0c2e4b6d8f0a2c4e6b8d0f2a4";
-pub const REDIRECT_URI: &str = super::qq::REDIRECT_URI;
+pub const REDIRECT_URI: &str = super::wire::REDIRECT_URI;
 pub const AUTHORIZE_PATH: &str = "/oauth/authorize";
 pub const TOKEN_PATH: &str = "/oauth/token";
 pub const USER_PATH: &str = "/api/v5/user";

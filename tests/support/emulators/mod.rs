@@ -347,3 +347,4 @@ pub mod qiita;
 pub mod qq;
 pub mod wechat;
 pub mod weibo;
+pub mod wire;

@@ -32,15 +32,14 @@ use url::Url;
 
 use super::{
     ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER,
-    SeenRequest, Step, lock,
-    qq::{Log, Req, answer, check_origin, derive, no_pkce, obj, provider_config, single},
-    random_token, serve,
+    SeenRequest, Step, lock, random_token, serve,
+    wire::{Log, Req, answer, check_origin, derive, no_pkce, obj, provider_config, single},
 };
 
 /// A real-looking website-app AppID (`wx` + 16 hex) and AppSecret (32 hex).
 pub const APP_ID: &str = "wxd4c2a9b3e5f70861";
 pub const APP_SECRET: &str = "5b0e8a7c3f9d1e2a4c6b8d0f1a3e5c7b";
-pub const REDIRECT_URI: &str = super::qq::REDIRECT_URI;
+pub const REDIRECT_URI: &str = super::wire::REDIRECT_URI;
 pub const AUTHORIZE_PATH: &str = "/connect/qrconnect";
 pub const TOKEN_PATH: &str = "/sns/oauth2/access_token";
 pub const REFRESH_PATH: &str = "/sns/oauth2/refresh_token";

@@ -30,17 +30,16 @@ use url::Url;
 
 use super::{
     ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER,
-    SeenRequest, Step, lock,
-    qq::{
+    SeenRequest, Step, lock, random_token, serve,
+    wire::{
         Log, Req, answer, check_origin, derive, derive_u64, no_pkce, obj, provider_config, single,
     },
-    random_token, serve,
 };
 
 /// A real-looking AppKey (10 digits) and App Secret (32 lower-case hex).
 pub const APP_KEY: &str = "2975304119";
 pub const APP_SECRET: &str = "e4b1c9d07a3f58e2b6d0c4a8f2e6b9d3";
-pub const REDIRECT_URI: &str = super::qq::REDIRECT_URI;
+pub const REDIRECT_URI: &str = super::wire::REDIRECT_URI;
 pub const AUTHORIZE_PATH: &str = "/oauth2/authorize";
 pub const TOKEN_PATH: &str = "/oauth2/access_token";
 pub const SHOW_PATH: &str = "/2/users/show.json";
