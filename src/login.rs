@@ -39,7 +39,7 @@ pub struct BeginLogin {
 
 #[derive(Clone, Debug)]
 pub struct BegunLogin {
-    pub authorize_url: Url,
+    pub authorize_url: String,
     pub state: StateToken,
     pub expires_at: OffsetDateTime,
 }

@@ -33,7 +33,7 @@ impl From<pb::BeginLoginRequest> for BeginLogin {
 impl From<BegunLogin> for pb::BeginLoginResponse {
     fn from(b: BegunLogin) -> Self {
         pb::BeginLoginResponse {
-            authorize_url: b.authorize_url.into(),
+            authorize_url: b.authorize_url,
             state: b.state.as_str(),
             expires_at: Some(timestamp(b.expires_at)),
         }

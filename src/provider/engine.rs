@@ -3,6 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Instant,
 };
 
@@ -36,6 +37,18 @@ pub struct SpecProvider {
     /// Provider options switched on in config (`union_id`).
     options: BTreeSet<String>,
     http: HttpClient,
+    /// The authorize URL's fixed parts for each redirect URI with the
+    /// default scopes: what nearly every BeginLogin asks for.
+    authorize_templates: Vec<(Arc<str>, AuthorizeTemplate)>,
+}
+
+/// An authorize URL without its per-login parameters, already encoded.
+#[derive(Debug)]
+struct AuthorizeTemplate {
+    /// Endpoint and query up to and including `scope`.
+    prefix: String,
+    /// `&`-led fixed extra parameters, then `#fragment`, or empty.
+    suffix: String,
 }
 
 /// Everything `SpecProvider::new` needs, so the constructor reads clearly.
@@ -51,7 +64,7 @@ pub struct SpecParts {
 
 impl SpecProvider {
     pub fn new(parts: SpecParts) -> Self {
-        SpecProvider {
+        let mut provider = SpecProvider {
             info: parts.info,
             spec: parts.spec,
             endpoints: parts.endpoints,
@@ -59,7 +72,23 @@ impl SpecProvider {
             client_secret: parts.client_secret,
             options: parts.options,
             http: parts.http,
-        }
+            authorize_templates: Vec::new(),
+        };
+        // Without an authorize endpoint (a spec that skipped
+        // Registry::build's checks) no template is kept and BeginLogin
+        // reports the missing endpoint itself.
+        provider.authorize_templates = provider
+            .info
+            .redirect_uris
+            .iter()
+            .filter_map(|uri| {
+                let template = provider
+                    .authorize_template(uri, &provider.info.scopes)
+                    .ok()?;
+                Some((uri.clone(), template))
+            })
+            .collect();
+        provider
     }
 
     fn endpoint(&self, name: &str) -> Result<&Url, ProviderError> {
@@ -200,41 +229,92 @@ impl SpecProvider {
         })
     }
 
-    fn authorize_url_now(&self, login: &PendingLogin) -> Result<Url, ProviderError> {
+    /// Encodes everything of the authorize URL that does not change from
+    /// one login to the next. The query order is the one WeChat documents
+    /// (nobody else minds it): client id, redirect URI, response type,
+    /// scope, then the per-login state, PKCE challenge and nonce, then the
+    /// fixed extras and the fragment.
+    fn authorize_template(
+        &self,
+        redirect_uri: &str,
+        scopes: &[String],
+    ) -> Result<AuthorizeTemplate, ProviderError> {
         let a = &self.spec.authorize;
         let mut url = self.endpoint("authorize_url")?.clone();
+        // The fragment has to stay last, after the per-login parameters.
+        let fragment = if a.fragment.is_empty() {
+            url.fragment().map(str::to_owned)
+        } else {
+            Some(a.fragment.trim_start_matches('#').to_owned())
+        };
+        url.set_fragment(None);
+        let mut tail = url.clone();
         {
-            // WeChat documents this exact order; nobody minds it.
             let mut q = url.query_pairs_mut();
             q.append_pair(&a.client_id_param, &self.client_id);
             if a.redirect_uri {
-                q.append_pair("redirect_uri", &login.redirect_uri);
+                q.append_pair("redirect_uri", redirect_uri);
             }
             if !a.response_type.is_empty() {
                 q.append_pair("response_type", &a.response_type);
             }
-            if !login.scopes.is_empty() {
-                q.append_pair("scope", &login.scopes.join(&self.spec.scope_separator));
-            }
-            q.append_pair("state", &login.state.as_str());
-            if self.info.pkce
-                && let Some(pkce) = &login.pkce
-            {
-                q.append_pair("code_challenge", &pkce.challenge_s256());
-                q.append_pair("code_challenge_method", "S256");
-            }
-            if self.info.nonce
-                && let Some(nonce) = &login.nonce
-            {
-                q.append_pair("nonce", &nonce.verifier());
-            }
-            for (k, v) in &a.params {
-                q.append_pair(k, v);
+            if !scopes.is_empty() {
+                q.append_pair("scope", &scopes.join(&self.spec.scope_separator));
             }
         }
-        if !a.fragment.is_empty() {
-            url.set_fragment(Some(a.fragment.trim_start_matches('#')));
+        // The url crate encodes the extras and the fragment too, so the
+        // result is byte for byte what building the whole URL with it gives.
+        tail.set_query(None);
+        tail.query_pairs_mut().extend_pairs(&a.params);
+        tail.set_fragment(fragment.as_deref());
+        let mut suffix = String::new();
+        if let Some(q) = tail.query().filter(|q| !q.is_empty()) {
+            suffix.push('&');
+            suffix.push_str(q);
         }
+        if let Some(f) = tail.fragment() {
+            suffix.push('#');
+            suffix.push_str(f);
+        }
+        Ok(AuthorizeTemplate {
+            prefix: url.into(),
+            suffix,
+        })
+    }
+
+    fn authorize_url_now(&self, login: &PendingLogin) -> Result<String, ProviderError> {
+        let built;
+        let cached = self
+            .authorize_templates
+            .iter()
+            .find(|(uri, _)| **uri == *login.redirect_uri);
+        let template = match cached {
+            Some((_, t)) if *login.scopes == *self.info.scopes => t,
+            _ => {
+                built = self.authorize_template(&login.redirect_uri, &login.scopes)?;
+                &built
+            }
+        };
+        let mut url = String::with_capacity(template.prefix.len() + template.suffix.len() + 200);
+        url.push_str(&template.prefix);
+        // State, PKCE challenge and nonce are base64url, which form encoding
+        // leaves unchanged, so they go in as they are.
+        url.push_str("&state=");
+        login.state.push_to(&mut url);
+        if self.info.pkce
+            && let Some(pkce) = &login.pkce
+        {
+            url.push_str("&code_challenge=");
+            pkce.push_challenge_s256(&mut url);
+            url.push_str("&code_challenge_method=S256");
+        }
+        if self.info.nonce
+            && let Some(nonce) = &login.nonce
+        {
+            url.push_str("&nonce=");
+            nonce.push_verifier(&mut url);
+        }
+        url.push_str(&template.suffix);
         Ok(url)
     }
 
@@ -453,7 +533,7 @@ impl Provider for SpecProvider {
         &self.info
     }
 
-    async fn authorize_url(&self, login: &PendingLogin) -> Result<Url, ProviderError> {
+    async fn authorize_url(&self, login: &PendingLogin) -> Result<String, ProviderError> {
         self.authorize_url_now(login)
     }
 
@@ -580,6 +660,149 @@ mod tests {
         );
         assert_eq!(error_code(&json!({"error":null,"a":1}), &errors), None);
         assert_eq!(error_code(&json!({"access_token":"x"}), &errors), None);
+    }
+
+    /// The authorize URL as it was built before templates: all of it
+    /// through the url crate. The templated one must match it exactly.
+    fn url_crate_authorize_url(p: &SpecProvider, login: &PendingLogin) -> String {
+        let a = &p.spec.authorize;
+        let mut url = p.endpoint("authorize_url").unwrap().clone();
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair(&a.client_id_param, &p.client_id);
+            if a.redirect_uri {
+                q.append_pair("redirect_uri", &login.redirect_uri);
+            }
+            if !a.response_type.is_empty() {
+                q.append_pair("response_type", &a.response_type);
+            }
+            if !login.scopes.is_empty() {
+                q.append_pair("scope", &login.scopes.join(&p.spec.scope_separator));
+            }
+            q.append_pair("state", &login.state.as_str());
+            if p.info.pkce
+                && let Some(pkce) = &login.pkce
+            {
+                q.append_pair("code_challenge", &pkce.challenge_s256());
+                q.append_pair("code_challenge_method", "S256");
+            }
+            if p.info.nonce
+                && let Some(nonce) = &login.nonce
+            {
+                q.append_pair("nonce", &nonce.verifier());
+            }
+            for (k, v) in &a.params {
+                q.append_pair(k, v);
+            }
+        }
+        if !a.fragment.is_empty() {
+            url.set_fragment(Some(a.fragment.trim_start_matches('#')));
+        }
+        url.into()
+    }
+
+    fn provider(spec: ProviderSpec, endpoint: Option<&str>, nonce: bool) -> SpecProvider {
+        let mut endpoints: BTreeMap<String, Url> = spec
+            .endpoints
+            .iter()
+            .map(|(k, v)| (k.clone(), Url::parse(v).unwrap()))
+            .collect();
+        if let Some(e) = endpoint {
+            endpoints.insert("authorize_url".into(), Url::parse(e).unwrap());
+        }
+        let info = ProviderInfo {
+            name: Arc::from("p"),
+            kind: "test".into(),
+            display_name: "P".into(),
+            redirect_uris: vec![
+                Arc::from("https://app.example/cb"),
+                Arc::from("https://app.example/login/done?next=/a b&x=é"),
+            ],
+            scopes: Arc::from(spec.default_scopes.clone()),
+            allowed_scopes: vec!["extra:scope".into()],
+            pkce: spec.pkce,
+            nonce,
+            denied: Vec::new(),
+            refresh_token_single_use: false,
+        };
+        SpecProvider::new(SpecParts {
+            info,
+            spec,
+            endpoints,
+            client_id: "client id/+&=".into(),
+            client_secret: SecretString::from("s"),
+            options: BTreeSet::new(),
+            http: HttpClient::new(&crate::config::HttpSettings::default()).unwrap(),
+        })
+    }
+
+    #[test]
+    fn templated_authorize_urls_match_the_url_crate() {
+        let mut specs: Vec<(String, SpecProvider)> = crate::provider::spec::PRESETS
+            .iter()
+            .map(|(name, _)| {
+                let spec = crate::provider::spec::preset(name).unwrap().unwrap();
+                (name.to_string(), provider(spec, None, false))
+            })
+            .collect();
+        // Everything a config-defined provider may add: fixed extras that
+        // need escaping, a fragment, an endpoint with its own query and
+        // fragment, an OIDC nonce.
+        let mut custom = crate::provider::spec::preset("github").unwrap().unwrap();
+        custom
+            .authorize
+            .params
+            .insert("prompt".into(), "select account & more".into());
+        custom.authorize.params.insert("a/b".into(), "ü".into());
+        custom.authorize.fragment = "#frag ment".into();
+        custom.scope_separator = " ".into();
+        specs.push((
+            "custom".into(),
+            provider(
+                custom.clone(),
+                Some("https://idp.example/auth?tenant=x y"),
+                true,
+            ),
+        ));
+        custom.authorize.fragment = String::new();
+        specs.push((
+            "endpoint fragment".into(),
+            provider(custom, Some("https://idp.example/auth?t=1#keep"), false),
+        ));
+        let mut checked = 0;
+        for (name, p) in &specs {
+            let (state, pkce, nonce) = crate::state::login_secrets().unwrap();
+            let extra: Arc<[String]> = p
+                .info
+                .scopes
+                .iter()
+                .cloned()
+                .chain(["extra:scope".to_string()])
+                .collect();
+            for uri in &p.info.redirect_uris {
+                for scopes in [p.info.scopes.clone(), extra.clone()] {
+                    let login = PendingLogin {
+                        state,
+                        provider: p.info.name.clone(),
+                        redirect_uri: uri.clone(),
+                        scopes,
+                        return_to: None,
+                        pkce: Some(pkce),
+                        nonce: Some(nonce),
+                        created_at: time::OffsetDateTime::now_utc(),
+                        expires_at: time::OffsetDateTime::now_utc(),
+                    };
+                    assert_eq!(
+                        p.authorize_url_now(&login).unwrap(),
+                        url_crate_authorize_url(p, &login),
+                        "{name}, {uri}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, specs.len() * 4);
+        assert!(specs.iter().all(|(_, p)| p.authorize_templates.len() == 2));
     }
 
     #[test]

@@ -16,7 +16,6 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use url::Url;
 
 use crate::{domain::Identity, http::HttpError, state::PendingLogin};
 
@@ -156,8 +155,9 @@ pub trait Provider: Send + Sync + 'static {
     fn info(&self) -> &ProviderInfo;
 
     /// Where to send the browser for this pending login. Async because OIDC
-    /// providers learn their endpoints from discovery.
-    async fn authorize_url(&self, login: &PendingLogin) -> Result<Url, ProviderError>;
+    /// providers learn their endpoints from discovery. A string, not a
+    /// `Url`: it is only handed on, and parsing it back cost BeginLogin time.
+    async fn authorize_url(&self, login: &PendingLogin) -> Result<String, ProviderError>;
 
     /// Trades the code from the callback for tokens.
     async fn exchange_code(

@@ -494,7 +494,7 @@ impl Provider for OidcProvider {
         &self.config.info
     }
 
-    async fn authorize_url(&self, login: &PendingLogin) -> Result<Url, ProviderError> {
+    async fn authorize_url(&self, login: &PendingLogin) -> Result<String, ProviderError> {
         self.discovered().await?.engine.authorize_url(login).await
     }
 

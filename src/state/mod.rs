@@ -35,6 +35,11 @@ impl StateToken {
     pub fn as_str(&self) -> String {
         URL_SAFE_NO_PAD.encode(self.0)
     }
+
+    /// Appends the text form, sparing BeginLogin an allocation per use.
+    pub fn push_to(&self, out: &mut String) {
+        URL_SAFE_NO_PAD.encode_string(self.0, out);
+    }
 }
 
 // A state is a bearer credential for one login; never print it.
@@ -59,7 +64,24 @@ impl PkceVerifier {
 
     /// The S256 challenge: base64url(SHA-256(verifier text)).
     pub fn challenge_s256(&self) -> String {
-        URL_SAFE_NO_PAD.encode(Sha256::digest(self.verifier().as_bytes()))
+        let mut out = String::with_capacity(43);
+        self.push_challenge_s256(&mut out);
+        out
+    }
+
+    /// Appends the S256 challenge without allocating.
+    pub fn push_challenge_s256(&self, out: &mut String) {
+        let mut text = [0u8; 43];
+        // Invariant: 32 bytes are always exactly 43 base64url characters.
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(self.0, &mut text)
+            .expect("32 bytes encode to 43 base64url characters");
+        URL_SAFE_NO_PAD.encode_string(Sha256::digest(&text[..written]), out);
+    }
+
+    /// Appends the verifier's text form without allocating.
+    pub fn push_verifier(&self, out: &mut String) {
+        URL_SAFE_NO_PAD.encode_string(self.0, out);
     }
 }
 
