@@ -4,7 +4,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -13,7 +13,6 @@ use std::{
 use async_trait::async_trait;
 use moka::{
     Expiry,
-    notification::RemovalCause,
     ops::compute::{CompResult, Op},
     policy::EvictionPolicy,
     sync::Cache,
@@ -106,35 +105,88 @@ type KeyHasher = std::hash::BuildHasherDefault<RandomKeyHasher>;
 /// "unknown" (possible forgery).
 pub struct SingleUse<V> {
     cache: Cache<StateToken, Entry<V>, KeyHasher>,
-    /// Exact count of entries held. moka's own `entry_count` lags behind
-    /// inserts, which would let a burst overshoot the bound and make moka
-    /// evict someone's in-flight login.
-    live: Arc<AtomicU64>,
+    count: Count,
     capacity: u64,
     grace: Duration,
 }
 
+/// An upper bound on the entries the cache holds, so a burst can never
+/// push moka over its capacity and make it evict someone's in-flight login.
+///
+/// moka's own `entry_count` lags behind inserts, and the exact alternative,
+/// an eviction listener, makes moka take a per-key lock on every insert
+/// (a quarter of BeginLogin's time in the state store). So inserts are
+/// counted here, and removals are learnt only when the bound is reached:
+/// `reconcile` lets moka catch up and credits what it has dropped.
+#[derive(Default)]
+struct Count {
+    /// Inserts allowed so far, finished or not.
+    claimed: AtomicU64,
+    /// Inserts that have returned (their write is queued for moka).
+    finished: AtomicU64,
+    /// Entries known to be gone: never more than have really been removed.
+    removed: AtomicU64,
+    /// One reconciliation at a time.
+    reconciling: Mutex<()>,
+}
+
+impl Count {
+    fn upper_bound(&self) -> u64 {
+        let claimed = self.claimed.load(Ordering::SeqCst);
+        claimed.saturating_sub(self.removed.load(Ordering::SeqCst))
+    }
+
+    /// Claims room for one insert, exactly: concurrent callers race on one
+    /// compare-and-swap, so the last free place goes to exactly one of them.
+    fn try_reserve(&self, capacity: u64) -> bool {
+        self.claimed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |claimed| {
+                let held = claimed.saturating_sub(self.removed.load(Ordering::SeqCst));
+                (held < capacity).then_some(claimed + 1)
+            })
+            .is_ok()
+    }
+
+    /// The reserved insert has returned.
+    fn finished(&self) {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Runs moka's housekeeping and credits the removals it proves: every
+    /// insert counted in `before` had queued its write, housekeeping applies
+    /// every queued write and drops expired entries, so at most `held` of
+    /// those inserts are still in the cache and at least `before - held`
+    /// are gone.
+    fn reconcile<V>(&self, cache: &Cache<StateToken, Entry<V>, KeyHasher>)
+    where
+        V: Send + Sync + 'static,
+    {
+        let _one = self
+            .reconciling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = self.finished.load(Ordering::SeqCst);
+        cache.run_pending_tasks();
+        let held = cache.entry_count();
+        self.removed
+            .fetch_max(before.saturating_sub(held), Ordering::SeqCst);
+    }
+}
+
 impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
     pub fn new(capacity: u64, grace: Duration) -> Self {
-        let live = Arc::new(AtomicU64::new(0));
-        let on_removal = live.clone();
         let cache = Cache::builder()
             // A hard bound: memory never grows past `capacity` entries. LRU
             // rather than TinyLFU, whose admission filter could silently drop
-            // a state we just handed out.
+            // a state we just handed out. `Count` keeps us below it, so moka
+            // never has to evict anything but expired entries.
             .max_capacity(capacity)
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(EvictAt)
-            .eviction_listener(move |_, _, cause| {
-                // A replaced value (pending -> tombstone) is still one entry.
-                if cause != RemovalCause::Replaced {
-                    on_removal.fetch_sub(1, Ordering::Relaxed);
-                }
-            })
             .build_with_hasher(KeyHasher::default());
         SingleUse {
             cache,
-            live,
+            count: Count::default(),
             capacity,
             grace,
         }
@@ -146,28 +198,17 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
         Instant::now() + remaining + self.grace
     }
 
-    /// Claims room for one entry, or says there is none.
-    fn reserve(&self) -> bool {
-        self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.capacity).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    /// Runs moka's deferred housekeeping (evictions, listener calls).
+    /// Runs moka's deferred housekeeping (expiry) and updates the count.
     pub fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks();
+        self.count.reconcile(&self.cache);
     }
 
     pub async fn put(&self, key: StateToken, value: V) -> Result<(), StateError> {
         // Refuse rather than evict: evicting would turn someone's in-flight
         // login into STATE_UNKNOWN without telling anyone.
-        if !self.reserve() {
-            // Expired entries are only dropped during moka's housekeeping;
-            // run it once before saying no.
-            self.cache.run_pending_tasks();
-            if !self.reserve() {
+        if !self.count.try_reserve(self.capacity) {
+            self.count.reconcile(&self.cache);
+            if !self.count.try_reserve(self.capacity) {
                 return Err(StateError::Full {
                     capacity: self.capacity,
                 });
@@ -176,6 +217,7 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
         let evict_at = self.instant_of(value.expires_at());
         self.cache
             .insert(key, Entry::Pending(Arc::new(value), evict_at));
+        self.count.finished();
         Ok(())
     }
 
@@ -208,8 +250,11 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
         }
     }
 
+    /// Entries held, after letting moka drop the expired ones. Exact when
+    /// no insert is under way; otherwise it may count those too.
     pub fn len(&self) -> u64 {
-        self.live.load(Ordering::Relaxed)
+        self.count.reconcile(&self.cache);
+        self.count.upper_bound()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -342,6 +387,65 @@ mod tests {
             Err(StateError::Full { capacity: 3 })
         ));
         assert_eq!(store.len(), 3);
+    }
+
+    /// Many callers racing for the last places: exactly `capacity` win, and
+    /// every winner's entry is still there (moka evicted nobody).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_bound_is_exact_under_contention() {
+        const CAPACITY: u64 = 2_000;
+        let store = Arc::new(MemoryStateStore::new(CAPACITY, Duration::from_secs(60)));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut won = Vec::new();
+                    for _ in 0..500 {
+                        let l = login(time::Duration::minutes(10));
+                        let s = l.state;
+                        match store.put(l).await {
+                            Ok(()) => won.push(s),
+                            Err(StateError::Full { capacity }) => assert_eq!(capacity, CAPACITY),
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for t in tasks {
+            won.extend(t.await.unwrap());
+        }
+        assert_eq!(won.len() as u64, CAPACITY);
+        assert_eq!(store.len(), CAPACITY);
+        let now = OffsetDateTime::now_utc();
+        for s in &won {
+            assert!(store.take(s, now).await.is_ok());
+        }
+    }
+
+    /// Entries expiring while others arrive: the count follows, places come
+    /// back, and the cache never holds more than the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_entries_make_room_under_load() {
+        const CAPACITY: u64 = 50;
+        let store = MemoryStateStore::new(CAPACITY, Duration::ZERO);
+        let (mut accepted, mut refused) = (0, 0);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(3_500) {
+            match store.put(login(time::Duration::milliseconds(200))).await {
+                Ok(()) => accepted += 1,
+                Err(StateError::Full { .. }) => refused += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
+            store.0.cache.run_pending_tasks();
+            assert!(store.0.cache.entry_count() <= CAPACITY);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Roughly a second of moka timer granularity per round of 50.
+        assert!(accepted > 2 * CAPACITY, "accepted {accepted}");
+        assert!(refused > 0);
     }
 
     #[tokio::test]
