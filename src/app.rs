@@ -5,6 +5,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use futures::TryStreamExt;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -21,6 +22,7 @@ use crate::{
             admin_service_server::AdminServiceServer,
             login_service_server::{LoginServiceServer, SERVICE_NAME},
         },
+        socket::Socket,
     },
     http::HttpClient,
     login::{LoginParts, LoginService, bind_policies},
@@ -242,7 +244,9 @@ impl Application {
             // response sent in two writes by ~40 ms; tonic only sets
             // TCP_NODELAY on sockets it accepts itself, so ask for it here.
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                TcpIncoming::from(self.listener)
+                    .with_nodelay(Some(true))
+                    .map_ok(Socket::from),
                 async move {
                     shutdown.await;
                     let _ = signalled_tx.send(true);

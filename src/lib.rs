@@ -28,7 +28,8 @@
 //! - [`store`]: the `Store` seam with Postgres and SQLite implementations and
 //!   their shared conformance suite.
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
-//!   proto/domain conversion, caller authentication, error-to-status mapping.
+//!   proto/domain conversion, caller authentication, error-to-status mapping,
+//!   and the accepted sockets' write tuning (`grpc::socket`).
 //! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects).
 //! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
 //!   store only ever sees ciphertext.

@@ -1,11 +1,13 @@
 //! The only layer that knows protobuf: thin service impls over the use
-//! cases, proto/domain conversion, caller authentication, and the single
-//! mapping from domain errors to `tonic::Status`.
+//! cases, proto/domain conversion, caller authentication, the single
+//! mapping from domain errors to `tonic::Status`, and how accepted sockets
+//! present themselves to h2 (`socket`).
 
 pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod login;
+pub mod socket;
 pub mod status;
 
 /// Generated from `proto/authbroker/v1/*.proto`.
