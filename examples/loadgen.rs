@@ -96,9 +96,10 @@ struct Args {
     /// Pending logins held for the memory measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pending: u64,
-    /// Rounds of the interleaved Health/BeginLogin cross-check at 64 callers
-    /// (each round: one slice of each); 0 skips it.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds of interleaved Health/BeginLogin slices at 64 callers, A-B-B-A
+    /// (each round: one slice of each); the BeginLogin target is judged on
+    /// them. 0 skips them and judges on the back-to-back levels.
+    #[arg(long, default_value_t = 10)]
     ab_rounds: usize,
     /// Skip the memory measurement.
     #[arg(long)]
@@ -226,7 +227,7 @@ async fn bench(args: &Args, database_url: &str, snapshotter: &Snapshotter) -> an
     eprintln!("app listening on {}", app.addr);
     let outcome = grpc_scenarios(args, &app, snapshotter).await;
     app.stop().await;
-    let (rows, breakdowns, cross_check) = outcome?;
+    let (rows, breakdowns, interleaved) = outcome?;
 
     report::throughput(&rows);
     report::ratios(&rows, &args.concurrency);
@@ -234,9 +235,9 @@ async fn bench(args: &Args, database_url: &str, snapshotter: &Snapshotter) -> an
     if let Some(m) = &memory {
         report::memory(m);
     }
-    report::verdicts(&rows, cross_check.as_ref(), memory.as_ref());
-    let cross_check_errors = cross_check.as_ref().map_or(0, |c| c.errors);
-    Ok(rows.iter().map(|r| r.errors + r.warmup_errors).sum::<u64>() + cross_check_errors)
+    report::verdicts(&rows, interleaved.as_ref(), memory.as_ref());
+    let interleaved_errors = interleaved.as_ref().map_or(0, |c| c.errors);
+    Ok(rows.iter().map(|r| r.errors + r.warmup_errors).sum::<u64>() + interleaved_errors)
 }
 
 /// Every scenario at every level, in order; pre-creates the returning users
@@ -269,12 +270,13 @@ async fn grpc_scenarios(
             rows.push(measured.row);
         }
     }
-    let cross_check = cross_check(args, &shared).await?;
-    Ok((rows, breakdowns, cross_check))
+    let interleaved = interleaved(args, &shared).await?;
+    Ok((rows, breakdowns, interleaved))
 }
 
-/// The BeginLogin target again, measured interleaved with Health/Check.
-async fn cross_check(args: &Args, shared: &Arc<Shared>) -> anyhow::Result<Option<Interleaved>> {
+/// Health/Check and BeginLogin in interleaved slices: what the BeginLogin
+/// target is judged on.
+async fn interleaved(args: &Args, shared: &Arc<Shared>) -> anyhow::Result<Option<Interleaved>> {
     let wanted = [Scenario::Health, Scenario::BeginLogin];
     if args.ab_rounds == 0 || !wanted.iter().all(|s| args.scenarios.contains(s)) {
         return Ok(None);
@@ -282,7 +284,7 @@ async fn cross_check(args: &Args, shared: &Arc<Shared>) -> anyhow::Result<Option
     let (slice, _) = args.level_timing();
     let slice = slice.min(Duration::from_secs(1));
     eprintln!(
-        "cross-check: Health/Check vs BeginLogin @ {} interleaved …",
+        "Health/Check and BeginLogin @ {}, interleaved A-B-B-A …",
         report::TARGET_CONCURRENCY
     );
     let result = runner::interleaved(

@@ -171,28 +171,44 @@ pub async fn measure(
 pub struct Interleaved {
     /// Per round: (first scenario's calls/s, second's).
     pub rounds: Vec<(f64, f64)>,
+    /// How long each scenario ran in each round.
+    pub slice: Duration,
     pub errors: u64,
     pub first_errors: Vec<String>,
 }
 
 impl Interleaved {
-    /// Second over first, over all rounds together.
-    pub fn ratio(&self) -> f64 {
+    /// Mean calls/s of (first, second) over all rounds.
+    pub fn totals(&self) -> (f64, f64) {
+        let n = self.rounds.len().max(1) as f64;
         let (a, b) = self
             .rounds
             .iter()
             .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        (a / n, b / n)
+    }
+
+    /// Second over first, over all rounds together.
+    pub fn ratio(&self) -> f64 {
+        let (a, b) = self.totals();
         b / a.max(f64::MIN_POSITIVE)
     }
 
-    /// Smallest and largest per-round ratio.
-    pub fn spread(&self) -> (f64, f64) {
-        self.rounds
+    /// Smallest, median and largest per-round ratio.
+    pub fn spread(&self) -> (f64, f64, f64) {
+        let mut ratios: Vec<f64> = self
+            .rounds
             .iter()
             .map(|(a, b)| b / a.max(f64::MIN_POSITIVE))
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-                (lo.min(r), hi.max(r))
-            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let at = |i: usize| ratios.get(i).copied().unwrap_or(f64::NAN);
+        let median = match ratios.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => at(n / 2),
+            n => (at(n / 2 - 1) + at(n / 2)) / 2.0,
+        };
+        (at(0), median, at(ratios.len().saturating_sub(1)))
     }
 }
 
@@ -208,6 +224,7 @@ pub async fn interleaved(
 ) -> anyhow::Result<Interleaved> {
     let mut result = Interleaved {
         rounds: Vec::with_capacity(rounds),
+        slice,
         errors: 0,
         first_errors: Vec::new(),
     };
