@@ -32,6 +32,10 @@ impl Expiring for PendingLogin {
     }
 }
 
+/// How close to its eviction deadline a taken entry is removed rather than
+/// replaced by a tombstone (see `SingleUse::take`).
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
 /// What the cache holds per key. A taken value leaves a tombstone so a
 /// replay is answered "already used" rather than "unknown".
 enum Entry<V> {
@@ -126,8 +130,20 @@ struct Count {
     finished: AtomicU64,
     /// Entries known to be gone: never more than have really been removed.
     removed: AtomicU64,
+    /// Reconciliations completed, so callers refused together share one.
+    generation: AtomicU64,
     /// One reconciliation at a time.
     reconciling: Mutex<()>,
+}
+
+/// Room claimed for one insert; dropping it marks the insert finished, so
+/// a claim is never lost, even if the insert panics.
+struct Reservation<'a>(&'a Count);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Count {
@@ -138,18 +154,37 @@ impl Count {
 
     /// Claims room for one insert, exactly: concurrent callers race on one
     /// compare-and-swap, so the last free place goes to exactly one of them.
-    fn try_reserve(&self, capacity: u64) -> bool {
+    fn try_reserve(&self, capacity: u64) -> Option<Reservation<'_>> {
         self.claimed
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |claimed| {
                 let held = claimed.saturating_sub(self.removed.load(Ordering::SeqCst));
                 (held < capacity).then_some(claimed + 1)
             })
-            .is_ok()
+            .ok()
+            .map(|_| Reservation(self))
     }
 
-    /// The reserved insert has returned.
-    fn finished(&self) {
-        self.finished.fetch_add(1, Ordering::SeqCst);
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Reconciles; with `unless_since`, not if another reconciliation
+    /// finished after the caller read that generation: a flood of refused
+    /// inserts then runs moka's housekeeping once per wave, not per caller.
+    fn reconcile<V>(
+        &self,
+        cache: &Cache<StateToken, Entry<V>, KeyHasher>,
+        unless_since: Option<u64>,
+    ) where
+        V: Send + Sync + 'static,
+    {
+        let _one = self
+            .reconciling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if unless_since.is_none_or(|seen| seen == self.generation()) {
+            self.reconcile_locked(cache);
+        }
     }
 
     /// Runs moka's housekeeping and credits the removals it proves: every
@@ -157,19 +192,16 @@ impl Count {
     /// every queued write and drops expired entries, so at most `held` of
     /// those inserts are still in the cache and at least `before - held`
     /// are gone.
-    fn reconcile<V>(&self, cache: &Cache<StateToken, Entry<V>, KeyHasher>)
+    fn reconcile_locked<V>(&self, cache: &Cache<StateToken, Entry<V>, KeyHasher>)
     where
         V: Send + Sync + 'static,
     {
-        let _one = self
-            .reconciling
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = self.finished.load(Ordering::SeqCst);
         cache.run_pending_tasks();
         let held = cache.entry_count();
         self.removed
             .fetch_max(before.saturating_sub(held), Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -200,24 +232,30 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
 
     /// Runs moka's deferred housekeeping (expiry) and updates the count.
     pub fn run_pending_tasks(&self) {
-        self.count.reconcile(&self.cache);
+        self.count.reconcile(&self.cache, None);
     }
 
     pub async fn put(&self, key: StateToken, value: V) -> Result<(), StateError> {
         // Refuse rather than evict: evicting would turn someone's in-flight
         // login into STATE_UNKNOWN without telling anyone.
-        if !self.count.try_reserve(self.capacity) {
-            self.count.reconcile(&self.cache);
-            if !self.count.try_reserve(self.capacity) {
-                return Err(StateError::Full {
-                    capacity: self.capacity,
-                });
+        let seen = self.count.generation();
+        let reservation = match self.count.try_reserve(self.capacity) {
+            Some(r) => r,
+            None => {
+                // Expired entries only leave during moka's housekeeping;
+                // let it run before saying no.
+                self.count.reconcile(&self.cache, Some(seen));
+                self.count
+                    .try_reserve(self.capacity)
+                    .ok_or(StateError::Full {
+                        capacity: self.capacity,
+                    })?
             }
-        }
+        };
         let evict_at = self.instant_of(value.expires_at());
         self.cache
             .insert(key, Entry::Pending(Arc::new(value), evict_at));
-        self.count.finished();
+        drop(reservation);
         Ok(())
     }
 
@@ -233,7 +271,16 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
             match current.map(|e| e.into_value()) {
                 Some(Entry::Pending(login, evict_at)) => {
                     taken = Some(login);
-                    Op::Put(Entry::Consumed(evict_at))
+                    // Housekeeping does not wait for this closure: if it
+                    // dropped the entry at its deadline in the meantime, a
+                    // Put would add an entry nobody reserved room for. So at
+                    // the deadline the entry is removed instead; a replay
+                    // then hears "unknown", as it would a moment later.
+                    if evict_at <= Instant::now() + DEADLINE_MARGIN {
+                        Op::Remove
+                    } else {
+                        Op::Put(Entry::Consumed(evict_at))
+                    }
                 }
                 Some(Entry::Consumed(_)) | None => Op::Nop,
             }
@@ -253,7 +300,7 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
     /// Entries held, after letting moka drop the expired ones. Exact when
     /// no insert is under way; otherwise it may count those too.
     pub fn len(&self) -> u64 {
-        self.count.reconcile(&self.cache);
+        self.count.reconcile(&self.cache, None);
         self.count.upper_bound()
     }
 
@@ -425,27 +472,62 @@ mod tests {
         }
     }
 
-    /// Entries expiring while others arrive: the count follows, places come
-    /// back, and the cache never holds more than the bound.
+    /// Entries expiring while others arrive: places come back, and no
+    /// accepted entry is lost before its deadline (moka's own bound would
+    /// evict one silently if the count let the cache overflow).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn expired_entries_make_room_under_load() {
         const CAPACITY: u64 = 50;
         let store = MemoryStateStore::new(CAPACITY, Duration::ZERO);
-        let (mut accepted, mut refused) = (0, 0);
+        let (mut accepted, mut refused) = (Vec::new(), 0);
         let started = Instant::now();
         while started.elapsed() < Duration::from_millis(3_500) {
-            match store.put(login(time::Duration::milliseconds(200))).await {
-                Ok(()) => accepted += 1,
+            let l = login(time::Duration::milliseconds(1_500));
+            let (s, deadline) = (l.state, Instant::now() + Duration::from_millis(1_400));
+            match store.put(l).await {
+                Ok(()) => accepted.push((s, deadline)),
                 Err(StateError::Full { .. }) => refused += 1,
                 Err(e) => panic!("unexpected {e}"),
             }
             store.0.cache.run_pending_tasks();
-            assert!(store.0.cache.entry_count() <= CAPACITY);
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // Every accepted entry still before its deadline is still there.
+            let now = Instant::now();
+            for (s, _) in accepted.iter().filter(|(_, d)| *d > now) {
+                assert!(
+                    store.0.cache.contains_key(s),
+                    "an unexpired entry was evicted"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // Roughly a second of moka timer granularity per round of 50.
-        assert!(accepted > 2 * CAPACITY, "accepted {accepted}");
+        // Roughly a second and a half per round of 50, plus moka's
+        // timer granularity of about a second.
+        assert!(
+            accepted.len() as u64 > CAPACITY,
+            "accepted {}",
+            accepted.len()
+        );
         assert!(refused > 0);
+    }
+
+    /// A take within the margin of the entry's deadline removes it rather
+    /// than leaving a tombstone that a racing eviction could turn into an
+    /// entry nobody reserved; the replay hears "unknown".
+    #[tokio::test]
+    async fn a_take_at_the_deadline_leaves_no_extra_entry() {
+        let store = MemoryStateStore::new(10, Duration::ZERO);
+        let l = login(time::Duration::milliseconds(50));
+        let s = l.state;
+        store.put(l).await.unwrap();
+        // Within the margin of its deadline: removed, not tombstoned.
+        let now = OffsetDateTime::now_utc();
+        assert!(store.take(&s, now).await.is_ok());
+        store.0.cache.run_pending_tasks();
+        assert!(!store.0.cache.contains_key(&s));
+        assert!(matches!(
+            store.take(&s, now).await,
+            Err(StateError::Unknown)
+        ));
     }
 
     #[tokio::test]
