@@ -96,10 +96,11 @@ struct Args {
     /// Pending logins held for the memory measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pending: u64,
-    /// Rounds of interleaved Health/BeginLogin slices at 64 callers, A-B-B-A
-    /// (each round: one slice of each); the BeginLogin target is judged on
-    /// them. 0 skips them and judges on the back-to-back levels.
-    #[arg(long, default_value_t = 10)]
+    /// Rounds of interleaved Health/BeginLogin slices at 64 callers, each
+    /// round one slice of each, in the order A-B, B-A, … (an odd count is
+    /// rounded up so both orders are equally many). The BeginLogin target is
+    /// judged on them; 0 skips them and judges on the back-to-back levels.
+    #[arg(long, default_value_t = 20)]
     ab_rounds: usize,
     /// Skip the memory measurement.
     #[arg(long)]
@@ -137,6 +138,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     Ok(Duration::from_secs_f64(value * unit))
 }
+
+/// The allocator the `authbroker` binary ships with, so the figures are the
+/// binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -292,7 +298,7 @@ async fn interleaved(args: &Args, shared: &Arc<Shared>) -> anyhow::Result<Option
         (Scenario::Health, Scenario::BeginLogin),
         report::TARGET_CONCURRENCY,
         slice,
-        args.ab_rounds,
+        args.ab_rounds.next_multiple_of(2),
     )
     .await?;
     for e in &result.first_errors {
