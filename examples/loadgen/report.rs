@@ -256,8 +256,8 @@ pub fn verdicts(rows: &[Row], interleaved: Option<&Interleaved>, memory: Option<
         match interleaved {
             Some(c) => interleaved_verdict(c),
             None => format!(
-                "{} [from the back-to-back levels only; --ab-rounds 0 skipped the interleaved \
-                 rounds the verdict is meant to use]",
+                "{} [from the back-to-back levels only: no interleaved rounds ran \
+                 (--ab-rounds 0, or --scenarios without both health and begin)]",
                 levels_verdict(rows)
             ),
         }
@@ -314,24 +314,41 @@ fn levels_verdict(rows: &[Row]) -> String {
     )
 }
 
-/// The verdict: all interleaved rounds pooled. Two back-to-back windows of
+/// The verdict, from the interleaved rounds. Two back-to-back windows of
 /// several seconds on a shared 2-core VM differ by more than the effect
-/// being measured; adjacent one-second slices in A-B-B-A order see the same
-/// machine, and pooling many of them averages out what is left.
+/// being measured; each round instead compares adjacent one-second slices,
+/// and the interval over many rounds says how sure the result is. PASS
+/// needs the whole interval at or above the target, FAIL the whole of it
+/// below; anything between is INCONCLUSIVE, not a pass.
 fn interleaved_verdict(c: &Interleaved) -> String {
     let (health, begin) = c.totals();
-    let r = c.ratio();
+    let pooled = c.ratio();
     let (lo, median, hi) = c.spread();
     let rounds: Vec<String> = c
         .rounds
         .iter()
         .map(|(h, b)| format!("{b:.0}/{h:.0}"))
         .collect();
+    let (verdict, interval) = match c.interval() {
+        Some((low, typical, high)) => {
+            let verdict = if c.errors > 0 || high < BEGIN_TARGET_RATIO {
+                "FAIL"
+            } else if low >= BEGIN_TARGET_RATIO {
+                "PASS"
+            } else {
+                "INCONCLUSIVE"
+            };
+            (
+                verdict,
+                format!("typical round {typical:.3}, 95 % interval {low:.3}..{high:.3}"),
+            )
+        }
+        None => ("INCONCLUSIVE", "too few rounds for an interval".to_string()),
+    };
     format!(
-        "{} (ratio {r:.3}: {begin:.0} vs {health:.0} calls/s, pooled over {} interleaved \
-         A-B-B-A rounds of {:.1} s slices; per round min {lo:.3}, median {median:.3}, max \
-         {hi:.3}; BeginLogin/Health calls/s per round: {}{})",
-        pass_fail(c.errors == 0 && r >= BEGIN_TARGET_RATIO),
+        "{verdict} ({interval}; pooled {pooled:.3}: {begin:.0} vs {health:.0} calls/s over {} \
+         interleaved rounds of {:.1} s slices, order A-B, B-A, …; per round min {lo:.3}, \
+         median {median:.3}, max {hi:.3}; BeginLogin/Health calls/s per round: {}{})",
         c.rounds.len(),
         c.slice.as_secs_f64(),
         rounds.join(", "),

@@ -194,6 +194,27 @@ impl Interleaved {
         b / a.max(f64::MIN_POSITIVE)
     }
 
+    /// A one-sided 95 % confidence interval for the typical per-round ratio
+    /// (the geometric mean): Student's t over the rounds' log ratios. The
+    /// rounds are paired (each compares adjacent slices), so what is left
+    /// of the machine's drift is the round-to-round scatter this measures.
+    /// `None` with fewer than two rounds.
+    pub fn interval(&self) -> Option<(f64, f64, f64)> {
+        let logs: Vec<f64> = self
+            .rounds
+            .iter()
+            .map(|(a, b)| (b / a.max(f64::MIN_POSITIVE)).ln())
+            .collect();
+        let n = logs.len();
+        if n < 2 {
+            return None;
+        }
+        let mean = logs.iter().sum::<f64>() / n as f64;
+        let var = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        let half = t_95(n - 1) * (var / n as f64).sqrt();
+        Some(((mean - half).exp(), mean.exp(), (mean + half).exp()))
+    }
+
     /// Smallest, median and largest per-round ratio.
     pub fn spread(&self) -> (f64, f64, f64) {
         let mut ratios: Vec<f64> = self
@@ -277,4 +298,58 @@ async fn run_for(
         total.merge(caller.await.context("a caller task failed")??)?;
     }
     Ok((total, started.elapsed()))
+}
+
+/// Student's t, one-sided 95 %, for `df` degrees of freedom. A table: the
+/// loadgen needs 1..30 and nothing else of a statistics crate.
+fn t_95(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771,
+        1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706,
+        1.703, 1.701, 1.699, 1.697,
+    ];
+    T.get(df.wrapping_sub(1)).copied().unwrap_or(1.645)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rounds(ratios: &[f64]) -> Interleaved {
+        Interleaved {
+            rounds: ratios.iter().map(|r| (1000.0, 1000.0 * r)).collect(),
+            slice: Duration::from_secs(1),
+            errors: 0,
+            first_errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn interval_narrows_with_agreeing_rounds() {
+        let (low, typical, high) = rounds(&[0.9; 8]).interval().unwrap();
+        assert!((low - 0.9).abs() < 1e-9 && (typical - 0.9).abs() < 1e-9);
+        assert!((high - 0.9).abs() < 1e-9);
+
+        let scattered = rounds(&[0.70, 0.95, 0.80, 0.90, 0.75, 0.92]);
+        let (low, typical, high) = scattered.interval().unwrap();
+        assert!(low < typical && typical < high);
+        assert!(low < 0.8 && high > 0.8, "{low}..{high}");
+        // One round says nothing about scatter.
+        assert!(rounds(&[0.9]).interval().is_none());
+    }
+
+    #[test]
+    fn student_t_table() {
+        assert_eq!(t_95(1), 6.314);
+        assert_eq!(t_95(19), 1.729);
+        assert_eq!(t_95(30), 1.697);
+        assert_eq!(t_95(500), 1.645);
+    }
+
+    #[test]
+    fn pooled_ratio_and_spread() {
+        let c = rounds(&[0.5, 1.0, 0.75]);
+        assert!((c.ratio() - 0.75).abs() < 1e-9);
+        assert_eq!(c.spread(), (0.5, 0.75, 1.0));
+    }
 }
