@@ -31,8 +31,8 @@ pub struct MemoryReport {
     pub rss_before: u64,
     pub rss_held: u64,
     pub rss_after_drop: u64,
-    /// After `malloc_trim(0)`: how much glibc was keeping for reuse.
-    pub rss_after_trim: Option<u64>,
+    /// After `mi_collect(true)`: how much mimalloc was keeping for reuse.
+    pub rss_after_trim: u64,
     pub elapsed: Duration,
     pub pending_login_size: usize,
 }
@@ -78,7 +78,8 @@ pub async fn measure(mut settings: Settings, pending: u64) -> anyhow::Result<Mem
 
     drop((states, login, app));
     let rss_after_drop = rss(page_size)?;
-    let rss_after_trim = trim().then(|| rss(page_size)).transpose()?;
+    trim();
+    let rss_after_trim = rss(page_size)?;
     Ok(MemoryReport {
         requested: pending,
         entries,
@@ -114,15 +115,10 @@ fn page_size() -> (u64, bool) {
     }
 }
 
-/// Asks glibc to hand freed memory back to the kernel; false elsewhere.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim() -> bool {
-    // SAFETY: malloc_trim has no preconditions; 0 keeps no padding.
-    unsafe { libc::malloc_trim(0) };
-    true
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() -> bool {
-    false
+/// Asks mimalloc (the binary's allocator, and ours) to return the memory it
+/// keeps for reuse to the kernel.
+fn trim() {
+    // SAFETY: mi_collect only walks mimalloc's own heaps; `true` forces it
+    // to return what it can.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }

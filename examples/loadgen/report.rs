@@ -209,7 +209,7 @@ pub fn memory(m: &MemoryReport) {
     println!(
         "method: LoginService::begin(sandbox) × {} in-process on a fresh app, before any gRPC \
          traffic; then run_pending_tasks; RSS = resident pages from /proc/self/statm × page size \
-         {} ({}); allocator: glibc malloc",
+         {} ({}); allocator: mimalloc, as in the binary",
         m.requested,
         m.page_size,
         if m.page_size_assumed {
@@ -231,12 +231,10 @@ pub fn memory(m: &MemoryReport) {
         m.bytes_per_login(),
         m.pending_login_size
     );
-    let trimmed = m
-        .rss_after_trim
-        .map_or_else(|| "n/a".into(), |r| format!("{:.1} MiB", mib(r)));
+    let trimmed = format!("{:.1} MiB", mib(m.rss_after_trim));
     println!(
-        "after dropping the app: {:.1} MiB; after malloc_trim(0): {trimmed} \
-         (what glibc kept for reuse vs returned)",
+        "after dropping the app: {:.1} MiB; after mi_collect(true): {trimmed} \
+         (what mimalloc kept for reuse vs returned)",
         mib(m.rss_after_drop)
     );
     println!(
