@@ -516,11 +516,13 @@ mod tests {
     #[tokio::test]
     async fn a_take_at_the_deadline_leaves_no_extra_entry() {
         let store = MemoryStateStore::new(10, Duration::ZERO);
+        // Taken "as of" before it was created, so a slow test machine cannot
+        // turn this into an expired take; the margin check uses real time.
+        let now = OffsetDateTime::now_utc();
         let l = login(time::Duration::milliseconds(50));
         let s = l.state;
         store.put(l).await.unwrap();
         // Within the margin of its deadline: removed, not tombstoned.
-        let now = OffsetDateTime::now_utc();
         assert!(store.take(&s, now).await.is_ok());
         store.0.cache.run_pending_tasks();
         assert!(!store.0.cache.contains_key(&s));
