@@ -142,6 +142,14 @@ pub trait Emulator: Send + Sync {
         self.core().requests()
     }
 
+    /// The requests made to one path.
+    fn requests_to(&self, path: &str) -> Vec<SeenRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
     /// Requests a real provider would refuse because of their shape.
     fn violations(&self) -> Vec<String> {
         self.core().violations()

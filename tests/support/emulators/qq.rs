@@ -27,15 +27,14 @@ use axum::{
     routing::any,
 };
 use serde_json::Value;
-use url::Url;
 
 use super::wire::{
-    Log, Req, answer, check_origin, derive, digest, hex_upper, no_pkce, obj, provider_config,
-    single,
+    Log, Req, answer, authorize_params, derive, digest, expect_param, hex_upper, obj,
+    provider_config, scope_list, single, state_param,
 };
 use super::{
-    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_UPPER,
-    SeenRequest, Step, lock, random_token, serve,
+    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_UPPER, Step, lock,
+    random_token, serve,
 };
 
 /// A real-looking QQ Connect appid (numeric) and appkey (32 lower-case hex).
@@ -258,66 +257,18 @@ impl QqEmulator {
         self.shared.core.faults.set_times(step, fault, times);
     }
 
-    pub fn requests_to(&self, path: &str) -> Vec<SeenRequest> {
-        self.shared
-            .core
-            .requests()
-            .into_iter()
-            .filter(|r| r.path == path)
-            .collect()
-    }
-
     /// The checks `/oauth2.0/authorize` makes; `Ok` carries (state, scopes).
     fn check_authorize(&self, authorize_url: &str) -> Result<(String, Vec<String>), String> {
-        let url = Url::parse(authorize_url).map_err(|e| format!("not a URL: {e}"))?;
-        check_origin(&url, &self.base_url)?;
-        if url.path() != AUTHORIZE_PATH {
-            return Err(format!("path is {}, expected {AUTHORIZE_PATH}", url.path()));
-        }
-        if url.fragment().is_some() {
-            return Err("QQ's authorize URL takes no fragment".into());
-        }
-        let params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-        let get = |name: &str| single(&params, name);
-        no_pkce(&params, "QQ")?;
-        if get("appid")?.is_some() {
+        let params = authorize_params(authorize_url, &self.base_url, AUTHORIZE_PATH, None, "QQ")?;
+        if single(&params, "appid")?.is_some() {
             return Err("`appid` sent: QQ names the app id `client_id`".into());
         }
-        match get("response_type")? {
-            Some("code") => {}
-            other => return Err(format!("response_type is {other:?}, expected \"code\"")),
-        }
-        match get("client_id")? {
-            Some(APP_ID) => {}
-            other => return Err(format!("client_id is {other:?}, expected {APP_ID:?}")),
-        }
-        match get("redirect_uri")? {
-            Some(REDIRECT_URI) => {}
-            other => {
-                return Err(format!(
-                    "redirect_uri is {other:?}, expected {REDIRECT_URI:?}"
-                ));
-            }
-        }
-        let state = match get("state")? {
-            Some(s) if !s.is_empty() => s.to_string(),
-            _ => return Err("no state (QQ documents it as required)".into()),
-        };
-        let scopes = match get("scope")? {
-            None => vec!["get_user_info".to_string()],
-            Some(s) if s.contains(' ') => {
-                return Err(format!(
-                    "scope {s:?} is space-separated; QQ separates with ','"
-                ));
-            }
-            Some(s) => {
-                let scopes: Vec<String> = s.split(',').map(str::to_string).collect();
-                if let Some(bad) = scopes.iter().find(|s| !APIS.contains(&s.as_str())) {
-                    return Err(format!("scope names {bad:?}, which is not a QQ API"));
-                }
-                scopes
-            }
-        };
+        expect_param(&params, "response_type", "code", None)?;
+        expect_param(&params, "client_id", APP_ID, None)?;
+        expect_param(&params, "redirect_uri", REDIRECT_URI, None)?;
+        // QQ documents the state as required.
+        let state = state_param(&params)?;
+        let scopes = scope_list(&params, ',', APIS, &["get_user_info"], "QQ")?;
         Ok((state, scopes))
     }
 }

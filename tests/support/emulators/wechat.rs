@@ -28,12 +28,14 @@ use axum::{
     routing::any,
 };
 use serde_json::Value;
-use url::Url;
 
 use super::{
-    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER,
-    SeenRequest, Step, lock, random_token, serve,
-    wire::{Log, Req, answer, check_origin, derive, no_pkce, obj, provider_config, single},
+    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER, Step, lock,
+    random_token, serve,
+    wire::{
+        Log, Req, answer, authorize_params, derive, expect_param, obj, provider_config, single,
+        state_param,
+    },
 };
 
 /// A real-looking website-app AppID (`wx` + 16 hex) and AppSecret (32 hex).
@@ -188,50 +190,23 @@ impl WechatEmulator {
         self.shared.core.faults.set_times(step, fault, times);
     }
 
-    pub fn requests_to(&self, path: &str) -> Vec<SeenRequest> {
-        self.shared
-            .core
-            .requests()
-            .into_iter()
-            .filter(|r| r.path == path)
-            .collect()
-    }
-
     /// The checks `/connect/qrconnect` makes; `Ok` carries the state.
     fn check_authorize(&self, authorize_url: &str) -> Result<String, String> {
-        let url = Url::parse(authorize_url).map_err(|e| format!("not a URL: {e}"))?;
-        check_origin(&url, &self.base_url)?;
-        if url.path() != AUTHORIZE_PATH {
-            return Err(format!("path is {}, expected {AUTHORIZE_PATH}", url.path()));
-        }
-        if url.fragment() != Some("wechat_redirect") || !authorize_url.ends_with("#wechat_redirect")
-        {
-            return Err("the URL must end with #wechat_redirect".into());
-        }
-        let params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-        let get = |name: &str| single(&params, name);
-        no_pkce(&params, "WeChat")?;
-        if get("client_id")?.is_some() {
+        let params = authorize_params(
+            authorize_url,
+            &self.base_url,
+            AUTHORIZE_PATH,
+            Some("wechat_redirect"),
+            "WeChat",
+        )?;
+        if single(&params, "client_id")?.is_some() {
             return Err("`client_id` sent: WeChat names the app id `appid`".into());
         }
         // Real failures show an error page (该链接无法访问 / 10003 / 10005).
-        match get("appid")? {
-            Some(APP_ID) => {}
-            other => return Err(format!("appid is {other:?}, expected {APP_ID:?}")),
-        }
-        match get("redirect_uri")? {
-            Some(REDIRECT_URI) => {}
-            other => {
-                return Err(format!(
-                    "redirect_uri is {other:?}, expected {REDIRECT_URI:?} (10003)"
-                ));
-            }
-        }
-        match get("response_type")? {
-            Some("code") => {}
-            other => return Err(format!("response_type is {other:?}, expected \"code\"")),
-        }
-        match get("scope")? {
+        expect_param(&params, "appid", APP_ID, None)?;
+        expect_param(&params, "redirect_uri", REDIRECT_URI, Some("10003"))?;
+        expect_param(&params, "response_type", "code", None)?;
+        match single(&params, "scope")? {
             Some("snsapi_login") => {}
             other => {
                 return Err(format!(
@@ -239,10 +214,7 @@ impl WechatEmulator {
                 ));
             }
         }
-        match get("state")? {
-            Some(s) if !s.is_empty() => Ok(s.to_string()),
-            _ => Err("no state".into()),
-        }
+        state_param(&params)
     }
 }
 

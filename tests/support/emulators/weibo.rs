@@ -26,13 +26,13 @@ use axum::{
     routing::any,
 };
 use serde_json::Value;
-use url::Url;
 
 use super::{
-    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER,
-    SeenRequest, Step, lock, random_token, serve,
+    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER, Step, lock,
+    random_token, serve,
     wire::{
-        Log, Req, answer, check_origin, derive, derive_u64, no_pkce, obj, provider_config, single,
+        Log, Req, answer, authorize_params, derive, derive_u64, expect_param, obj, provider_config,
+        scope_list, state_of, state_param,
     },
 };
 
@@ -195,63 +195,15 @@ impl WeiboEmulator {
         self.shared.core.faults.set_times(step, fault, times);
     }
 
-    pub fn requests_to(&self, path: &str) -> Vec<SeenRequest> {
-        self.shared
-            .core
-            .requests()
-            .into_iter()
-            .filter(|r| r.path == path)
-            .collect()
-    }
-
     /// The checks `/oauth2/authorize` makes; `Ok` carries (state, scopes).
     fn check_authorize(&self, authorize_url: &str) -> Result<(String, Vec<String>), String> {
-        let url = Url::parse(authorize_url).map_err(|e| format!("not a URL: {e}"))?;
-        check_origin(&url, &self.base_url)?;
-        if url.path() != AUTHORIZE_PATH {
-            return Err(format!("path is {}, expected {AUTHORIZE_PATH}", url.path()));
-        }
-        if url.fragment().is_some() {
-            return Err("Weibo's authorize URL takes no fragment".into());
-        }
-        let params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-        let get = |name: &str| single(&params, name);
-        no_pkce(&params, "Weibo")?;
-        match get("client_id")? {
-            Some(APP_KEY) => {}
-            other => return Err(format!("client_id is {other:?}, expected {APP_KEY:?}")),
-        }
-        match get("redirect_uri")? {
-            Some(REDIRECT_URI) => {}
-            other => {
-                return Err(format!(
-                    "redirect_uri is {other:?}, expected {REDIRECT_URI:?} (21322)"
-                ));
-            }
-        }
-        match get("response_type")? {
-            Some("code") => {}
-            other => return Err(format!("response_type is {other:?}, expected \"code\"")),
-        }
-        let state = match get("state")? {
-            Some(s) if !s.is_empty() => s.to_string(),
-            _ => return Err("no state".into()),
-        };
-        let scopes = match get("scope")? {
-            None => Vec::new(),
-            Some(s) if s.contains(' ') => {
-                return Err(format!(
-                    "scope {s:?} is space-separated; Weibo separates with ','"
-                ));
-            }
-            Some(s) => {
-                let scopes: Vec<String> = s.split(',').map(str::to_string).collect();
-                if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
-                    return Err(format!("scope names {bad:?}, which Weibo does not know"));
-                }
-                scopes
-            }
-        };
+        let params =
+            authorize_params(authorize_url, &self.base_url, AUTHORIZE_PATH, None, "Weibo")?;
+        expect_param(&params, "client_id", APP_KEY, None)?;
+        expect_param(&params, "redirect_uri", REDIRECT_URI, Some("21322"))?;
+        expect_param(&params, "response_type", "code", None)?;
+        let state = state_param(&params)?;
+        let scopes = scope_list(&params, ',', SCOPES, &[], "Weibo")?;
         Ok((state, scopes))
     }
 }
@@ -318,11 +270,7 @@ impl Emulator for WeiboEmulator {
     /// `error_code` 21330 per Weibo's error table; the description text is
     /// unverified (the table's wording).
     fn deny(&self, authorize_url: &str) -> Option<Vec<(String, String)>> {
-        let state = super::query_of(authorize_url)
-            .into_iter()
-            .find(|(k, _)| k == "state")
-            .map(|(_, v)| v)
-            .unwrap_or_default();
+        let state = state_of(authorize_url);
         Some(vec![
             ("error".into(), "access_denied".into()),
             ("error_code".into(), "21330".into()),

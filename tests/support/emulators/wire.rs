@@ -77,6 +77,102 @@ pub(super) fn no_pkce(params: &[(String, String)], provider: &str) -> Result<(),
     Ok(())
 }
 
+/// The query of an authorize URL, after the checks every emulated provider
+/// makes of it: our origin, the documented path, the fragment it wants
+/// (none, or WeChat's `#wechat_redirect`), and no PKCE, which none of them
+/// supports.
+pub(super) fn authorize_params(
+    authorize_url: &str,
+    base_url: &str,
+    path: &str,
+    fragment: Option<&str>,
+    provider: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let url = Url::parse(authorize_url).map_err(|e| format!("not a URL: {e}"))?;
+    check_origin(&url, base_url)?;
+    if url.path() != path {
+        return Err(format!("path is {}, expected {path}", url.path()));
+    }
+    match fragment {
+        None if url.fragment().is_some() => {
+            return Err(format!("{provider}'s authorize URL takes no fragment"));
+        }
+        Some(f) if url.fragment() != Some(f) || !authorize_url.ends_with(&format!("#{f}")) => {
+            return Err(format!("the URL must end with #{f}"));
+        }
+        _ => {}
+    }
+    let params: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    no_pkce(&params, provider)?;
+    Ok(params)
+}
+
+/// A parameter that must appear once with exactly `expected`; `code` is the
+/// provider's documented error for a mismatch, when it has one.
+pub(super) fn expect_param(
+    params: &[(String, String)],
+    name: &str,
+    expected: &str,
+    code: Option<&str>,
+) -> Result<(), String> {
+    match single(params, name)? {
+        Some(v) if v == expected => Ok(()),
+        other => Err(format!(
+            "{name} is {other:?}, expected {expected:?}{}",
+            code.map(|c| format!(" ({c})")).unwrap_or_default()
+        )),
+    }
+}
+
+/// The non-empty `state` every emulated provider requires.
+pub(super) fn state_param(params: &[(String, String)]) -> Result<String, String> {
+    match single(params, "state")? {
+        Some(s) if !s.is_empty() => Ok(s.to_string()),
+        _ => Err("no state".into()),
+    }
+}
+
+/// `scope` split on the provider's separator, each scope one it knows;
+/// absent means `default`. The other common separator is refused, since
+/// the provider would read the whole string as one unknown scope.
+pub(super) fn scope_list(
+    params: &[(String, String)],
+    separator: char,
+    known: &[&str],
+    default: &[&str],
+    provider: &str,
+) -> Result<Vec<String>, String> {
+    let (wrong, wrong_name) = if separator == ',' {
+        (' ', "space")
+    } else {
+        (',', "comma")
+    };
+    match single(params, "scope")? {
+        None => Ok(default.iter().map(|s| s.to_string()).collect()),
+        Some(s) if s.contains(wrong) => Err(format!(
+            "scope {s:?} is {wrong_name}-separated; {provider} separates with {separator:?}"
+        )),
+        Some(s) => {
+            let scopes: Vec<String> = s.split(separator).map(str::to_string).collect();
+            if let Some(bad) = scopes.iter().find(|s| !known.contains(&s.as_str())) {
+                return Err(format!(
+                    "scope names {bad:?}, which {provider} does not know"
+                ));
+            }
+            Ok(scopes)
+        }
+    }
+}
+
+/// The `state` of an authorize URL, for a denial's redirect.
+pub(super) fn state_of(authorize_url: &str) -> String {
+    super::query_of(authorize_url)
+        .into_iter()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
 /// A JSON object with keys in the given order (serde_json's map sorts them).
 pub(super) fn obj(fields: &[(&str, Value)]) -> String {
     let parts: Vec<String> = fields
