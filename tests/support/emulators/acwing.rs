@@ -296,8 +296,7 @@ impl Emulator for AcwingEmulator {
         grant.redirect_uri = Some(redirect.into());
         grant.scopes = vec![SCOPE.into()];
         // The code format is unverified.
-        let code = core.issue_code(random_token("", 32, ALNUM), grant);
-        Ok(vec![("code".into(), code), ("state".into(), state.into())])
+        Ok(core.code_redirect(random_token("", 32, ALNUM), grant, state.into()))
     }
 
     /// The web variant shows no redirect when the user declines (the AcApp

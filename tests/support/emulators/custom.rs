@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use url::{Url, form_urlencoded};
 
+use super::wire::state_of;
 use super::{
     ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, SeenRequest, Step,
     lock, query_of, random_token, serve,
@@ -367,16 +368,11 @@ impl Emulator for CustomEmulator {
         grant.redirect_uri = Some(redirect.into());
         grant.scopes = scopes;
         grant.challenge = Some(challenge);
-        let code = core.issue_code(random_token("ac_", 24, ALNUM), grant);
-        Ok(vec![("code".into(), code), ("state".into(), state.into())])
+        Ok(core.code_redirect(random_token("ac_", 24, ALNUM), grant, state.into()))
     }
 
     fn deny(&self, authorize_url: &str) -> Option<Vec<(String, String)>> {
-        let state = query_of(authorize_url)
-            .into_iter()
-            .find(|(k, _)| k == "state")
-            .map(|(_, v)| v)
-            .unwrap_or_default();
+        let state = state_of(authorize_url);
         Some(vec![
             ("error".into(), "user_cancelled".into()),
             (

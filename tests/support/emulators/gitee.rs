@@ -278,21 +278,14 @@ impl Emulator for GiteeEmulator {
     }
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
-        let (state, scopes) = self.check_authorize(authorize_url).map_err(|why| {
-            self.shared.core.violation(format!("authorize: {why}"));
-            why
-        })?;
-        if !lock(&self.shared.users).contains_key(seed) {
-            return Err(format!("no user registered with seed {seed:?}"));
-        }
+        let core = &self.shared.core;
+        let registered = lock(&self.shared.users).contains_key(seed);
+        let (state, scopes) =
+            core.approvable(self.check_authorize(authorize_url), registered, seed)?;
         let mut grant = CodeGrant::new(seed, CLIENT_ID);
         grant.redirect_uri = Some(REDIRECT_URI.into());
         grant.scopes = scopes;
-        let code = self
-            .shared
-            .core
-            .issue_code(random_token("", 64, HEX_LOWER), grant);
-        Ok(vec![("code".into(), code), ("state".into(), state)])
+        Ok(core.code_redirect(random_token("", 64, HEX_LOWER), grant, state))
     }
 
     /// Standard OAuth2 (Gitee runs Doorkeeper); the exact redirect,

@@ -244,6 +244,37 @@ impl Core {
 
     /// Takes a code: single use, expired after [`CODE_TTL`]. A code is gone
     /// after its first redemption attempt, even a failed one.
+    /// The checks approving an authorize URL starts with at every
+    /// emulated provider: a URL the provider would refuse is recorded as a
+    /// violation, and the test user must have been added.
+    pub fn approvable<T>(
+        &self,
+        checked: Result<T, String>,
+        registered: bool,
+        seed: &str,
+    ) -> Result<T, String> {
+        let checked = checked.map_err(|why| {
+            self.violation(format!("authorize: {why}"));
+            why
+        })?;
+        if !registered {
+            return Err(format!("no user registered with seed {seed:?}"));
+        }
+        Ok(checked)
+    }
+
+    /// The callback parameters of an approval: `code`, issued for `grant`,
+    /// and the `state`.
+    pub fn code_redirect(
+        &self,
+        code: String,
+        grant: CodeGrant,
+        state: String,
+    ) -> Vec<(String, String)> {
+        let code = self.issue_code(code, grant);
+        vec![("code".into(), code), ("state".into(), state)]
+    }
+
     pub fn redeem_code(&self, code: &str) -> Option<CodeGrant> {
         lock(&self.codes)
             .remove(code)

@@ -31,6 +31,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::{Url, form_urlencoded};
 
+use super::wire::state_of;
 use super::{
     Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER, SeenRequest, Step,
     lock, query_of, random_token, serve,
@@ -274,18 +275,13 @@ impl Emulator for QiitaEmulator {
         }
         let mut grant = CodeGrant::new(seed, CLIENT_ID);
         grant.scopes = scopes;
-        let code = core.issue_code(random_token("", 40, HEX_LOWER), grant);
-        Ok(vec![("code".into(), code), ("state".into(), state.into())])
+        Ok(core.code_redirect(random_token("", 40, HEX_LOWER), grant, state.into()))
     }
 
     /// Unverified: Qiita's denial behaviour is undocumented; this is the
     /// RFC 6749 answer to the registered URL.
     fn deny(&self, authorize_url: &str) -> Option<Vec<(String, String)>> {
-        let state = query_of(authorize_url)
-            .into_iter()
-            .find(|(k, _)| k == "state")
-            .map(|(_, v)| v)
-            .unwrap_or_default();
+        let state = state_of(authorize_url);
         Some(vec![
             ("error".into(), "access_denied".into()),
             ("state".into(), state),

@@ -260,22 +260,14 @@ impl Emulator for WechatEmulator {
     }
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
-        let state = self.check_authorize(authorize_url).map_err(|why| {
-            self.shared.core.violation(format!("authorize: {why}"));
-            why
-        })?;
-        if !lock(&self.shared.users).contains_key(seed) {
-            return Err(format!("no user registered with seed {seed:?}"));
-        }
+        let core = &self.shared.core;
+        let registered = lock(&self.shared.users).contains_key(seed);
+        let state = core.approvable(self.check_authorize(authorize_url), registered, seed)?;
         let mut grant = CodeGrant::new(seed, APP_ID);
         grant.redirect_uri = Some(REDIRECT_URI.into());
         grant.scopes = vec!["snsapi_login".into()];
         // Real codes: 32 alphanumerics, usually starting with 0 (`081sSq00…`).
-        let code = self
-            .shared
-            .core
-            .issue_code(random_token("0", 31, ALNUM), grant);
-        Ok(vec![("code".into(), code), ("state".into(), state)])
+        Ok(core.code_redirect(random_token("0", 31, ALNUM), grant, state))
     }
 
     /// Current documentation: a denial does not redirect (the old one sent

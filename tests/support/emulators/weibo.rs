@@ -249,22 +249,15 @@ impl Emulator for WeiboEmulator {
     }
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
-        let (state, scopes) = self.check_authorize(authorize_url).map_err(|why| {
-            self.shared.core.violation(format!("authorize: {why}"));
-            why
-        })?;
-        if !lock(&self.shared.users).contains_key(seed) {
-            return Err(format!("no user registered with seed {seed:?}"));
-        }
+        let core = &self.shared.core;
+        let registered = lock(&self.shared.users).contains_key(seed);
+        let (state, scopes) =
+            core.approvable(self.check_authorize(authorize_url), registered, seed)?;
         let mut grant = CodeGrant::new(seed, APP_KEY);
         grant.redirect_uri = Some(REDIRECT_URI.into());
         grant.scopes = scopes;
         // Sample: a2960248100209b778202fcdc565df1d.
-        let code = self
-            .shared
-            .core
-            .issue_code(random_token("", 32, HEX_LOWER), grant);
-        Ok(vec![("code".into(), code), ("state".into(), state)])
+        Ok(core.code_redirect(random_token("", 32, HEX_LOWER), grant, state))
     }
 
     /// `error_code` 21330 per Weibo's error table; the description text is

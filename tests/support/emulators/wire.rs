@@ -1,6 +1,7 @@
-//! Wire helpers shared by the QQ, WeChat, Weibo and Gitee emulators:
-//! request parsing and logging, JSON in a fixed key order, ids derived from
-//! a user's seed, and the provider config every emulator hands authbroker.
+//! Wire helpers shared by the emulators (most by QQ, WeChat, Weibo and
+//! Gitee): the authorize-URL checks, request parsing and logging, JSON in a
+//! fixed key order, ids derived from a user's seed, and the provider config
+//! every emulator hands authbroker.
 
 use authbroker::config::ProviderConfig;
 use axum::{
