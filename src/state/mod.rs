@@ -62,7 +62,9 @@ impl PkceVerifier {
         URL_SAFE_NO_PAD.encode(self.0)
     }
 
-    /// The S256 challenge: base64url(SHA-256(verifier text)).
+    /// The S256 challenge: base64url(SHA-256(verifier text)). Only tests
+    /// want it as a string; the authorize URL appends it in place.
+    #[cfg(test)]
     pub fn challenge_s256(&self) -> String {
         let mut out = String::with_capacity(43);
         self.push_challenge_s256(&mut out);
