@@ -386,8 +386,7 @@ impl LoginService {
         let now = OffsetDateTime::now_utc();
         let ttl = time::Duration::try_from(self.settings.state_ttl)
             .unwrap_or(time::Duration::minutes(10));
-        // One OS RNG call for every secret of this login: each getrandom
-        // syscall showed up in BeginLogin's profile.
+        // One draw for every secret of this login (see state::entropy).
         let (state, pkce, nonce) = crate::state::login_secrets()?;
         let login = PendingLogin {
             state,

@@ -1,6 +1,7 @@
 //! Pending-login state: what authbroker remembers between BeginLogin and
 //! CompleteLogin, and the `StateStore` seam that keeps it.
 
+mod entropy;
 mod memory;
 
 pub use memory::{Expiring, MemoryStateStore, SingleUse};
@@ -9,7 +10,6 @@ use std::{fmt, sync::Arc};
 
 use async_trait::async_trait;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use rand::{TryRngCore, rngs::OsRng};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -93,7 +93,7 @@ impl fmt::Debug for PkceVerifier {
     }
 }
 
-/// A fresh state, PKCE verifier and OIDC nonce from one OS RNG call.
+/// A fresh state, PKCE verifier and OIDC nonce from the OS RNG.
 pub fn login_secrets() -> Result<(StateToken, PkceVerifier, PkceVerifier), StateError> {
     let bytes: [u8; 96] = random_bytes()?;
     let part = |i: usize| {
@@ -110,9 +110,7 @@ pub fn login_secrets() -> Result<(StateToken, PkceVerifier, PkceVerifier), State
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], StateError> {
     let mut bytes = [0u8; N];
-    OsRng
-        .try_fill_bytes(&mut bytes)
-        .map_err(|e| StateError::Unavailable(anyhow::anyhow!("OS RNG failed: {e}")))?;
+    entropy::fill(&mut bytes)?;
     Ok(bytes)
 }
 
