@@ -16,7 +16,7 @@ use crate::{
     grpc::{
         self,
         admin::AdminApi,
-        auth::ApiKeys,
+        auth::{ApiKeys, Authenticated},
         login::LoginApi,
         pb::{
             admin_service_server::AdminServiceServer,
@@ -223,15 +223,11 @@ impl Application {
         let keys = self.api_keys.clone();
         let login = LoginServiceServer::new(LoginApi::new(self.login.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let login = tonic::service::interceptor::InterceptedService::new(login, move |req| {
-            keys.check(req, Role::Login)
-        });
+        let login = Authenticated::new(login, keys, Role::Login);
         let keys = self.api_keys.clone();
         let admin = AdminServiceServer::new(AdminApi::new(self.admin.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let admin = tonic::service::interceptor::InterceptedService::new(admin, move |req| {
-            keys.check(req, Role::Admin)
-        });
+        let admin = Authenticated::new(admin, keys, Role::Admin);
 
         let (signalled_tx, mut signalled_rx) = watch::channel(false);
         let server = Server::builder()

@@ -4,9 +4,20 @@
 
 use std::sync::Arc;
 
+use std::task::{Context, Poll};
+
+use futures::future::{Either, Ready, ready};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status};
+use tonic::{
+    Status,
+    body::Body,
+    codegen::{
+        Service,
+        http::{self, HeaderMap},
+    },
+    server::NamedService,
+};
 
 use super::status::error_status;
 use crate::config::{ApiKeyConfig, Role};
@@ -75,12 +86,11 @@ impl ApiKeys {
         found
     }
 
-    /// Authenticates a request and checks the caller may use a service
-    /// needing `needed`.
-    pub fn check<T>(&self, mut request: Request<T>, needed: Role) -> Result<Request<T>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
+    /// Authenticates a call from its headers and checks the caller may use
+    /// a service needing `needed`.
+    pub fn authenticate(&self, headers: &HeaderMap, needed: Role) -> Result<Caller, Status> {
+        let header = headers
+            .get(http::header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or(""));
         let caller = match header {
             None if self.keys.is_empty() && self.allow_unauthenticated => Caller {
@@ -126,9 +136,59 @@ impl ApiKeys {
                 "this API key's role may not call this service; it needs role \"admin\"",
             ));
         }
-        request.extensions_mut().insert(caller);
-        Ok(request)
+        Ok(caller)
     }
+}
+
+/// A gRPC service that only authenticated callers reach; the `Caller` lands
+/// in the request's extensions.
+///
+/// A plain tower service rather than tonic's `InterceptedService`: that one
+/// takes every request apart into a `tonic::Request` and rebuilds it, which
+/// was a measurable share of BeginLogin (BENCHMARKS.md), while the check
+/// needs only the headers.
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    inner: S,
+    keys: ApiKeys,
+    needed: Role,
+}
+
+impl<S> Authenticated<S> {
+    pub fn new(inner: S, keys: ApiKeys, needed: Role) -> Self {
+        Authenticated {
+            inner,
+            keys,
+            needed,
+        }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Authenticated<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Self::Response, Self::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match self.keys.authenticate(request.headers(), self.needed) {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                Either::Right(self.inner.call(request))
+            }
+            Err(status) => Either::Left(ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
 }
 
 #[cfg(test)]
@@ -159,12 +219,12 @@ mod tests {
         )
     }
 
-    fn req(auth: Option<&str>) -> Request<()> {
-        let mut r = Request::new(());
+    fn req(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
         if let Some(a) = auth {
-            r.metadata_mut().insert("authorization", a.parse().unwrap());
+            h.insert("authorization", a.parse().unwrap());
         }
-        r
+        h
     }
 
     fn reason(s: &Status) -> String {
@@ -175,31 +235,41 @@ mod tests {
     #[test]
     fn keys_and_roles() {
         let k = keys();
-        let e = k.check(req(None), Role::Login).unwrap_err();
+        let e = k.authenticate(&req(None), Role::Login).unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert_eq!(reason(&e), "API_KEY_MISSING");
-        let e = k.check(req(Some("Bearer nope")), Role::Login).unwrap_err();
-        assert_eq!(reason(&e), "API_KEY_INVALID");
-        let e = k.check(req(Some("login-key")), Role::Login).unwrap_err();
-        assert_eq!(reason(&e), "API_KEY_INVALID");
-        let ok = k.check(req(Some("Bearer login-key")), Role::Login).unwrap();
-        assert_eq!(
-            ok.extensions().get::<Caller>().unwrap().name.as_deref(),
-            Some("web")
-        );
         let e = k
-            .check(req(Some("Bearer login-key")), Role::Admin)
+            .authenticate(&req(Some("Bearer nope")), Role::Login)
+            .unwrap_err();
+        assert_eq!(reason(&e), "API_KEY_INVALID");
+        let e = k
+            .authenticate(&req(Some("login-key")), Role::Login)
+            .unwrap_err();
+        assert_eq!(reason(&e), "API_KEY_INVALID");
+        let ok = k
+            .authenticate(&req(Some("Bearer login-key")), Role::Login)
+            .unwrap();
+        assert_eq!(ok.name.as_deref(), Some("web"));
+        assert_eq!(ok.role, Role::Login);
+        let e = k
+            .authenticate(&req(Some("Bearer login-key")), Role::Admin)
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        assert!(k.check(req(Some("Bearer admin-key")), Role::Admin).is_ok());
-        assert!(k.check(req(Some("Bearer admin-key")), Role::Login).is_ok());
+        assert!(
+            k.authenticate(&req(Some("Bearer admin-key")), Role::Admin)
+                .is_ok()
+        );
+        assert!(
+            k.authenticate(&req(Some("Bearer admin-key")), Role::Login)
+                .is_ok()
+        );
     }
 
     #[test]
     fn open_mode_only_without_keys() {
         let open = ApiKeys::new(&[], true);
-        assert!(open.check(req(None), Role::Admin).is_ok());
+        assert!(open.authenticate(&req(None), Role::Admin).is_ok());
         let closed = ApiKeys::new(&[], false);
-        assert!(closed.check(req(None), Role::Login).is_err());
+        assert!(closed.authenticate(&req(None), Role::Login).is_err());
     }
 }
