@@ -220,14 +220,19 @@ pub fn memory(m: &MemoryReport) {
     );
     println!("entries held (state_store().len()): {}", m.entries);
     println!(
-        "RSS before: {:.1} MiB, with them held: {:.1} MiB, delta: {:.1} MiB",
-        mib(m.rss_before),
+        "RSS before the app: {:.1} MiB; app built with max_pending = {} (its state store's \
+         index is sized then): +{:.1} MiB; with them held: {:.1} MiB; delta from before the app: \
+         {:.1} MiB",
+        mib(m.rss_start),
+        m.requested,
+        m.startup() as f64 / (1024.0 * 1024.0),
         mib(m.rss_held),
         m.delta() as f64 / (1024.0 * 1024.0)
     );
     println!(
-        "bytes per pending login: {:.0} (size_of::<PendingLogin>() = {} B; the rest is the Arc, \
-         the cache's per-entry bookkeeping and allocator overhead)",
+        "bytes per pending login: {:.0}, the app's start-up memory included \
+         (size_of::<PendingLogin>() = {} B; the rest is the Arc, the cache's per-entry \
+         bookkeeping and index, and allocator overhead)",
         m.bytes_per_login(),
         m.pending_login_size
     );

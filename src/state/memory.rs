@@ -206,18 +206,39 @@ impl Count {
 }
 
 impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
+    /// The index grows with the entries.
     pub fn new(capacity: u64, grace: Duration) -> Self {
-        let cache = Cache::builder()
+        Self::build(capacity, grace, None)
+    }
+
+    /// The index is allocated for `capacity` entries up front and is resident
+    /// from the start: 8 B per slot, two slots per entry rounded up to a
+    /// power of two, so 16 MiB at the default million.
+    /// Growing it instead meant rehashing every table twice as large under
+    /// load, a measurable share of BeginLogin while logins pile up
+    /// (BENCHMARKS.md).
+    pub fn presized(capacity: u64, grace: Duration) -> Self {
+        Self::build(
+            capacity,
+            grace,
+            Some(usize::try_from(capacity).unwrap_or(usize::MAX)),
+        )
+    }
+
+    fn build(capacity: u64, grace: Duration, index_for: Option<usize>) -> Self {
+        let mut builder = Cache::builder()
             // A hard bound: memory never grows past `capacity` entries. LRU
             // rather than TinyLFU, whose admission filter could silently drop
             // a state we just handed out. `Count` keeps us below it, so moka
             // never has to evict anything but expired entries.
             .max_capacity(capacity)
             .eviction_policy(EvictionPolicy::lru())
-            .expire_after(EvictAt)
-            .build_with_hasher(KeyHasher::default());
+            .expire_after(EvictAt);
+        if let Some(entries) = index_for {
+            builder = builder.initial_capacity(entries);
+        }
         SingleUse {
-            cache,
+            cache: builder.build_with_hasher(KeyHasher::default()),
             count: Count::default(),
             capacity,
             grace,
@@ -313,8 +334,10 @@ impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
 pub struct MemoryStateStore(SingleUse<PendingLogin>);
 
 impl MemoryStateStore {
+    /// Every BeginLogin inserts here, so its index is sized for `capacity`
+    /// from the start (see `SingleUse::presized`).
     pub fn new(capacity: u64, grace: Duration) -> Self {
-        MemoryStateStore(SingleUse::new(capacity, grace))
+        MemoryStateStore(SingleUse::presized(capacity, grace))
     }
 
     /// Runs moka's deferred housekeeping; the load generator calls it before
