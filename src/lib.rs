@@ -21,8 +21,9 @@
 //! - [`tokens`]: provider tokens for the app — sealed at login, refreshed
 //!   once per identity however many ask (single flight), revoked.
 //! - [`admin`]: the operator use cases behind `AdminService`, each audited.
-//! - [`state`]: pending-login state (`PendingLogin`), the `StateStore` seam and
-//!   its moka implementation.
+//! - [`state`]: pending-login state (`PendingLogin`), the `StateStore` seam,
+//!   its moka implementation (`state::memory`) and the pool of OS randomness
+//!   that states, PKCE verifiers and nonces are drawn from (`state::entropy`).
 //! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine, the
 //!   built-in presets (data files under `providers/`) and the sandbox.
 //! - [`store`]: the `Store` seam with Postgres and SQLite implementations and
