@@ -93,6 +93,13 @@ struct Args {
     /// Users created up front for the returning-user logins.
     #[arg(long, default_value_t = 1000)]
     returning_users: usize,
+    /// The app's `login.max_pending`. Every BeginLogin leaves an entry (a
+    /// tombstone once used) for state_ttl + grace, so this must exceed what
+    /// the whole run begins, or the run turns into a TOO_MANY_PENDING_LOGINS
+    /// test (its errors are counted and printed). The state store's index is
+    /// sized for it at start, as in production.
+    #[arg(long, default_value_t = 8_000_000)]
+    max_pending: u64,
     /// Pending logins held for the memory measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pending: u64,
@@ -221,7 +228,7 @@ fn args_summary(args: &Args, duration: Duration, warmup: Duration) -> String {
 
 /// Memory first, on a fresh heap (see `memory`), then the gRPC scenarios.
 async fn bench(args: &Args, database_url: &str, snapshotter: &Snapshotter) -> anyhow::Result<u64> {
-    let settings = harness::settings(database_url, args.pool_size)?;
+    let settings = harness::settings(database_url, args.pool_size, args.max_pending)?;
     let memory = if args.skip_memory {
         None
     } else {

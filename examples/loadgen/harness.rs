@@ -19,10 +19,6 @@ use tonic_health::pb::{
 pub const API_KEY: &str = "loadgen-login-key-0123456789abcdef";
 /// Never fetched: the sandbox only puts it in its 302 Location.
 pub const REDIRECT_URI: &str = "https://app.example.com/oauth/callback";
-/// More than any run can fill: every BeginLogin leaves an entry (a tombstone
-/// once used) for state_ttl + grace, and a full store would turn the
-/// benchmark into a TOO_MANY_PENDING_LOGINS test.
-const MAX_PENDING: u64 = 8_000_000;
 /// The app migrates before serving; this only bounds a broken start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,7 +30,11 @@ pub fn sha256_hex(s: &str) -> String {
 }
 
 /// Port 0 on loopback, one login key, the sandbox provider, logs quiet.
-pub fn settings(database_url: &str, pool_size: Option<usize>) -> anyhow::Result<Settings> {
+pub fn settings(
+    database_url: &str,
+    pool_size: Option<usize>,
+    max_pending: u64,
+) -> anyhow::Result<Settings> {
     let mut s = Settings::default();
     s.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     s.server.shutdown_grace = Duration::from_secs(2);
@@ -43,7 +43,7 @@ pub fn settings(database_url: &str, pool_size: Option<usize>) -> anyhow::Result<
     if let Some(size) = pool_size {
         s.database.pool_size = size;
     }
-    s.login.max_pending = MAX_PENDING;
+    s.login.max_pending = max_pending;
     s.log.filter = "error".into();
     s.auth.api_keys = vec![ApiKeyConfig {
         name: "loadgen".into(),
