@@ -301,14 +301,30 @@ async fn run_for(
 }
 
 /// Student's t, one-sided 95 %, for `df` degrees of freedom. A table: the
-/// loadgen needs 1..30 and nothing else of a statistics crate.
+/// loadgen needs this and nothing else of a statistics crate.
 fn t_95(df: usize) -> f64 {
     const T: [f64; 30] = [
         6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771,
         1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706,
         1.703, 1.701, 1.699, 1.697,
     ];
-    T.get(df.wrapping_sub(1)).copied().unwrap_or(1.645)
+    // Past 30, the row of the largest tabulated df not above `df`: between
+    // rows that errs towards a wider interval, never a narrower one.
+    const WIDE: [(usize, f64); 5] = [
+        (30, 1.697),
+        (40, 1.684),
+        (60, 1.671),
+        (80, 1.664),
+        (120, 1.658),
+    ];
+    match T.get(df.wrapping_sub(1)) {
+        Some(t) => *t,
+        None => WIDE
+            .iter()
+            .rev()
+            .find(|(rows, _)| *rows <= df)
+            .map_or(T[0], |(_, t)| *t),
+    }
 }
 
 #[cfg(test)]
@@ -343,7 +359,10 @@ mod tests {
         assert_eq!(t_95(1), 6.314);
         assert_eq!(t_95(19), 1.729);
         assert_eq!(t_95(30), 1.697);
-        assert_eq!(t_95(500), 1.645);
+        assert_eq!(t_95(35), 1.697);
+        assert_eq!(t_95(79), 1.671);
+        assert_eq!(t_95(80), 1.664);
+        assert_eq!(t_95(500), 1.658);
     }
 
     #[test]
