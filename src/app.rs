@@ -220,14 +220,12 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let keys = self.api_keys.clone();
         let login = LoginServiceServer::new(LoginApi::new(self.login.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let login = Authenticated::new(login, keys, Role::Login);
-        let keys = self.api_keys.clone();
+        let login = Authenticated::new(login, self.api_keys.clone(), Role::Login);
         let admin = AdminServiceServer::new(AdminApi::new(self.admin.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let admin = Authenticated::new(admin, keys, Role::Admin);
+        let admin = Authenticated::new(admin, self.api_keys.clone(), Role::Admin);
 
         let (signalled_tx, mut signalled_rx) = watch::channel(false);
         let server = Server::builder()

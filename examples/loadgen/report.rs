@@ -370,8 +370,5 @@ fn memory_verdict(m: &MemoryReport) -> String {
     if m.requested != 1_000_000 {
         note.push_str(&format!("; measured with {} (--pending)", m.requested));
     }
-    format!(
-        "{} ({per:.0} B per pending login{note})",
-        if pass { "PASS" } else { "FAIL" }
-    )
+    format!("{} ({per:.0} B per pending login{note})", pass_fail(pass))
 }

@@ -191,7 +191,12 @@ impl Interleaved {
     /// Second over first, over all rounds together.
     pub fn ratio(&self) -> f64 {
         let (a, b) = self.totals();
-        b / a.max(f64::MIN_POSITIVE)
+        second_over_first(a, b)
+    }
+
+    /// Each round's second-over-first ratio, in round order.
+    fn round_ratios(&self) -> impl Iterator<Item = f64> + '_ {
+        self.rounds.iter().map(|&(a, b)| second_over_first(a, b))
     }
 
     /// A one-sided 95 % confidence interval for the typical per-round ratio
@@ -200,11 +205,7 @@ impl Interleaved {
     /// of the machine's drift is the round-to-round scatter this measures.
     /// `None` with fewer than two rounds.
     pub fn interval(&self) -> Option<(f64, f64, f64)> {
-        let logs: Vec<f64> = self
-            .rounds
-            .iter()
-            .map(|(a, b)| (b / a.max(f64::MIN_POSITIVE)).ln())
-            .collect();
+        let logs: Vec<f64> = self.round_ratios().map(f64::ln).collect();
         let n = logs.len();
         if n < 2 {
             return None;
@@ -217,11 +218,7 @@ impl Interleaved {
 
     /// Smallest, median and largest per-round ratio.
     pub fn spread(&self) -> (f64, f64, f64) {
-        let mut ratios: Vec<f64> = self
-            .rounds
-            .iter()
-            .map(|(a, b)| b / a.max(f64::MIN_POSITIVE))
-            .collect();
+        let mut ratios: Vec<f64> = self.round_ratios().collect();
         ratios.sort_by(f64::total_cmp);
         let at = |i: usize| ratios.get(i).copied().unwrap_or(f64::NAN);
         let median = match ratios.len() {
@@ -298,6 +295,10 @@ async fn run_for(
         total.merge(caller.await.context("a caller task failed")??)?;
     }
     Ok((total, started.elapsed()))
+}
+
+fn second_over_first(first: f64, second: f64) -> f64 {
+    second / first.max(f64::MIN_POSITIVE)
 }
 
 /// Student's t, one-sided 95 %, for `df` degrees of freedom. A table: the
