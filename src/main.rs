@@ -1,6 +1,11 @@
 //! The `authbroker` command: telemetry, settings, `Application::build`, run.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
 use authbroker::{
@@ -11,6 +16,11 @@ use authbroker::{
     store, telemetry,
 };
 use clap::{Parser, Subcommand};
+use humantime_serde::re::humantime;
+use tonic::transport::Endpoint;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// mimalloc rather than glibc's malloc: a login allocates many small,
 /// short-lived objects across worker threads (moka's entry nodes, h2 frames,
@@ -49,6 +59,20 @@ enum Command {
     CheckConfig,
     /// Re-encrypt every stored provider token with the newest vault key.
     RotateKeys,
+    /// Ask the running service's gRPC health check (service "") and exit 0
+    /// only if it answers SERVING: a Docker HEALTHCHECK or Kubernetes exec probe.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(clap::Args)]
+struct HealthcheckArgs {
+    /// Check this address instead of server.listen (whose 0.0.0.0 or ::
+    /// is checked on loopback).
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// How long connecting and the answer may take together.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[tokio::main]
@@ -72,6 +96,7 @@ async fn main() -> ExitCode {
         Command::Migrate => migrate(settings).await,
         Command::RotateKeys => rotate_keys(settings).await,
         Command::CheckConfig => return check_config(&settings),
+        Command::Healthcheck(args) => return healthcheck(&settings, &args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,6 +177,70 @@ fn check_config(settings: &Settings) -> ExitCode {
     }
 }
 
+async fn healthcheck(settings: &Settings, args: &HealthcheckArgs) -> ExitCode {
+    let addr = args.addr.unwrap_or(settings.server.listen);
+    match check_health(addr, args.timeout).await {
+        Ok(addr) => {
+            println!("{addr} is SERVING");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One `Health/Check` for service "" within `timeout`; Ok only for
+/// SERVING. Returns the address it reached.
+async fn check_health(listen: SocketAddr, timeout: Duration) -> anyhow::Result<SocketAddr> {
+    if listen.port() == 0 {
+        anyhow::bail!("the listen address {listen} has no fixed port: give --addr");
+    }
+    let addr = reachable(listen);
+    // Plaintext, as the server has no TLS yet. When `[server.tls]` lands,
+    // this becomes the one branch: an `https://` URI and
+    // `Endpoint::tls_config` from the configured CA and server name.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(timeout);
+    let call = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        HealthClient::new(channel)
+            .check(request)
+            .await
+            .with_context(|| format!("Health/Check on {addr} failed"))
+    };
+    let answer = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from {addr} within {}",
+                humantime::format_duration(timeout)
+            )
+        })??
+        .into_inner();
+    match answer.status() {
+        ServingStatus::Serving => Ok(addr),
+        status => anyhow::bail!("{addr} is {}", status.as_str_name()),
+    }
+}
+
+/// The address a local probe connects to: a server listening on every
+/// interface (0.0.0.0 or ::) is reached on that family's loopback.
+fn reachable(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
 fn print_quick_start(app: &Application) {
     let addr = app.local_addr();
     println!(
@@ -196,4 +285,25 @@ async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_interface_is_probed_on_loopback() {
+        for (listen, probed) in [
+            ("0.0.0.0:50051", "127.0.0.1:50051"),
+            ("[::]:50051", "[::1]:50051"),
+            ("10.1.2.3:7000", "10.1.2.3:7000"),
+            ("[fd00::1]:7000", "[fd00::1]:7000"),
+        ] {
+            assert_eq!(
+                reachable(listen.parse().unwrap()),
+                probed.parse().unwrap(),
+                "{listen}"
+            );
+        }
+    }
 }

@@ -1,23 +1,31 @@
 //! The `authbroker` command line: check-config, serve's refusal to run open,
-//! migrate.
+//! migrate, healthcheck.
 
-use std::process::Command;
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
 
-fn authbroker(args: &[&str], config: &str) -> std::process::Output {
+fn authbroker(args: &[&str], config: &str) -> Output {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("authbroker.toml");
+    command(dir.path(), args, config).output().unwrap()
+}
+
+/// `authbroker ARGS --config FILE` in `dir`, FILE holding `config`, with no
+/// AUTHBROKER variables from the test's environment.
+fn command(dir: &Path, args: &[&str], config: &str) -> Command {
+    let path = dir.join(format!("{}.toml", args[0]));
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_authbroker"));
-    cmd.args(args)
-        .arg("--config")
-        .arg(&path)
-        .current_dir(dir.path());
+    cmd.args(args).arg("--config").arg(&path).current_dir(dir);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("AUTHBROKER") {
             cmd.env_remove(k);
         }
     }
-    cmd.output().unwrap()
+    cmd
 }
 
 const GOOD: &str = r#"
@@ -158,4 +166,134 @@ fn the_example_config_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `authbroker serve` in the background on a free loopback port; killed on drop.
+struct Served {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// `database` is the `[database]` url; every caller is trusted.
+    fn start(database: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = command(
+            dir.path(),
+            &["serve"],
+            &served_config(database, "127.0.0.1", port),
+        )
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the authbroker binary starts");
+        Served { child, port, dir }
+    }
+
+    /// `authbroker healthcheck` with the server's configuration, except that
+    /// it names the address `listen_ip` (0.0.0.0 for a container's server).
+    fn healthcheck(&self, database: &str, listen_ip: &str) -> Output {
+        let config = served_config(database, listen_ip, self.port);
+        command(self.dir.path(), &["healthcheck"], &config)
+            .output()
+            .unwrap()
+    }
+
+    /// Checks every 100 ms, as the server's configuration says (0.0.0.0),
+    /// until `done` holds or 30 s pass; returns the last check.
+    fn healthcheck_until(&self, database: &str, done: impl Fn(&Output) -> bool) -> Output {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.healthcheck(database, "0.0.0.0");
+            if done(&out) || Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn served_config(database: &str, ip: &str, port: u16) -> String {
+    format!(
+        r#"
+[server]
+listen = "{ip}:{port}"
+[database]
+url = "{database}"
+[auth]
+allow_unauthenticated = true
+[providers.sandbox]
+kind = "sandbox"
+redirect_uris = ["http://127.0.0.1:8000/callback"]
+"#
+    )
+}
+
+/// Nothing listens on port 1, so this store never becomes reachable.
+const UNREACHABLE_POSTGRES: &str = "postgres://authbroker@127.0.0.1:1/authbroker";
+
+#[test]
+fn healthcheck_passes_while_serving_and_fails_once_stopped() {
+    let mut served = Served::start("sqlite://./ab.db");
+    // Refused until it listens, NOT_SERVING until its first store check.
+    let out = served.healthcheck_until("sqlite://./ab.db", |out| out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("127.0.0.1:{} is SERVING", served.port)),
+        "0.0.0.0 is checked on loopback: {stdout}"
+    );
+
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+    let out = served.healthcheck("sqlite://./ab.db", "127.0.0.1");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+}
+
+#[test]
+fn healthcheck_fails_while_not_serving() {
+    let served = Served::start(UNREACHABLE_POSTGRES);
+    let out = served.healthcheck_until(UNREACHABLE_POSTGRES, |out| {
+        !String::from_utf8_lossy(&out.stderr).contains("cannot connect")
+    });
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is NOT_SERVING"), "{stderr}");
+}
+
+#[test]
+fn healthcheck_gives_up_on_a_silent_server() {
+    // Accepted by the kernel, never answered: no HTTP/2, no gRPC.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let out = authbroker(&["healthcheck", "--addr", &addr, "--timeout", "500ms"], "");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("no answer from {addr} within 500ms")),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
