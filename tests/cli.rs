@@ -1,5 +1,8 @@
 //! The `authbroker` command line: check-config, serve's refusal to run open,
-//! migrate, healthcheck.
+//! migrate, healthcheck; and the container image's build (`docker_build`).
+
+#[path = "cli/docker_build.rs"]
+mod docker_build;
 
 use std::{
     net::TcpListener,
