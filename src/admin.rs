@@ -11,7 +11,7 @@ use crate::{
     domain::{AuditEvent, AuditKind, User, now_micros},
     login::{LoginError, check_user_id},
     provider::Registry,
-    state::{StateError, StateStore, StateToken},
+    state::{Kind, StateError, StateStore, StateToken},
     store::{AuditQuery, AuditRecord, Conflict, Store, StoreError, UserQuery},
     tokens::{FreshToken, TokenError, TokenService},
 };
@@ -433,7 +433,11 @@ impl AdminService {
                     field: "state",
                     problem: "is not a state issued by BeginLogin (43 base64url characters)".into(),
                 }))?;
-            match self.states.take(&token, OffsetDateTime::now_utc()).await {
+            match self
+                .states
+                .cancel(Kind::Login, &token, OffsetDateTime::now_utc())
+                .await
+            {
                 // An expired login is as cancelled as it gets.
                 Ok(_) | Err(StateError::Expired) => Ok(()),
                 Err(e) => Err(AdminError::Input(e.into())),

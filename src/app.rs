@@ -8,7 +8,11 @@ use anyhow::Context;
 use futures::TryStreamExt;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
 
 use crate::{
     admin::{AdminService, ProviderSummary},
@@ -16,6 +20,7 @@ use crate::{
     grpc::{
         self,
         admin::AdminApi,
+        health,
         auth::{ApiKeys, Authenticated},
         login::LoginApi,
         pb::{
@@ -27,7 +32,8 @@ use crate::{
     http::HttpClient,
     login::{LoginParts, LoginService, bind_policies},
     provider::{Registry, sandbox::SandboxServer},
-    state::{MemoryStateStore, StateStore},
+    config::StateBackend,
+    state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateStore},
     store::{self, Store},
     telemetry::cause_chain,
     tokens::TokenService,
@@ -37,8 +43,20 @@ use crate::{
 /// Largest inbound message accepted. Field limits are far below this; it
 /// only stops a client from making us buffer megabytes.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// How often readiness re-checks the store.
+/// How often readiness re-checks the store and the state backend.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// How long Watch streams get to deliver NOT_SERVING before they close.
+const WATCH_FLUSH: Duration = Duration::from_millis(200);
+
+/// Replaces a store by another that stands in front of it.
+pub type Wrapper<S> = Box<dyn FnOnce(Arc<S>) -> Arc<S> + Send>;
+
+/// Wrappers for the stores `Application::build_with` opens.
+#[derive(Default)]
+pub struct Wrap {
+    pub store: Option<Wrapper<dyn Store>>,
+    pub states: Option<Wrapper<dyn StateStore>>,
+}
 
 pub struct Application {
     listener: TcpListener,
@@ -47,7 +65,9 @@ pub struct Application {
     login: Arc<LoginService>,
     admin: Arc<AdminService>,
     store: Arc<dyn Store>,
-    states: Arc<MemoryStateStore>,
+    states: Arc<dyn StateStore>,
+    /// The same store when it is the memory backend, for the load generator.
+    memory_states: Option<Arc<MemoryStateStore>>,
     sandbox: Option<SandboxServer>,
     stop_sandbox: watch::Sender<bool>,
     api_keys: ApiKeys,
@@ -58,6 +78,25 @@ impl Application {
     /// Everything that can fail on bad configuration fails here, before a
     /// single request is accepted.
     pub async fn build(settings: Settings, mode: Mode) -> anyhow::Result<Application> {
+        Self::build_wrapped(settings, mode, Wrap::default()).await
+    }
+
+    /// `build`, with the stores passed through `wrap` first: tests put a
+    /// fault injector between the service and the real stores.
+    #[cfg(feature = "test-util")]
+    pub async fn build_with(
+        settings: Settings,
+        mode: Mode,
+        wrap: Wrap,
+    ) -> anyhow::Result<Application> {
+        Self::build_wrapped(settings, mode, wrap).await
+    }
+
+    async fn build_wrapped(
+        settings: Settings,
+        mode: Mode,
+        wrap: Wrap,
+    ) -> anyhow::Result<Application> {
         let problems = settings.validate(mode);
         if !problems.is_empty() {
             anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
@@ -102,6 +141,10 @@ impl Application {
         let store = store::open(&settings.database.url, settings.database.pool_size)
             .await
             .context("cannot open the database")?;
+        let store = match wrap.store {
+            Some(wrap) => wrap(store),
+            None => store,
+        };
         // Migrate before accepting calls when we can; if the database is not
         // up yet, readiness keeps trying and health says NOT_SERVING meanwhile.
         let migrated = match store.migrate().await {
@@ -111,12 +154,11 @@ impl Application {
                 false
             }
         };
-        // Entries outlive their TTL by one more TTL so a late callback is
-        // told "expired" rather than "unknown".
-        let states = Arc::new(MemoryStateStore::new(
-            settings.login.max_pending,
-            settings.login.state_ttl,
-        ));
+        let (states, memory_states) = open_state_store(&settings).await?;
+        let states = match wrap.states {
+            Some(wrap) => wrap(states),
+            None => states,
+        };
         let vault = Vault::from_settings(&settings.vault)
             .map_err(|p| anyhow::anyhow!("invalid vault configuration:\n  - {}", p.join("\n  - ")))?
             .map(Arc::new);
@@ -137,7 +179,7 @@ impl Application {
         let summaries = summaries(&settings, &registry);
         let login = Arc::new(LoginService::new(LoginParts {
             providers: registry.clone(),
-            states: states.clone() as Arc<dyn StateStore>,
+            states: states.clone(),
             store: store.clone(),
             tokens: tokens.clone(),
             policies,
@@ -147,7 +189,7 @@ impl Application {
             store.clone(),
             registry,
             summaries,
-            states.clone() as Arc<dyn StateStore>,
+            states.clone(),
             tokens,
         ));
         // dev is loopback-only and keyless by design (checked above).
@@ -163,6 +205,7 @@ impl Application {
             admin,
             store,
             states,
+            memory_states,
             sandbox,
             stop_sandbox,
             api_keys,
@@ -187,28 +230,44 @@ impl Application {
         self.store.clone()
     }
 
-    pub fn state_store(&self) -> Arc<MemoryStateStore> {
+    pub fn state_store(&self) -> Arc<dyn StateStore> {
         self.states.clone()
+    }
+
+    /// The memory backend's own handle (housekeeping for measurements);
+    /// `None` with a shared backend.
+    pub fn memory_state_store(&self) -> Option<Arc<MemoryStateStore>> {
+        self.memory_states.clone()
     }
 
     pub fn login_service(&self) -> Arc<LoginService> {
         self.login.clone()
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and gives
-    /// in-flight calls `server.shutdown_grace` to finish.
+    /// Serves until `shutdown` resolves, then, in this order: health says
+    /// NOT_SERVING (so load balancers stop sending calls), open
+    /// `Health/Watch` streams get that status and are closed, the listener
+    /// stops accepting, and in-flight calls get `server.shutdown_grace` to
+    /// finish.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        reporter
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
-        let readiness = tokio::spawn(watch_store(self.store.clone(), reporter, self.migrated));
+        let reporter = HealthReporter::new();
+        let (stopping_tx, stopping) = watch::channel(false);
+        let (closing_tx, closing) = watch::channel(false);
+        let health = HealthServer::new(health::Draining::new(
+            HealthService::from_health_reporter(reporter.clone()),
+            closing,
+        ));
+        set_serving(&reporter, false).await;
+        let readiness = tokio::spawn(watch_readiness(
+            self.store.clone(),
+            self.states.clone(),
+            reporter.clone(),
+            self.migrated,
+            stopping.clone(),
+        ));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(grpc::FILE_DESCRIPTOR_SET)
@@ -227,7 +286,8 @@ impl Application {
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let admin = Authenticated::new(admin, self.api_keys.clone(), Role::Admin);
 
-        let (signalled_tx, mut signalled_rx) = watch::channel(false);
+        let (drained_tx, mut drained_rx) = watch::channel(false);
+        let stop_reporter = reporter.clone();
         let server = Server::builder()
             .add_service(health)
             .add_service(reflection_v1)
@@ -243,15 +303,23 @@ impl Application {
                     .map_ok(Socket::from),
                 async move {
                     shutdown.await;
-                    let _ = signalled_tx.send(true);
+                    tracing::info!("stopping: health is NOT_SERVING, draining calls");
+                    // Readiness must not flip it back while we drain.
+                    let _ = stopping_tx.send(true);
+                    set_serving(&stop_reporter, false).await;
+                    // tonic-health hands the change to every Watch stream;
+                    // give them a moment to write it before they close.
+                    tokio::time::sleep(WATCH_FLUSH).await;
+                    let _ = closing_tx.send(true);
+                    let _ = drained_tx.send(true);
                 },
             );
         let grace = self.settings.server.shutdown_grace;
-        tracing::info!(addr = %self.local_addr, "authbroker is listening");
+        tracing::info!(addr = %self.local_addr, state = self.states.backend(), "authbroker is listening");
         let result = tokio::select! {
             r = server => r.context("gRPC server failed"),
             _ = async {
-                let _ = signalled_rx.wait_for(|s| *s).await;
+                let _ = drained_rx.wait_for(|s| *s).await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "shutdown grace period over; dropping in-flight calls");
@@ -263,6 +331,43 @@ impl Application {
         tracing::info!("authbroker stopped");
         result
     }
+}
+
+/// Opens the state backend `[state]` names. A shared backend that is down
+/// at start is not fatal: readiness keeps trying and health says
+/// NOT_SERVING meanwhile.
+async fn open_state_store(
+    settings: &Settings,
+) -> anyhow::Result<(Arc<dyn StateStore>, Option<Arc<MemoryStateStore>>)> {
+    let limits = settings.state_limits();
+    let url = settings.state_url().unwrap_or_default();
+    Ok(match settings.state.backend {
+        StateBackend::Memory => {
+            let memory = Arc::new(MemoryStateStore::new(limits));
+            (memory.clone() as Arc<dyn StateStore>, Some(memory))
+        }
+        StateBackend::Postgres => {
+            let store = PostgresStateStore::connect(url, settings.state.pool_size, limits)
+                .context("cannot open the postgres state backend")?;
+            (Arc::new(store) as Arc<dyn StateStore>, None)
+        }
+        StateBackend::Redis => {
+            let store = RedisStateStore::connect(url, &settings.state.key_prefix, limits)
+                .await
+                .context("cannot open the redis state backend")?;
+            (Arc::new(store) as Arc<dyn StateStore>, None)
+        }
+    })
+}
+
+async fn set_serving(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
 }
 
 /// What `ListProviders` shows, disabled providers included.
@@ -299,41 +404,51 @@ fn summaries(settings: &Settings, registry: &Registry) -> Vec<ProviderSummary> {
         .collect()
 }
 
-/// Readiness follows the store: NOT_SERVING until it is reachable and
-/// migrated, and again whenever it stops answering.
-async fn watch_store(store: Arc<dyn Store>, reporter: HealthReporter, mut migrated: bool) {
+/// Readiness follows both stores: NOT_SERVING until the database is
+/// reachable and migrated and the state backend is prepared and answers,
+/// and again whenever either stops answering; for good once stopping.
+async fn watch_readiness(
+    store: Arc<dyn Store>,
+    states: Arc<dyn StateStore>,
+    reporter: HealthReporter,
+    mut migrated: bool,
+    stopping: watch::Receiver<bool>,
+) {
     let mut serving = false;
+    let mut prepared = false;
     loop {
-        let ok = if migrated {
+        let db = if migrated {
             store.ping().await
         } else {
             store.migrate().await.inspect(|_| migrated = true)
         };
-        match ok {
-            Ok(()) if !serving => {
-                serving = true;
-                reporter
-                    .set_service_status("", ServingStatus::Serving)
-                    .await;
-                reporter
-                    .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-                    .await;
-                tracing::info!("store is ready; serving");
+        let state = if prepared {
+            states.ping().await
+        } else {
+            states.prepare().await.inspect(|_| prepared = true)
+        };
+        let ready = match (&db, &state) {
+            (Ok(()), Ok(())) => true,
+            _ => {
+                if serving || !migrated || !prepared {
+                    if let Err(e) = &db {
+                        tracing::warn!(error = %cause_chain(e), migrated, "store is not ready; not serving");
+                    }
+                    if let Err(e) = &state {
+                        tracing::warn!(error = %cause_chain(e), backend = states.backend(), "state backend is not ready; not serving");
+                    }
+                }
+                false
             }
-            Ok(()) => {}
-            Err(e) => {
-                if serving || !migrated {
-                    tracing::warn!(error = %cause_chain(&e), migrated, "store is not ready; not serving");
-                }
-                if serving {
-                    serving = false;
-                    reporter
-                        .set_service_status("", ServingStatus::NotServing)
-                        .await;
-                    reporter
-                        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                        .await;
-                }
+        };
+        if *stopping.borrow() {
+            return;
+        }
+        if ready != serving {
+            serving = ready;
+            set_serving(&reporter, ready).await;
+            if ready {
+                tracing::info!(state = states.backend(), "store and state backend are ready; serving");
             }
         }
         tokio::time::sleep(HEALTH_INTERVAL).await;

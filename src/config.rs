@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
+    pub state: StateSettings,
     pub login: LoginSettings,
     pub auth: AuthSettings,
     pub http: HttpSettings,
@@ -62,14 +63,102 @@ impl Default for DatabaseSettings {
     }
 }
 
+/// Where pending logins and link tickets live between the calls.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSettings {
+    pub backend: StateBackend,
+    /// `redis://…` for `redis` (required); `postgres://…` for `postgres`
+    /// (optional: `database.url` when unset).
+    pub url: Option<String>,
+    /// Prefix of every Redis key, so deployments can share one server.
+    pub key_prefix: String,
+    /// Connections in the `postgres` backend's own pool.
+    pub pool_size: usize,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            backend: StateBackend::Memory,
+            url: None,
+            key_prefix: "authbroker:".into(),
+            pool_size: 16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// In this process: fastest, but one instance only and lost on restart.
+    Memory,
+    /// A table on a Postgres server that every replica reaches.
+    Postgres,
+    /// Keys on a Redis server that every replica reaches.
+    Redis,
+}
+
+impl StateBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateBackend::Memory => "memory",
+            StateBackend::Postgres => "postgres",
+            StateBackend::Redis => "redis",
+        }
+    }
+}
+
+impl Settings {
+    /// The URL the state backend connects to: `state.url`, or for
+    /// `postgres` the database's own URL. `None` for `memory`, or when
+    /// nothing usable is configured (`validate` says so).
+    pub fn state_url(&self) -> Option<&str> {
+        match self.state.backend {
+            StateBackend::Memory => None,
+            StateBackend::Redis => self.state.url.as_deref(),
+            StateBackend::Postgres => Some(
+                self.state
+                    .url
+                    .as_deref()
+                    .unwrap_or(self.database.url.as_str()),
+            ),
+        }
+    }
+
+    /// How long a CompleteLogin may hold its state before a retry may take
+    /// over: enough for every provider call it makes (token, user info,
+    /// emails, keys) to time out, and for the store to answer.
+    pub fn attempt_lease(&self) -> Duration {
+        self.http.timeout * 4 + Duration::from_secs(30)
+    }
+
+    /// The limits every state backend applies.
+    pub fn state_limits(&self) -> crate::state::StateLimits {
+        crate::state::StateLimits {
+            capacity: self.login.max_pending,
+            // Entries outlive their TTL by one more TTL so a late callback
+            // is told "expired" rather than "unknown".
+            grace: self.login.state_ttl,
+            lease: self.attempt_lease(),
+            retry_window: self.login.retry_window,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoginSettings {
     /// How long a state from BeginLogin stays valid.
     #[serde(with = "humantime_serde")]
     pub state_ttl: Duration,
-    /// Upper bound on pending logins held in memory.
+    /// Upper bound on logins pending at once (begun, not yet completed,
+    /// cancelled or expired), and likewise on link tickets.
     pub max_pending: u64,
+    /// How long after a CompleteLogin failed with a retryable reason the
+    /// same state and code may be retried.
+    #[serde(with = "humantime_serde")]
+    pub retry_window: Duration,
     /// Origins (`scheme://host[:port]`) an absolute `return_to` may point at.
     pub return_to_origins: Vec<String>,
     /// What a first login of an unbound identity does; per provider too.
@@ -92,6 +181,7 @@ impl Default for LoginSettings {
         LoginSettings {
             state_ttl: Duration::from_secs(600),
             max_pending: 1_000_000,
+            retry_window: Duration::from_secs(300),
             return_to_origins: Vec::new(),
             policy: Policy::AutoCreate,
             link_ticket_ttl: Duration::from_secs(900),
@@ -296,6 +386,57 @@ impl Default for ProviderConfig {
     }
 }
 
+impl Settings {
+    fn validate_state(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let state = &self.state;
+        match state.backend {
+            StateBackend::Memory => {
+                if state.url.is_some() {
+                    problems.push(
+                        "state.url: the memory backend takes no url (set state.backend = \
+                         \"postgres\" or \"redis\" to share state between replicas)"
+                            .into(),
+                    );
+                }
+            }
+            StateBackend::Redis => match state.url.as_deref() {
+                None => problems.push(
+                    "state.url: the redis backend needs a url, e.g. redis://127.0.0.1:6379/0"
+                        .into(),
+                ),
+                Some(url) if url.starts_with("rediss://") => problems.push(
+                    "state.url: rediss:// (TLS) is not supported yet; use redis:// on a \
+                     trusted network"
+                        .into(),
+                ),
+                Some(url) if !url.starts_with("redis://") => problems.push(format!(
+                    "state.url: expected redis://HOST[:PORT][/DB], got {:?}",
+                    redact_url(url)
+                )),
+                Some(_) => {}
+            },
+            StateBackend::Postgres => match self.state_url() {
+                Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                }
+                Some(url) => problems.push(format!(
+                    "state.url: the postgres backend needs a postgres:// url (state.url, or \
+                     database.url when unset), got {:?}",
+                    redact_url(url)
+                )),
+                None => problems.push("state.url: the postgres backend needs a url".into()),
+            },
+        }
+        if state.backend == StateBackend::Redis && state.key_prefix.is_empty() {
+            problems.push("state.key_prefix: must not be empty".into());
+        }
+        if state.pool_size == 0 {
+            problems.push("state.pool_size: must be at least 1".into());
+        }
+        problems
+    }
+}
+
 /// Which command the settings are for; some rules differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -357,6 +498,10 @@ impl Settings {
         if self.login.max_pending == 0 {
             problems.push("login.max_pending: must be at least 1".into());
         }
+        if self.login.retry_window.is_zero() {
+            problems.push("login.retry_window: must be greater than zero".into());
+        }
+        problems.extend(self.validate_state());
         for origin in &self.login.return_to_origins {
             if let Err(why) = parse_origin(origin) {
                 problems.push(format!("login.return_to_origins: {origin:?} {why}"));

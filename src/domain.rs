@@ -1,10 +1,13 @@
 //! Value types shared by the login use cases, the providers and the stores.
 //! They know nothing of protobuf or SQL.
 
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-/// What a provider told us about the person who just logged in.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What a provider told us about the person who just logged in. Serde is
+/// for link tickets and resumable logins in the state store, which seals
+/// them on shared backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// Configured provider name (e.g. `github`), not the preset kind.
     pub provider: String,

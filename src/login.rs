@@ -3,15 +3,19 @@
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use url::Url;
 
 use crate::{
     config::{LoginSettings, Policy, Settings, parse_origin},
     domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
-    provider::{ProviderError, Registry, TokenSet, registry::Lookup},
-    state::{Expiring, PendingLogin, SingleUse, StateError, StateStore, StateToken},
-    store::{BindPolicy, BindResult, Conflict, Store, StoreError},
+    provider::{Provider, ProviderError, Registry, StoredTokenSet, TokenSet, registry::Lookup},
+    state::{
+        Claimed, Fingerprint, Kind, Pending, PendingLogin, StateError, StateStore, StateToken,
+    },
+    store::{BindPolicy, BindResult, Conflict, LoginKey, Store, StoreError},
     tokens::TokenService,
     vault::VaultError,
 };
@@ -76,20 +80,54 @@ pub struct LinkedIdentity {
     pub return_to: Option<String>,
 }
 
-/// What a `link_required` login leaves for `LinkIdentity`: in memory only,
-/// single use, like a pending login.
-#[derive(Clone)]
+/// What a `link_required` login leaves for `LinkIdentity`, in the state
+/// store under the ticket (sealed there on shared backends), so any replica
+/// can redeem it.
+#[derive(Serialize, Deserialize)]
 struct LinkTicket {
     identity: Identity,
     /// Kept only when the provider stores tokens.
-    tokens: Option<TokenSet>,
+    tokens: Option<StoredTokenSet>,
     return_to: Option<String>,
-    expires_at: OffsetDateTime,
 }
 
-impl Expiring for LinkTicket {
-    fn expires_at(&self) -> OffsetDateTime {
-        self.expires_at
+/// How far a failed CompleteLogin attempt got, kept with its claim so that
+/// a retry of the same state and code resumes there rather than repeating
+/// a step that must happen once (the code exchange) or may have happened
+/// (the commit).
+#[derive(Serialize, Deserialize)]
+enum Progress {
+    /// The code never reached the provider; the retry exchanges it.
+    NotExchanged,
+    /// The provider issued tokens; the retry fetches the identity.
+    Exchanged { tokens: StoredTokenSet },
+    /// The retry binds (or finds what an earlier bind committed).
+    Identified {
+        tokens: StoredTokenSet,
+        identity: Identity,
+    },
+}
+
+/// A failed attempt: the error, and where a retry may resume (`None`: it
+/// may not, and the state is finished).
+struct Failed {
+    error: LoginError,
+    resume: Option<Progress>,
+}
+
+impl Failed {
+    fn fatal(error: impl Into<LoginError>) -> Self {
+        Failed {
+            error: error.into(),
+            resume: None,
+        }
+    }
+
+    /// Resumable at `progress` if the error is one a retry can get past.
+    fn at(error: impl Into<LoginError>, progress: impl FnOnce() -> Progress) -> Self {
+        let error = error.into();
+        let resume = error.retryable_in_place().then(progress);
+        Failed { error, resume }
     }
 }
 
@@ -154,6 +192,8 @@ pub enum LoginError {
     StateAlreadyUsed,
     #[error("too many logins are pending; try again shortly")]
     TooManyPendingLogins,
+    #[error("another call with this state and code is still in progress; retry in a moment")]
+    LoginInProgress,
     #[error("the link ticket is unknown: it was never issued by this service or was forgotten")]
     LinkTicketUnknown,
     #[error("the link ticket has expired; start the login again")]
@@ -193,6 +233,7 @@ impl LoginError {
             LoginError::StateExpired => "STATE_EXPIRED",
             LoginError::StateAlreadyUsed => "STATE_ALREADY_USED",
             LoginError::TooManyPendingLogins => "TOO_MANY_PENDING_LOGINS",
+            LoginError::LoginInProgress => "LOGIN_IN_PROGRESS",
             LoginError::LinkTicketUnknown => "LINK_TICKET_UNKNOWN",
             LoginError::LinkTicketExpired => "LINK_TICKET_EXPIRED",
             LoginError::LinkTicketUsed => "LINK_TICKET_ALREADY_USED",
@@ -206,6 +247,18 @@ impl LoginError {
             LoginError::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
             LoginError::Store(_) => "INTERNAL",
         }
+    }
+
+    /// Failures that a retry of the same call can get past, because the
+    /// attempt keeps its claim and records how far it got.
+    fn retryable_in_place(&self) -> bool {
+        matches!(
+            self,
+            LoginError::Provider(ProviderError::Unavailable { .. })
+                | LoginError::Store(StoreError::Unavailable(_))
+                | LoginError::StateUnavailable(_)
+                | LoginError::TooManyPendingLogins
+        )
     }
 
     /// Maps a link-ticket lookup failure to its own reasons.
@@ -253,6 +306,7 @@ impl From<StateError> for LoginError {
             StateError::Expired => LoginError::StateExpired,
             StateError::AlreadyUsed => LoginError::StateAlreadyUsed,
             StateError::Full { .. } => LoginError::TooManyPendingLogins,
+            StateError::InProgress => LoginError::LoginInProgress,
             StateError::Unavailable(e) => LoginError::StateUnavailable(e),
         }
     }
@@ -264,7 +318,6 @@ pub struct LoginService {
     store: Arc<dyn Store>,
     tokens: Arc<TokenService>,
     policies: HashMap<String, BindPolicy>,
-    tickets: SingleUse<LinkTicket>,
     settings: LoginSettings,
     return_to_origins: Vec<url::Origin>,
 }
@@ -302,15 +355,12 @@ impl LoginService {
             .iter()
             .filter_map(|o| parse_origin(o).ok())
             .collect();
-        // Tickets share the pending-login bound: each stems from one login.
-        let tickets = SingleUse::new(settings.max_pending, settings.link_ticket_ttl);
         LoginService {
             providers: parts.providers,
             states: parts.states,
             store: parts.store,
             tokens: parts.tokens,
             policies: parts.policies,
-            tickets,
             settings,
             return_to_origins,
         }
@@ -401,7 +451,7 @@ impl LoginService {
         };
         let authorize_url = provider.authorize_url(&login).await?;
         let (state, expires_at) = (login.state, login.expires_at);
-        self.states.put(login).await?;
+        self.states.put(&state, Pending::Login(login)).await?;
         Ok(BegunLogin {
             authorize_url,
             state,
@@ -480,11 +530,27 @@ impl LoginService {
             return Err(LoginError::MissingField { field: "code" });
         }
 
+        // The retry of an attempt must present what it presented; anything
+        // else with this state is a replay.
+        let fingerprint = if req.error.is_empty() {
+            Fingerprint::of(&["code", &req.code])
+        } else {
+            Fingerprint::of(&["error", &req.error])
+        };
         let started = Instant::now();
-        let taken = self.states.take(&state, OffsetDateTime::now_utc()).await;
+        let claimed = self
+            .states
+            .claim(Kind::Login, &state, &fingerprint, OffsetDateTime::now_utc())
+            .await;
         record_phase("state", started);
-        let login = match taken {
-            Ok(login) => login,
+        let (login, attempt, progress) = match claimed {
+            Ok(Claimed {
+                pending: Pending::Login(login),
+                attempt,
+                progress,
+            }) => (login, attempt, progress),
+            // The kinds are separate namespaces on every backend.
+            Ok(Claimed { .. }) => return Err(LoginError::StateUnknown),
             Err(e) => {
                 // Which provider a dead state belonged to is no longer known.
                 let e = LoginError::from(e);
@@ -492,12 +558,64 @@ impl LoginService {
                 return Err(e);
             }
         };
+        let progress = match progress.as_deref().map(serde_json::from_slice::<Progress>) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                // Only we write it; if we cannot read it, do not guess.
+                tracing::error!(error = %e, "a login's recorded progress cannot be read");
+                None
+            }
+        };
 
-        let result = self.finish(&login, &req, actor).await;
-        if let Err(e) = &result {
-            self.audit_failure(Some(&login.provider), actor, e).await;
+        let result = self
+            .attempt(&state, &login, &req, actor, attempt, progress)
+            .await;
+        match result {
+            Ok(done) => {
+                self.end(Kind::Login, &state, attempt).await;
+                Ok(done)
+            }
+            Err(Failed { error, resume }) => {
+                match resume.map(|p| serde_json::to_vec(&p)) {
+                    Some(Ok(progress)) => {
+                        // Best effort: if this fails too, the claim's lease
+                        // runs out and a retry then hears "already used".
+                        if let Err(e) = self
+                            .states
+                            .release(Kind::Login, &state, attempt, Some(progress))
+                            .await
+                        {
+                            tracing::warn!(
+                                error = %crate::telemetry::cause_chain(&e),
+                                "could not record a failed login's progress; it cannot be retried"
+                            );
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "a login's progress cannot be encoded");
+                        self.end(Kind::Login, &state, attempt).await;
+                    }
+                    None => self.end(Kind::Login, &state, attempt).await,
+                }
+                self.audit_failure(Some(&login.provider), actor, &error)
+                    .await;
+                Err(error)
+            }
         }
-        result
+    }
+
+    /// Finishes an entry whose attempt is over. Best effort: an entry that
+    /// stays claimed is refused to anyone but a retry of the same attempt,
+    /// and dropped when its retry window ends.
+    async fn end(&self, kind: Kind, token: &StateToken, attempt: u32) {
+        if let Err(e) = self.states.finish(kind, token, attempt).await {
+            tracing::warn!(
+                error = %crate::telemetry::cause_chain(&e),
+                kind = kind.as_str(),
+                "could not mark a finished login as used"
+            );
+        }
     }
 
     /// A failed login is audited with its reason; losing the audit write
@@ -515,66 +633,90 @@ impl LoginService {
         }
     }
 
-    async fn finish(
+    /// One attempt at a claimed login, from where `progress` says an earlier
+    /// attempt stopped.
+    async fn attempt(
         &self,
+        state: &StateToken,
         login: &PendingLogin,
         req: &CompleteLogin,
         actor: Option<&str>,
-    ) -> Result<CompletedLogin, LoginError> {
-        let provider =
-            self.providers
-                .get(&login.provider)
-                .map_err(|_| LoginError::UnknownProvider {
-                    known: self.providers.names().join(", "),
-                })?;
+        attempt: u32,
+        progress: Option<Progress>,
+    ) -> Result<CompletedLogin, Failed> {
+        let provider = self.providers.get(&login.provider).map_err(|_| {
+            Failed::fatal(LoginError::UnknownProvider {
+                known: self.providers.names().join(", "),
+            })
+        })?;
         if !req.error.is_empty() {
-            return Err(if provider.info().denied.contains(&req.error) {
-                LoginError::AccessDenied
-            } else {
-                LoginError::ProviderAuthorizeError {
-                    error: req
-                        .error
-                        .chars()
-                        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-                        .take(64)
-                        .collect(),
-                }
-            });
+            return Err(Failed::fatal(
+                if provider.info().denied.contains(&req.error) {
+                    LoginError::AccessDenied
+                } else {
+                    LoginError::ProviderAuthorizeError {
+                        error: req
+                            .error
+                            .chars()
+                            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                            .take(64)
+                            .collect(),
+                    }
+                },
+            ));
         }
-        let provider =
-            self.providers
-                .get(&login.provider)
-                .map_err(|_| LoginError::UnknownProvider {
-                    known: self.providers.names().join(", "),
-                })?;
 
-        let started = Instant::now();
-        let tokens = provider.exchange_code(&req.code, login).await;
-        record_phase("exchange", started);
-        let tokens = tokens?;
-
-        let started = Instant::now();
-        let identity = provider.fetch_identity(&tokens, login).await;
-        record_phase("identity", started);
-        let identity = identity?;
+        let (tokens, identity) = match progress {
+            // A claim without progress after the first attempt: that attempt
+            // died, or lost its lease, with its code exchange in flight. A
+            // second exchange would be refused (and may revoke what the
+            // first one got), so the login cannot be resumed.
+            None if attempt > 1 => return Err(Failed::fatal(LoginError::StateAlreadyUsed)),
+            None | Some(Progress::NotExchanged) => {
+                let tokens = self.exchange(&**provider, req, login).await?;
+                let identity = self.identify(&**provider, &tokens, login).await?;
+                (tokens, identity)
+            }
+            Some(Progress::Exchanged { tokens }) => {
+                let tokens = TokenSet::from(tokens);
+                let identity = self.identify(&**provider, &tokens, login).await?;
+                (tokens, identity)
+            }
+            Some(Progress::Identified { tokens, identity }) => (TokenSet::from(tokens), identity),
+        };
+        let resume = || Progress::Identified {
+            tokens: StoredTokenSet::from(&tokens),
+            identity: identity.clone(),
+        };
 
         let sealed = self
             .tokens
             .seal_for_login(&login.provider, &identity.subject, &tokens)
-            .map_err(LoginError::Vault)?;
+            .map_err(|e| Failed::fatal(LoginError::Vault(e)))?;
         let auto_create = BindPolicy {
             create_user: true,
             ..BindPolicy::default()
         };
         let policy = self.policies.get(&*login.provider).unwrap_or(&auto_create);
+        let login_id = login_id(state);
         let started = Instant::now();
         let bound = self
             .store
-            .bind_login(&identity, policy, sealed.as_ref(), actor, now_micros())
+            .bind_login(
+                &identity,
+                policy,
+                sealed.as_ref(),
+                actor,
+                now_micros(),
+                Some(LoginKey {
+                    id: &login_id,
+                    retry: attempt > 1,
+                }),
+            )
             .await;
         record_phase("store", started);
         let return_to = login.return_to.as_deref().map(str::to_string);
-        match bound? {
+        match bound.map_err(|e| Failed::at(e, resume))? {
             BindResult::Bound {
                 outcome, binding, ..
             } => Ok(CompletedLogin {
@@ -585,21 +727,10 @@ impl LoginService {
                 link_ticket: None,
             }),
             BindResult::LinkRequired => {
-                let ticket = StateToken::generate()?;
-                let ttl = time::Duration::try_from(self.settings.link_ticket_ttl)
-                    .unwrap_or(time::Duration::minutes(15));
-                let keep_tokens = sealed.is_some().then_some(tokens);
-                self.tickets
-                    .put(
-                        ticket,
-                        LinkTicket {
-                            identity: identity.clone(),
-                            tokens: keep_tokens,
-                            return_to: return_to.clone(),
-                            expires_at: OffsetDateTime::now_utc() + ttl,
-                        },
-                    )
-                    .await?;
+                let ticket = self
+                    .issue_ticket(&identity, sealed.is_some().then_some(&tokens), &return_to)
+                    .await
+                    .map_err(|e| Failed::at(e, resume))?;
                 Ok(CompletedLogin {
                     outcome: Outcome::LinkRequired,
                     binding: None,
@@ -611,8 +742,73 @@ impl LoginService {
         }
     }
 
+    async fn exchange(
+        &self,
+        provider: &dyn Provider,
+        req: &CompleteLogin,
+        login: &PendingLogin,
+    ) -> Result<TokenSet, Failed> {
+        let started = Instant::now();
+        let tokens = provider.exchange_code(&req.code, login).await;
+        record_phase("exchange", started);
+        tokens.map_err(|e| {
+            if e.code_never_sent() {
+                Failed::at(e, || Progress::NotExchanged)
+            } else {
+                Failed::fatal(e)
+            }
+        })
+    }
+
+    async fn identify(
+        &self,
+        provider: &dyn Provider,
+        tokens: &TokenSet,
+        login: &PendingLogin,
+    ) -> Result<Identity, Failed> {
+        let started = Instant::now();
+        let identity = provider.fetch_identity(tokens, login).await;
+        record_phase("identity", started);
+        identity.map_err(|e| {
+            Failed::at(e, || Progress::Exchanged {
+                tokens: StoredTokenSet::from(tokens),
+            })
+        })
+    }
+
+    async fn issue_ticket(
+        &self,
+        identity: &Identity,
+        tokens: Option<&TokenSet>,
+        return_to: &Option<String>,
+    ) -> Result<StateToken, LoginError> {
+        let ticket = StateToken::generate()?;
+        let ttl = time::Duration::try_from(self.settings.link_ticket_ttl)
+            .unwrap_or(time::Duration::minutes(15));
+        let payload = serde_json::to_vec(&LinkTicket {
+            identity: identity.clone(),
+            tokens: tokens.map(StoredTokenSet::from),
+            return_to: return_to.clone(),
+        })
+        .map_err(|e| {
+            LoginError::StateUnavailable(anyhow::Error::new(e).context("encoding a link ticket"))
+        })?;
+        self.states
+            .put(
+                &ticket,
+                Pending::Ticket {
+                    expires_at: OffsetDateTime::now_utc() + ttl,
+                    payload: Arc::from(payload),
+                },
+            )
+            .await?;
+        Ok(ticket)
+    }
+
     /// Finishes a `link_required` login: binds the ticket's identity to the
     /// app's user, creating the user row if authbroker does not know it.
+    /// A retry with the same ticket and user id after a retryable failure
+    /// redeems it; any other use of a redeemed ticket is refused.
     pub async fn link(
         &self,
         req: LinkIdentity,
@@ -628,13 +824,52 @@ impl LoginService {
             problem: "is not a ticket issued by CompleteLogin (43 base64url characters)".into(),
         })?;
         check_user_id(&req.user_id)?;
-        let ticket = self
-            .tickets
-            .take(&ticket_id, OffsetDateTime::now_utc())
+        let claimed = self
+            .states
+            .claim(
+                Kind::Ticket,
+                &ticket_id,
+                &Fingerprint::of(&["user", &req.user_id]),
+                OffsetDateTime::now_utc(),
+            )
             .await
             .map_err(LoginError::from_ticket)?;
+        let Pending::Ticket { payload, .. } = &claimed.pending else {
+            return Err(LoginError::LinkTicketUnknown);
+        };
+        let result = self.redeem(payload, &req.user_id, actor).await;
+        match &result {
+            Err(e) if e.retryable_in_place() => {
+                // Linking is idempotent for one user, so the retry needs
+                // nothing but the claim.
+                if let Err(e) = self
+                    .states
+                    .release(Kind::Ticket, &ticket_id, claimed.attempt, None)
+                    .await
+                {
+                    tracing::warn!(
+                        error = %crate::telemetry::cause_chain(&e),
+                        "could not release a link ticket for its retry"
+                    );
+                }
+            }
+            _ => self.end(Kind::Ticket, &ticket_id, claimed.attempt).await,
+        }
+        result
+    }
+
+    async fn redeem(
+        &self,
+        payload: &[u8],
+        user_id: &str,
+        actor: Option<&str>,
+    ) -> Result<LinkedIdentity, LoginError> {
+        let ticket: LinkTicket = serde_json::from_slice(payload).map_err(|e| {
+            LoginError::StateUnavailable(anyhow::Error::new(e).context("reading a link ticket"))
+        })?;
         let identity = ticket.identity;
-        let sealed = match &ticket.tokens {
+        let tokens = ticket.tokens.map(TokenSet::from);
+        let sealed = match &tokens {
             Some(tokens) => self
                 .tokens
                 .seal_for_login(&identity.provider, &identity.subject, tokens)
@@ -643,13 +878,7 @@ impl LoginService {
         };
         let binding = self
             .store
-            .link_identity(
-                &req.user_id,
-                &identity,
-                sealed.as_ref(),
-                actor,
-                now_micros(),
-            )
+            .link_identity(user_id, &identity, sealed.as_ref(), actor, now_micros())
             .await
             .map_err(|e| match e {
                 StoreError::Conflict(Conflict::IdentityLinkedElsewhere) => {
@@ -666,6 +895,20 @@ impl LoginService {
             return_to: ticket.return_to,
         })
     }
+}
+
+/// The id a login's audit events carry (`LoginKey`): a hash of its state,
+/// so the database never holds a state, and a retry finds its own commit.
+fn login_id(state: &StateToken) -> String {
+    let mut h = Sha256::new();
+    h.update(b"authbroker/login-id/v1\0");
+    h.update(state.as_bytes());
+    let digest = h.finalize();
+    let mut out = String::with_capacity(64);
+    for byte in digest {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
 }
 
 /// An app's user id: any opaque string a person could not mistake for

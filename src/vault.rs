@@ -635,12 +635,13 @@ async fn rotate_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{AuditEvent, Binding, User};
     use crate::domain::{Identity, now_micros};
     use crate::store::{
-        AuditQuery, AuditRecord, BindPolicy, BindResult, SqliteStore, TokenRow, UserQuery,
+        BindPolicy, BindResult, SqliteStore,
+        interposed::{Hooks, Interposed},
     };
     use async_trait::async_trait;
+    use std::sync::Arc;
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
     use std::sync::Mutex;
 
@@ -1056,7 +1057,7 @@ mod tests {
         };
         for (p, s) in rows {
             let r = store
-                .bind_login(&identity(p, s), &policy, None, None, now_micros())
+                .bind_login(&identity(p, s), &policy, None, None, now_micros(), None)
                 .await
                 .unwrap();
             assert!(matches!(r, BindResult::Bound { .. }));
@@ -1146,100 +1147,20 @@ mod tests {
         );
     }
 
-    /// Delegates to SQLite, but the first compare-and-swap write to a given
-    /// row is preceded by a "concurrent refresh" that rewrites the row.
-    struct RacingStore {
-        inner: SqliteStore,
+    /// The "concurrent refresh" `racing_store` makes before one write.
+    struct Racing {
         race: Mutex<Option<(String, String, SealedToken)>>,
     }
 
     #[async_trait]
-    impl Store for RacingStore {
-        async fn migrate(&self) -> Result<(), StoreError> {
-            self.inner.migrate().await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
-        async fn bind_login(
+    impl Hooks for Racing {
+        async fn before_put_token(
             &self,
-            identity: &Identity,
-            policy: &BindPolicy,
-            tokens: Option<&SealedToken>,
-            actor: Option<&str>,
-            now: OffsetDateTime,
-        ) -> Result<BindResult, StoreError> {
-            self.inner
-                .bind_login(identity, policy, tokens, actor, now)
-                .await
-        }
-        async fn link_identity(
-            &self,
-            user_id: &str,
-            identity: &Identity,
-            tokens: Option<&SealedToken>,
-            actor: Option<&str>,
-            now: OffsetDateTime,
-        ) -> Result<Binding, StoreError> {
-            self.inner
-                .link_identity(user_id, identity, tokens, actor, now)
-                .await
-        }
-        async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
-            self.inner.record_audit(event).await
-        }
-        async fn find_binding(&self, p: &str, s: &str) -> Result<Option<Binding>, StoreError> {
-            self.inner.find_binding(p, s).await
-        }
-        async fn find_identity(&self, p: &str, s: &str) -> Result<Option<Identity>, StoreError> {
-            self.inner.find_identity(p, s).await
-        }
-        async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
-            self.inner.get_user(user_id).await
-        }
-        async fn find_user_by_identity(
-            &self,
+            store: &dyn Store,
             p: &str,
             s: &str,
-        ) -> Result<Option<User>, StoreError> {
-            self.inner.find_user_by_identity(p, s).await
-        }
-        async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
-            self.inner.list_users(query).await
-        }
-        async fn unlink_identity(
-            &self,
-            user_id: &str,
-            provider: &str,
-            force: bool,
-            actor: Option<&str>,
-            now: OffsetDateTime,
-        ) -> Result<User, StoreError> {
-            self.inner
-                .unlink_identity(user_id, provider, force, actor, now)
-                .await
-        }
-        async fn delete_user(
-            &self,
-            user_id: &str,
-            actor: Option<&str>,
-            now: OffsetDateTime,
-        ) -> Result<(), StoreError> {
-            self.inner.delete_user(user_id, actor, now).await
-        }
-        async fn count_users(&self) -> Result<u64, StoreError> {
-            self.inner.count_users().await
-        }
-        async fn get_token(&self, p: &str, s: &str) -> Result<Option<SealedToken>, StoreError> {
-            self.inner.get_token(p, s).await
-        }
-        async fn put_token(
-            &self,
-            p: &str,
-            s: &str,
-            token: &SealedToken,
             expected_version: Option<i64>,
-        ) -> Result<i64, StoreError> {
+        ) -> Result<(), StoreError> {
             let racer = {
                 let mut race = self.race.lock().unwrap();
                 match race.as_ref() {
@@ -1250,29 +1171,17 @@ mod tests {
                 }
             };
             if let Some(racer) = racer {
-                self.inner.put_token(p, s, &racer, None).await?;
+                store.put_token(p, s, &racer, None).await?;
             }
-            self.inner.put_token(p, s, token, expected_version).await
+            Ok(())
         }
-        async fn mark_token_unusable(&self, p: &str, s: &str, v: i64) -> Result<(), StoreError> {
-            self.inner.mark_token_unusable(p, s, v).await
-        }
-        async fn delete_token(&self, p: &str, s: &str) -> Result<bool, StoreError> {
-            self.inner.delete_token(p, s).await
-        }
-        async fn list_tokens(
-            &self,
-            after: Option<(&str, &str)>,
-            limit: u32,
-        ) -> Result<Vec<TokenRow>, StoreError> {
-            self.inner.list_tokens(after, limit).await
-        }
-        async fn list_audit_events(
-            &self,
-            query: &AuditQuery,
-        ) -> Result<Vec<AuditRecord>, StoreError> {
-            self.inner.list_audit_events(query).await
-        }
+    }
+
+    /// SQLite, where the first compare-and-swap write to github/1 is
+    /// preceded by a "concurrent refresh" that rewrites the row with `racer`.
+    fn racing_store(inner: SqliteStore, racer: SealedToken) -> Interposed {
+        let race = Mutex::new(Some(("github".into(), "1".into(), racer)));
+        Interposed::new(Arc::new(inner), Arc::new(Racing { race }))
     }
 
     #[tokio::test]
@@ -1286,14 +1195,10 @@ mod tests {
 
         // A server still on the old key set refreshes the row mid-rotation:
         // rotate re-reads it and re-seals the refreshed tokens.
-        let store = RacingStore {
-            inner: seeded_store(&[("github", "1")]).await,
-            race: Mutex::new(Some((
-                "github".into(),
-                "1".into(),
-                a.seal("github", "1", &refreshed, now_micros()).unwrap(),
-            ))),
-        };
+        let store = racing_store(
+            seeded_store(&[("github", "1")]).await,
+            a.seal("github", "1", &refreshed, now_micros()).unwrap(),
+        );
         store
             .put_token(
                 "github",
@@ -1316,14 +1221,10 @@ mod tests {
         assert_same(&ab.open("github", "1", &row).unwrap(), &refreshed);
 
         // A server that already has the new key refreshes it: simply current.
-        let store = RacingStore {
-            inner: seeded_store(&[("github", "1")]).await,
-            race: Mutex::new(Some((
-                "github".into(),
-                "1".into(),
-                ab.seal("github", "1", &refreshed, now_micros()).unwrap(),
-            ))),
-        };
+        let store = racing_store(
+            seeded_store(&[("github", "1")]).await,
+            ab.seal("github", "1", &refreshed, now_micros()).unwrap(),
+        );
         store
             .put_token(
                 "github",

@@ -345,3 +345,372 @@ async fn unreachable_provider_is_unavailable() {
     let err = login_as(&app, &emu, "octocat").await.unwrap_err();
     assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
 }
+
+/// CompleteLogin retried after a failure at each step of a login, on both
+/// stores: the retry with the same state and code resumes where the failed
+/// call stopped, returns what a lost commit committed, and never sends the
+/// code to the provider twice.
+mod retries {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use async_trait::async_trait;
+    use authbroker::{
+        app::Wrap,
+        grpc::pb::Outcome,
+        state::{Claimed, Fingerprint, Kind, Pending, StateError, StateStore, StateToken},
+        store::{
+            BindResult, StoreError,
+            interposed::{Hooks, Interposed},
+        },
+    };
+    use time::OffsetDateTime;
+    use tonic::Code;
+
+    use super::*;
+
+    /// Injected store faults, each armed for a number of calls.
+    #[derive(Default)]
+    struct StoreFaults {
+        /// The database is unreachable: the bind never starts.
+        before_bind: AtomicU32,
+        /// The bind commits, then its acknowledgement is lost.
+        after_bind: AtomicU32,
+    }
+
+    fn take_one(n: &AtomicU32) -> bool {
+        n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            .is_ok()
+    }
+
+    #[async_trait]
+    impl Hooks for StoreFaults {
+        async fn before_bind(&self) -> Result<(), StoreError> {
+            if take_one(&self.before_bind) {
+                return Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "injected: the database is unreachable"
+                )));
+            }
+            Ok(())
+        }
+
+        async fn after_bind(
+            &self,
+            result: Result<BindResult, StoreError>,
+        ) -> Result<BindResult, StoreError> {
+            if result.is_ok() && take_one(&self.after_bind) {
+                return Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "injected: the commit's acknowledgement was lost"
+                )));
+            }
+            result
+        }
+    }
+
+    /// The real state store, with its claim or put failing while armed.
+    struct FlakyStates {
+        inner: Arc<dyn StateStore>,
+        fail_claim: AtomicU32,
+        fail_ticket_put: AtomicU32,
+    }
+
+    fn state_down() -> StateError {
+        StateError::Unavailable(anyhow::anyhow!("injected: the state backend is down"))
+    }
+
+    #[async_trait]
+    impl StateStore for FlakyStates {
+        fn backend(&self) -> &'static str {
+            self.inner.backend()
+        }
+        async fn put(&self, token: &StateToken, pending: Pending) -> Result<(), StateError> {
+            if pending.kind() == Kind::Ticket && take_one(&self.fail_ticket_put) {
+                return Err(state_down());
+            }
+            self.inner.put(token, pending).await
+        }
+        async fn claim(
+            &self,
+            kind: Kind,
+            token: &StateToken,
+            fingerprint: &Fingerprint,
+            now: OffsetDateTime,
+        ) -> Result<Claimed, StateError> {
+            if take_one(&self.fail_claim) {
+                return Err(state_down());
+            }
+            self.inner.claim(kind, token, fingerprint, now).await
+        }
+        async fn release(
+            &self,
+            kind: Kind,
+            token: &StateToken,
+            attempt: u32,
+            progress: Option<Vec<u8>>,
+        ) -> Result<(), StateError> {
+            self.inner.release(kind, token, attempt, progress).await
+        }
+        async fn finish(
+            &self,
+            kind: Kind,
+            token: &StateToken,
+            attempt: u32,
+        ) -> Result<(), StateError> {
+            self.inner.finish(kind, token, attempt).await
+        }
+        async fn cancel(
+            &self,
+            kind: Kind,
+            token: &StateToken,
+            now: OffsetDateTime,
+        ) -> Result<(), StateError> {
+            self.inner.cancel(kind, token, now).await
+        }
+        async fn ping(&self) -> Result<(), StateError> {
+            self.inner.ping().await
+        }
+        async fn held(&self) -> Result<u64, StateError> {
+            self.inner.held().await
+        }
+    }
+
+    struct Rig {
+        app: TestApp,
+        emu: GithubEmulator,
+        store_faults: Arc<StoreFaults>,
+        states: Arc<FlakyStates>,
+    }
+
+    async fn rig(backend: Backend, configure: impl FnOnce(&mut Settings)) -> Rig {
+        let emu = GithubEmulator::start().await;
+        emu.add_user(GithubUser::octocat());
+        let store_faults = Arc::new(StoreFaults::default());
+        let hooks = store_faults.clone();
+        let (states_tx, states_rx) = std::sync::mpsc::channel();
+        let wrap = Wrap {
+            store: Some(Box::new(move |inner| {
+                Arc::new(Interposed::new(inner, hooks)) as _
+            })),
+            states: Some(Box::new(move |inner| {
+                let flaky = Arc::new(FlakyStates {
+                    inner,
+                    fail_claim: AtomicU32::new(0),
+                    fail_ticket_put: AtomicU32::new(0),
+                });
+                let _ = states_tx.send(flaky.clone());
+                flaky as _
+            })),
+        };
+        let app = spawn_app_wrapped(
+            backend,
+            |s| {
+                use_emulator(s, &emu);
+                configure(s);
+            },
+            wrap,
+        )
+        .await;
+        let states = states_rx.recv().expect("the app was built");
+        Rig {
+            app,
+            emu,
+            store_faults,
+            states,
+        }
+    }
+
+    impl Rig {
+        async fn begin(&self) -> (String, String) {
+            let begun = self.app.begin_with("github").await;
+            let code = self
+                .emu
+                .authorize(&begun.authorize_url, "octocat")
+                .expect("emulator accepts the authorize URL");
+            (begun.state, code)
+        }
+
+        fn token_calls(&self) -> usize {
+            self.emu.requests_to(github::TOKEN_PATH).len()
+        }
+    }
+
+    macro_rules! on_both_stores {
+        ($($name:ident),* $(,)?) => {
+            mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
+            mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
+        };
+    }
+
+    on_both_stores!(
+        store_down_before_the_commit,
+        commit_acknowledgement_lost,
+        provider_down_after_the_exchange,
+        provider_down_during_the_exchange_is_not_retried,
+        token_endpoint_unreachable_is_retried,
+        state_backend_down_at_claim,
+        state_backend_down_when_issuing_the_link_ticket,
+        a_concurrent_retry_is_told_to_wait,
+    );
+
+    async fn store_down_before_the_commit(backend: Backend) {
+        let rig = rig(backend, |_| {}).await;
+        let (state, code) = rig.begin().await;
+        rig.store_faults.before_bind.store(1, Ordering::SeqCst);
+        let err = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+        assert_eq!(rig.app.store.count_users().await.unwrap(), 0);
+
+        let done = rig.app.complete(&state, &code).await.expect("the retry");
+        assert_eq!(done.outcome(), Outcome::UserCreated);
+        assert_eq!(rig.token_calls(), 1, "the code was exchanged once");
+        assert_eq!(rig.app.store.count_users().await.unwrap(), 1);
+        let replay = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&replay, Code::FailedPrecondition, "STATE_ALREADY_USED");
+    }
+
+    async fn commit_acknowledgement_lost(backend: Backend) {
+        let rig = rig(backend, |_| {}).await;
+        let (state, code) = rig.begin().await;
+        rig.store_faults.after_bind.store(1, Ordering::SeqCst);
+        let err = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+        let committed = rig
+            .app
+            .store
+            .find_binding("github", "583231")
+            .await
+            .unwrap()
+            .expect("the first attempt committed");
+
+        let done = rig.app.complete(&state, &code).await.expect("the retry");
+        assert_eq!(
+            done.outcome(),
+            Outcome::UserCreated,
+            "the retry answers what the first attempt committed"
+        );
+        let binding = done.binding.unwrap();
+        assert_eq!(binding.user_id, committed.user_id);
+        assert_eq!(rig.token_calls(), 1, "the code was exchanged once");
+        assert_eq!(rig.app.store.count_users().await.unwrap(), 1);
+        let succeeded = rig
+            .app
+            .store
+            .list_audit_events(&authbroker::store::AuditQuery {
+                kind: Some(authbroker::domain::AuditKind::LoginSucceeded),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(succeeded.len(), 1, "one login, one login_succeeded");
+
+        // A later login of the same person is a returning login as usual.
+        let (state, code) = rig.begin().await;
+        let again = rig.app.complete(&state, &code).await.unwrap();
+        assert_eq!(again.outcome(), Outcome::SignedIn);
+    }
+
+    async fn provider_down_after_the_exchange(backend: Backend) {
+        let rig = rig(backend, |_| {}).await;
+        let (state, code) = rig.begin().await;
+        rig.emu
+            .set_fault_times(github::Endpoint::User, Fault::Status503, 1);
+        let err = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+
+        let done = rig.app.complete(&state, &code).await.expect("the retry");
+        assert_eq!(done.outcome(), Outcome::UserCreated);
+        assert_eq!(done.identity.unwrap().subject, "583231");
+        assert_eq!(rig.token_calls(), 1, "the retry reused the tokens");
+        assert_eq!(rig.emu.requests_to(github::USER_PATH).len(), 2);
+    }
+
+    async fn provider_down_during_the_exchange_is_not_retried(backend: Backend) {
+        let rig = rig(backend, |_| {}).await;
+        let (state, code) = rig.begin().await;
+        rig.emu
+            .set_fault_times(github::Endpoint::Token, Fault::Status503, 1);
+        let err = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+        // The provider may have seen the code: a second exchange could
+        // revoke what the first one issued, so the state is spent.
+        let retry = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&retry, Code::FailedPrecondition, "STATE_ALREADY_USED");
+        assert_eq!(rig.token_calls(), 1, "the code was sent once");
+        assert_eq!(rig.app.store.count_users().await.unwrap(), 0);
+    }
+
+    async fn token_endpoint_unreachable_is_retried(backend: Backend) {
+        // Nothing listens on the token URL: the code never left.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = format!("http://{}/token", closed.local_addr().unwrap());
+        drop(closed);
+        let rig = rig(backend, |s| {
+            let p = s.providers.get_mut("github").unwrap();
+            p.endpoints.insert("token_url".into(), dead);
+        })
+        .await;
+        let (state, code) = rig.begin().await;
+        for attempt in 0..2 {
+            let err = rig.app.complete(&state, &code).await.unwrap_err();
+            assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+            assert!(
+                !err.message().contains("already used"),
+                "attempt {attempt}: {err:?}"
+            );
+        }
+        let other = rig.app.complete(&state, "another-code").await.unwrap_err();
+        assert_error(&other, Code::FailedPrecondition, "STATE_ALREADY_USED");
+    }
+
+    async fn state_backend_down_at_claim(backend: Backend) {
+        let rig = rig(backend, |_| {}).await;
+        let (state, code) = rig.begin().await;
+        rig.states.fail_claim.store(1, Ordering::SeqCst);
+        let err = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&err, Code::Unavailable, "STATE_STORE_UNAVAILABLE");
+        assert_eq!(rig.token_calls(), 0);
+        let done = rig.app.complete(&state, &code).await.expect("the retry");
+        assert_eq!(done.outcome(), Outcome::UserCreated);
+    }
+
+    async fn state_backend_down_when_issuing_the_link_ticket(backend: Backend) {
+        let rig = rig(backend, |s| {
+            s.login.policy = authbroker::config::Policy::LinkRequired;
+        })
+        .await;
+        let (state, code) = rig.begin().await;
+        rig.states.fail_ticket_put.store(1, Ordering::SeqCst);
+        let err = rig.app.complete(&state, &code).await.unwrap_err();
+        assert_error(&err, Code::Unavailable, "STATE_STORE_UNAVAILABLE");
+
+        let done = rig.app.complete(&state, &code).await.expect("the retry");
+        assert_eq!(done.outcome(), Outcome::LinkRequired);
+        assert_eq!(rig.token_calls(), 1);
+        let linked = rig
+            .app
+            .link(&done.link_ticket, "app-user-7")
+            .await
+            .expect("the ticket links");
+        assert_eq!(linked.binding.unwrap().user_id, "app-user-7");
+    }
+
+    async fn a_concurrent_retry_is_told_to_wait(backend: Backend) {
+        let rig = rig(backend, |_| {}).await;
+        let (state, code) = rig.begin().await;
+        rig.emu.set_fault_times(
+            github::Endpoint::User,
+            Fault::Slow(Duration::from_millis(1_500)),
+            1,
+        );
+        let (first, second) = tokio::join!(rig.app.complete(&state, &code), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            rig.app.complete(&state, &code).await
+        });
+        assert_eq!(first.expect("the first call").outcome(), Outcome::UserCreated);
+        let err = second.unwrap_err();
+        assert_error(&err, Code::Aborted, "LOGIN_IN_PROGRESS");
+        assert_eq!(rig.token_calls(), 1);
+    }
+}

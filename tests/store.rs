@@ -78,6 +78,7 @@ conformance_tests!(
     distinct_identities_get_distinct_users,
     unknown_identity_is_absent,
     concurrent_first_logins_create_one_user,
+    a_retried_login_returns_what_it_committed,
     logins_are_audited,
     audit_events_filter_order_and_limit,
     audit_events_filter_by_kind_and_time_and_page_by_id,
@@ -167,7 +168,7 @@ async fn sqlite_creates_parent_directories_and_persists() {
         let store = SqliteStore::open(&path).expect("open creates directories");
         store.migrate().await.expect("migrate");
         let result = store
-            .bind_login(&identity, &create(), None, None, now_micros())
+            .bind_login(&identity, &create(), None, None, now_micros(), None)
             .await
             .expect("bind");
         let BindResult::Bound {
@@ -220,7 +221,7 @@ async fn sqlite_locked_by_another_process_is_unavailable() {
     };
     let started = Instant::now();
     let err = store
-        .bind_login(&identity, &create(), None, None, now_micros())
+        .bind_login(&identity, &create(), None, None, now_micros(), None)
         .await
         .expect_err("the write lock is held elsewhere");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
@@ -228,7 +229,7 @@ async fn sqlite_locked_by_another_process_is_unavailable() {
 
     other.execute_batch("ROLLBACK").expect("release");
     let result = store
-        .bind_login(&identity, &create(), None, None, now_micros())
+        .bind_login(&identity, &create(), None, None, now_micros(), None)
         .await
         .expect("works once the lock is released");
     assert_eq!(outcome(result), Outcome::UserCreated);
@@ -249,7 +250,7 @@ async fn postgres_unreachable_is_unavailable_and_fails_fast() {
     let ping = store.ping().await.expect_err("nothing listens");
     assert!(matches!(ping, StoreError::Unavailable(_)), "{ping:?}");
     let bind = store
-        .bind_login(&identity, &create(), None, None, now_micros())
+        .bind_login(&identity, &create(), None, None, now_micros(), None)
         .await
         .expect_err("nothing listens");
     assert!(matches!(bind, StoreError::Unavailable(_)), "{bind:?}");

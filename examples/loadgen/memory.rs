@@ -68,9 +68,11 @@ pub async fn measure(mut settings: Settings, pending: u64) -> anyhow::Result<Mem
         .await
         .context("cannot build the app for the memory measurement")?;
     let login = app.login_service();
-    let states = app.state_store();
+    let states = app
+        .memory_state_store()
+        .context("the memory measurement needs state.backend = \"memory\"")?;
 
-    states.run_pending_tasks().await;
+    states.run_pending_tasks();
     let rss_before = rss(page_size)?;
     let started = Instant::now();
     for i in 0..pending {
@@ -85,10 +87,10 @@ pub async fn measure(mut settings: Settings, pending: u64) -> anyhow::Result<Mem
     }
     // moka applies inserts to its policy lazily; flush so the count and
     // the memory are those of a settled cache.
-    states.run_pending_tasks().await;
+    states.run_pending_tasks();
     let elapsed = started.elapsed();
     let rss_held = rss(page_size)?;
-    let entries = states.len();
+    let entries = states.held().await?;
 
     drop((states, login, app));
     let rss_after_drop = rss(page_size)?;

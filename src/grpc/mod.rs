@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod convert;
+pub mod health;
 pub mod login;
 pub mod socket;
 pub mod status;

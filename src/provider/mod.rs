@@ -15,7 +15,8 @@ pub use registry::Registry;
 use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 
 use crate::{domain::Identity, http::HttpError, state::PendingLogin};
 
@@ -39,6 +40,48 @@ impl fmt::Debug for TokenSet {
             .field("expires_in", &self.expires_in)
             .field("scopes", &self.scopes)
             .finish_non_exhaustive()
+    }
+}
+
+/// A `TokenSet` as the state store keeps it between a failed attempt and its
+/// retry, or in a link ticket. The shared backends seal it (`state::seal`);
+/// no `Debug`, so it cannot reach a log line.
+#[derive(Serialize, Deserialize)]
+pub struct StoredTokenSet {
+    access_token: String,
+    refresh_token: Option<String>,
+    token_type: Option<String>,
+    expires_in_secs: Option<u64>,
+    scopes: Vec<String>,
+    raw: serde_json::Value,
+}
+
+impl From<&TokenSet> for StoredTokenSet {
+    fn from(t: &TokenSet) -> Self {
+        StoredTokenSet {
+            access_token: t.access_token.expose_secret().to_string(),
+            refresh_token: t
+                .refresh_token
+                .as_ref()
+                .map(|r| r.expose_secret().to_string()),
+            token_type: t.token_type.clone(),
+            expires_in_secs: t.expires_in.map(|d| d.as_secs()),
+            scopes: t.scopes.clone(),
+            raw: t.raw.clone(),
+        }
+    }
+}
+
+impl From<StoredTokenSet> for TokenSet {
+    fn from(t: StoredTokenSet) -> Self {
+        TokenSet {
+            access_token: SecretString::from(t.access_token),
+            refresh_token: t.refresh_token.map(SecretString::from),
+            token_type: t.token_type,
+            expires_in: t.expires_in_secs.map(Duration::from_secs),
+            scopes: t.scopes,
+            raw: t.raw,
+        }
     }
 }
 
@@ -111,6 +154,16 @@ pub enum Unavailable {
 }
 
 impl ProviderError {
+    /// Whether the authorization code certainly never reached the provider:
+    /// the exchange failed while discovering where to send it, or could not
+    /// connect to the token endpoint. Only then may a retry exchange the
+    /// code again: a provider that did see it refuses a second exchange,
+    /// and RFC 6749 §4.1.2 lets it revoke every token issued from the code.
+    pub fn code_never_sent(&self) -> bool {
+        matches!(self, ProviderError::Unavailable { step, cause, .. }
+            if step == "discovery" || (step == "token" && matches!(cause, Unavailable::Connect)))
+    }
+
     /// The provider's own error code, when it gave one.
     pub fn provider_code(&self) -> Option<&str> {
         match self {

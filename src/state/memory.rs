@@ -1,6 +1,6 @@
-//! The default `StateStore`: a bounded in-process moka cache. The cache
-//! itself (`SingleUse`) also keeps link tickets: both are single-use values
-//! with a deadline, keyed by 32 random bytes.
+//! The default `StateStore`: bounded in-process moka caches, one per kind
+//! (pending logins, link tickets). Nothing survives a restart and nothing is
+//! shared between replicas; see `postgres` and `redis` for that.
 
 use std::{
     sync::{
@@ -11,71 +11,89 @@ use std::{
 };
 
 use async_trait::async_trait;
-use moka::{
-    Expiry,
-    ops::compute::{CompResult, Op},
-    policy::EvictionPolicy,
-    sync::Cache,
-};
+use moka::{Expiry, ops::compute::Op, policy::EvictionPolicy, sync::Cache};
 use time::OffsetDateTime;
 
-use super::{PendingLogin, StateError, StateStore, StateToken};
+use super::{Claimed, Fingerprint, Kind, Pending, StateError, StateLimits, StateStore, StateToken};
 
-/// A value with a deadline after which taking it is "expired".
-pub trait Expiring {
-    fn expires_at(&self) -> OffsetDateTime;
-}
-
-impl Expiring for PendingLogin {
-    fn expires_at(&self) -> OffsetDateTime {
-        self.expires_at
-    }
-}
-
-/// How close to its eviction deadline a taken entry is removed rather than
-/// replaced by a tombstone (see `SingleUse::take`).
+/// How close to its eviction deadline an entry is removed rather than
+/// replaced (see `Slots::transition`).
 const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
-/// What the cache holds per key. A taken value leaves a tombstone so a
-/// replay is answered "already used" rather than "unknown".
-enum Entry<V> {
-    Pending(Arc<V>, Instant),
-    Consumed(Instant),
+/// Room moka gets above `capacity`. `Count` admits at most `capacity`
+/// entries, but it learns of a removal an instant before moka applies it,
+/// so a burst of finishing logins could let a few more in; moka must never
+/// evict a live entry to make room for them.
+const MOKA_SLACK: u64 = 4_096;
+
+/// A live entry: pending, or claimed by an attempt.
+enum Slot {
+    Pending(Arc<Pending>, Instant),
+    Claimed(Arc<Claim>),
 }
 
-// Not derived: a derive would demand `V: Clone`, but only the Arc is cloned.
-impl<V> Clone for Entry<V> {
+struct Claim {
+    pending: Arc<Pending>,
+    fingerprint: Fingerprint,
+    attempt: u32,
+    /// Until then a retry hears "in progress"; `release` sets it to now.
+    lease_until: Instant,
+    /// When the entry is dropped (end of the retry window, at the earliest
+    /// the pending entry's own deadline).
+    evict_at: Instant,
+    progress: Option<Arc<[u8]>>,
+}
+
+impl Clone for Slot {
     fn clone(&self) -> Self {
         match self {
-            Entry::Pending(v, at) => Entry::Pending(v.clone(), *at),
-            Entry::Consumed(at) => Entry::Consumed(*at),
+            Slot::Pending(v, at) => Slot::Pending(v.clone(), *at),
+            Slot::Claimed(c) => Slot::Claimed(c.clone()),
         }
     }
 }
 
-impl<V> Entry<V> {
+impl Slot {
     fn evict_at(&self) -> Instant {
         match self {
-            Entry::Pending(_, at) | Entry::Consumed(at) => *at,
+            Slot::Pending(_, at) => *at,
+            Slot::Claimed(c) => c.evict_at,
         }
+    }
+}
+
+/// moka's per-entry expiry for live slots and tombstones alike.
+trait Deadline {
+    fn deadline(&self) -> Instant;
+}
+
+impl Deadline for Slot {
+    fn deadline(&self) -> Instant {
+        self.evict_at()
+    }
+}
+
+impl Deadline for Instant {
+    fn deadline(&self) -> Instant {
+        *self
     }
 }
 
 struct EvictAt;
 
-impl<V> Expiry<StateToken, Entry<V>> for EvictAt {
-    fn expire_after_create(&self, _: &StateToken, v: &Entry<V>, now: Instant) -> Option<Duration> {
-        Some(v.evict_at().saturating_duration_since(now))
+impl<V: Deadline> Expiry<StateToken, V> for EvictAt {
+    fn expire_after_create(&self, _: &StateToken, v: &V, now: Instant) -> Option<Duration> {
+        Some(v.deadline().saturating_duration_since(now))
     }
 
     fn expire_after_update(
         &self,
         _: &StateToken,
-        v: &Entry<V>,
+        v: &V,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(v.evict_at().saturating_duration_since(now))
+        Some(v.deadline().saturating_duration_since(now))
     }
 }
 
@@ -101,35 +119,26 @@ impl std::hash::Hasher for RandomKeyHasher {
 
 type KeyHasher = std::hash::BuildHasherDefault<RandomKeyHasher>;
 
-/// Bounded single-use values. moka's sync cache, not its future one: every
-/// operation here is a short in-memory step that never waits on I/O, and the
-/// async wrapper's per-call futures and housekeeping were a measurable share
-/// of BeginLogin. Entries outlive their deadline by `grace` so
-/// that a late taker gets "expired" (the user was too slow) instead of
-/// "unknown" (possible forgery).
-pub struct SingleUse<V> {
-    cache: Cache<StateToken, Entry<V>, KeyHasher>,
-    count: Count,
-    capacity: u64,
-    grace: Duration,
-}
-
-/// An upper bound on the entries the cache holds, so a burst can never
-/// push moka over its capacity and make it evict someone's in-flight login.
+/// An upper bound on the live entries, so a burst can never push moka over
+/// its capacity and make it evict someone's in-flight login.
 ///
 /// moka's own `entry_count` lags behind inserts, and the exact alternative,
 /// an eviction listener, makes moka take a per-key lock on every insert
 /// (a quarter of BeginLogin's time in the state store). So inserts are
-/// counted here, and removals are learnt only when the bound is reached:
-/// `reconcile` lets moka catch up and credits what it has dropped.
+/// counted here, finished entries are counted as they go, and expiries are
+/// learnt only when the bound is reached: `reconcile` lets moka catch up and
+/// credits what it has dropped.
 #[derive(Default)]
 struct Count {
     /// Inserts allowed so far, finished or not.
     claimed: AtomicU64,
     /// Inserts that have returned (their write is queued for moka).
     finished: AtomicU64,
-    /// Entries known to be gone: never more than have really been removed.
-    removed: AtomicU64,
+    /// Entries we removed ourselves (finish, cancel, expired claim),
+    /// counted when the removal is decided, just before moka applies it.
+    taken: AtomicU64,
+    /// Entries known to have expired: never more than really have.
+    expired: AtomicU64,
     /// Reconciliations completed, so callers refused together share one.
     generation: AtomicU64,
     /// One reconciliation at a time.
@@ -147,9 +156,14 @@ impl Drop for Reservation<'_> {
 }
 
 impl Count {
+    fn gone(&self) -> u64 {
+        self.taken.load(Ordering::SeqCst) + self.expired.load(Ordering::SeqCst)
+    }
+
     fn upper_bound(&self) -> u64 {
-        let claimed = self.claimed.load(Ordering::SeqCst);
-        claimed.saturating_sub(self.removed.load(Ordering::SeqCst))
+        self.claimed
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.gone())
     }
 
     /// Claims room for one insert, exactly: concurrent callers race on one
@@ -157,7 +171,7 @@ impl Count {
     fn try_reserve(&self, capacity: u64) -> Option<Reservation<'_>> {
         self.claimed
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |claimed| {
-                let held = claimed.saturating_sub(self.removed.load(Ordering::SeqCst));
+                let held = claimed.saturating_sub(self.gone());
                 (held < capacity).then_some(claimed + 1)
             })
             .ok()
@@ -171,13 +185,7 @@ impl Count {
     /// Reconciles; with `unless_since`, not if another reconciliation
     /// finished after the caller read that generation: a flood of refused
     /// inserts then runs moka's housekeeping once per wave, not per caller.
-    fn reconcile<V>(
-        &self,
-        cache: &Cache<StateToken, Entry<V>, KeyHasher>,
-        unless_since: Option<u64>,
-    ) where
-        V: Send + Sync + 'static,
-    {
+    fn reconcile(&self, cache: &Cache<StateToken, Slot, KeyHasher>, unless_since: Option<u64>) {
         let _one = self
             .reconciling
             .lock()
@@ -187,276 +195,360 @@ impl Count {
         }
     }
 
-    /// Runs moka's housekeeping and credits the removals it proves: every
-    /// insert counted in `before` had queued its write, housekeeping applies
-    /// every queued write and drops expired entries, so at most `held` of
-    /// those inserts are still in the cache and at least `before - held`
-    /// are gone.
-    fn reconcile_locked<V>(&self, cache: &Cache<StateToken, Entry<V>, KeyHasher>)
-    where
-        V: Send + Sync + 'static,
-    {
+    /// Runs moka's housekeeping and credits the expiries it proves. Every
+    /// insert counted in `before` had queued its write and housekeeping
+    /// applies every queued write, so at most `held` of them are still in
+    /// the cache: at least `before - held` are gone. Of those, at most
+    /// `taken` (read afterwards, and counted before moka applies each
+    /// removal) went by our own hand; the rest expired.
+    fn reconcile_locked(&self, cache: &Cache<StateToken, Slot, KeyHasher>) {
         let before = self.finished.load(Ordering::SeqCst);
         cache.run_pending_tasks();
         let held = cache.entry_count();
-        self.removed
-            .fetch_max(before.saturating_sub(held), Ordering::SeqCst);
+        let taken = self.taken.load(Ordering::SeqCst);
+        self.expired.fetch_max(
+            before.saturating_sub(held).saturating_sub(taken),
+            Ordering::SeqCst,
+        );
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 
-impl<V: Expiring + Send + Sync + 'static> SingleUse<V> {
-    /// The index grows with the entries.
-    pub fn new(capacity: u64, grace: Duration) -> Self {
-        Self::build(capacity, grace, None)
-    }
+/// What a transition decided, for the caller to turn into an answer.
+enum Outcome {
+    Claimed(Box<Claimed>),
+    Done,
+    Expired,
+    AlreadyUsed,
+    InProgress,
+    /// No live entry; the tombstones decide between unknown and used.
+    Missing,
+}
 
-    /// The index is allocated for `capacity` entries up front and is resident
-    /// from the start: 8 B per slot, two slots per entry rounded up to a
-    /// power of two, so 16 MiB at the default million.
-    /// Growing it instead meant rehashing every table twice as large under
-    /// load, a measurable share of BeginLogin while logins pile up
-    /// (BENCHMARKS.md).
-    pub fn presized(capacity: u64, grace: Duration) -> Self {
-        Self::build(
-            capacity,
-            grace,
-            Some(usize::try_from(capacity).unwrap_or(usize::MAX)),
-        )
-    }
+/// The entries of one kind: live ones bounded by `capacity`, finished ones
+/// as tombstones in a cache of their own, so that finishing a login frees
+/// its place at once while a replay still hears "already used".
+struct Slots {
+    live: Cache<StateToken, Slot, KeyHasher>,
+    /// Finished entries until their grace ends. Bounded by `capacity` too;
+    /// when full the oldest tombstone goes first, and a replay of that
+    /// state hears "unknown" instead of "already used": both refuse it.
+    used: Cache<StateToken, Instant, KeyHasher>,
+    count: Count,
+    limits: StateLimits,
+}
 
-    fn build(capacity: u64, grace: Duration, index_for: Option<usize>) -> Self {
+impl Slots {
+    fn new(limits: StateLimits, presize: bool) -> Self {
         let mut builder = Cache::builder()
-            // A hard bound: memory never grows past `capacity` entries. LRU
-            // rather than TinyLFU, whose admission filter could silently drop
-            // a state we just handed out. `Count` keeps us below it, so moka
-            // never has to evict anything but expired entries.
-            .max_capacity(capacity)
+            // A hard bound: memory never grows past it. LRU rather than
+            // TinyLFU, whose admission filter could silently drop a state
+            // we just handed out. `Count` keeps us below it, so moka never
+            // has to evict anything but expired entries.
+            .max_capacity(limits.capacity.saturating_add(MOKA_SLACK))
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(EvictAt);
-        if let Some(entries) = index_for {
-            builder = builder.initial_capacity(entries);
+        if presize {
+            // Allocated for `capacity` entries up front: 8 B per slot, two
+            // slots per entry rounded up to a power of two, so 16 MiB at the
+            // default million. Growing it instead meant rehashing every
+            // table twice as large under load, a measurable share of
+            // BeginLogin while logins pile up (BENCHMARKS.md).
+            builder =
+                builder.initial_capacity(usize::try_from(limits.capacity).unwrap_or(usize::MAX));
         }
-        SingleUse {
-            cache: builder.build_with_hasher(KeyHasher::default()),
+        Slots {
+            live: builder.build_with_hasher(KeyHasher::default()),
+            used: Cache::builder()
+                .max_capacity(limits.capacity)
+                .eviction_policy(EvictionPolicy::lru())
+                .expire_after(EvictAt)
+                .build_with_hasher(KeyHasher::default()),
             count: Count::default(),
-            capacity,
-            grace,
+            limits,
         }
     }
 
     fn instant_of(&self, at: OffsetDateTime) -> Instant {
         let remaining = at - OffsetDateTime::now_utc();
         let remaining = Duration::try_from(remaining).unwrap_or(Duration::ZERO);
-        Instant::now() + remaining + self.grace
+        Instant::now() + remaining
     }
 
-    /// Runs moka's deferred housekeeping (expiry) and updates the count.
-    pub fn run_pending_tasks(&self) {
-        self.count.reconcile(&self.cache, None);
-    }
-
-    pub async fn put(&self, key: StateToken, value: V) -> Result<(), StateError> {
+    fn put(&self, token: &StateToken, pending: Pending) -> Result<(), StateError> {
         // Refuse rather than evict: evicting would turn someone's in-flight
         // login into STATE_UNKNOWN without telling anyone.
         let seen = self.count.generation();
-        let reservation = match self.count.try_reserve(self.capacity) {
+        let reservation = match self.count.try_reserve(self.limits.capacity) {
             Some(r) => r,
             None => {
                 // Expired entries only leave during moka's housekeeping;
                 // let it run before saying no.
-                self.count.reconcile(&self.cache, Some(seen));
+                self.count.reconcile(&self.live, Some(seen));
                 self.count
-                    .try_reserve(self.capacity)
+                    .try_reserve(self.limits.capacity)
                     .ok_or(StateError::Full {
-                        capacity: self.capacity,
+                        capacity: self.limits.capacity,
                     })?
             }
         };
-        let evict_at = self.instant_of(value.expires_at());
-        self.cache
-            .insert(key, Entry::Pending(Arc::new(value), evict_at));
+        let evict_at = self.instant_of(pending.expires_at()) + self.limits.grace;
+        self.live
+            .insert(*token, Slot::Pending(Arc::new(pending), evict_at));
         drop(reservation);
         Ok(())
     }
 
-    /// Exactly one concurrent caller gets the value.
-    pub async fn take(&self, key: &StateToken, now: OffsetDateTime) -> Result<V, StateError>
-    where
-        V: Clone,
-    {
-        // and_compute_with runs the closure under a per-key lock, so exactly
-        // one concurrent caller sees `Pending` and leaves the tombstone.
-        let mut taken = None;
-        let result = self.cache.entry(*key).and_compute_with(|current| {
-            match current.map(|e| e.into_value()) {
-                Some(Entry::Pending(login, evict_at)) => {
-                    taken = Some(login);
-                    // Housekeeping does not wait for this closure: if it
-                    // dropped the entry at its deadline in the meantime, a
-                    // Put would add an entry nobody reserved room for. So at
-                    // the deadline the entry is removed instead; a replay
-                    // then hears "unknown", as it would a moment later.
-                    if evict_at <= Instant::now() + DEADLINE_MARGIN {
-                        Op::Remove
-                    } else {
-                        Op::Put(Entry::Consumed(evict_at))
-                    }
+    /// Runs `decide` on the live entry under moka's per-key lock, so exactly
+    /// one concurrent caller sees any given state of it. `decide` returns
+    /// the new slot (`None` finishes the entry) and the answer.
+    fn transition(
+        &self,
+        token: &StateToken,
+        decide: impl FnOnce(&Slot, Instant) -> (Option<Option<Slot>>, Outcome),
+    ) -> Outcome {
+        let mut outcome = Outcome::Missing;
+        let mut tombstone = None;
+        self.live.entry(*token).and_compute_with(|current| {
+            let Some(slot) = current.map(|e| e.into_value()) else {
+                return Op::Nop;
+            };
+            let now = Instant::now();
+            let (change, answer) = decide(&slot, now);
+            outcome = answer;
+            match change {
+                None => Op::Nop,
+                Some(None) => {
+                    // Counted before moka applies it: see `Count::reconcile_locked`.
+                    self.count.taken.fetch_add(1, Ordering::SeqCst);
+                    tombstone = Some(slot.evict_at().max(now + DEADLINE_MARGIN));
+                    Op::Remove
                 }
-                Some(Entry::Consumed(_)) | None => Op::Nop,
+                // Housekeeping does not wait for this closure: if it dropped
+                // the entry at its deadline in the meantime, a Put would add
+                // an entry nobody reserved room for. So at the deadline the
+                // entry is finished instead, as it would be a moment later.
+                Some(Some(_)) if slot.evict_at() <= now + DEADLINE_MARGIN => {
+                    self.count.taken.fetch_add(1, Ordering::SeqCst);
+                    outcome = Outcome::AlreadyUsed;
+                    Op::Remove
+                }
+                Some(Some(next)) => Op::Put(next),
             }
         });
-        match taken {
-            Some(value) if value.expires_at() <= now => Err(StateError::Expired),
-            Some(value) => Ok(Arc::unwrap_or_clone(value)),
-            None => match result {
-                CompResult::Unchanged(e) if matches!(e.value(), Entry::Consumed(_)) => {
-                    Err(StateError::AlreadyUsed)
-                }
-                _ => Err(StateError::Unknown),
-            },
+        if let Some(until) = tombstone {
+            self.used.insert(*token, until);
+        }
+        outcome
+    }
+
+    fn answer(&self, token: &StateToken, outcome: Outcome) -> Result<Option<Claimed>, StateError> {
+        match outcome {
+            Outcome::Claimed(c) => Ok(Some(*c)),
+            Outcome::Done => Ok(None),
+            Outcome::Expired => Err(StateError::Expired),
+            Outcome::AlreadyUsed => Err(StateError::AlreadyUsed),
+            Outcome::InProgress => Err(StateError::InProgress),
+            Outcome::Missing if self.used.contains_key(token) => Err(StateError::AlreadyUsed),
+            Outcome::Missing => Err(StateError::Unknown),
         }
     }
 
-    /// Entries held, after letting moka drop the expired ones. Exact when
-    /// no insert is under way; otherwise it may count those too.
-    pub fn len(&self) -> u64 {
-        self.count.reconcile(&self.cache, None);
-        self.count.upper_bound()
+    fn claim(
+        &self,
+        token: &StateToken,
+        fingerprint: &Fingerprint,
+        now: OffsetDateTime,
+    ) -> Result<Claimed, StateError> {
+        let limits = self.limits;
+        let outcome = self.transition(token, |slot, at| match slot {
+            Slot::Pending(pending, _) if pending.expires_at() <= now => {
+                (Some(None), Outcome::Expired)
+            }
+            Slot::Pending(pending, evict_at) => {
+                let claim = Claim {
+                    pending: pending.clone(),
+                    fingerprint: *fingerprint,
+                    attempt: 1,
+                    lease_until: at + limits.lease,
+                    evict_at: (*evict_at).max(at + limits.retry_window),
+                    progress: None,
+                };
+                let answer = Outcome::Claimed(Box::new(Claimed {
+                    pending: Pending::clone(pending),
+                    attempt: 1,
+                    progress: None,
+                }));
+                (Some(Some(Slot::Claimed(Arc::new(claim)))), answer)
+            }
+            Slot::Claimed(c) if c.fingerprint != *fingerprint => (None, Outcome::AlreadyUsed),
+            Slot::Claimed(c) if c.lease_until > at => (None, Outcome::InProgress),
+            Slot::Claimed(c) => {
+                let next = Claim {
+                    pending: c.pending.clone(),
+                    fingerprint: c.fingerprint,
+                    attempt: c.attempt + 1,
+                    lease_until: at + limits.lease,
+                    evict_at: c.evict_at,
+                    progress: c.progress.clone(),
+                };
+                let answer = Outcome::Claimed(Box::new(Claimed {
+                    pending: Pending::clone(&c.pending),
+                    attempt: next.attempt,
+                    progress: c.progress.as_deref().map(<[u8]>::to_vec),
+                }));
+                (Some(Some(Slot::Claimed(Arc::new(next)))), answer)
+            }
+        });
+        self.answer(token, outcome)?.ok_or(StateError::Unknown)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    fn release(&self, token: &StateToken, attempt: u32, progress: Option<Vec<u8>>) {
+        let progress: Option<Arc<[u8]>> = progress.map(Arc::from);
+        self.transition(token, |slot, at| match slot {
+            Slot::Claimed(c) if c.attempt == attempt => {
+                let next = Claim {
+                    pending: c.pending.clone(),
+                    fingerprint: c.fingerprint,
+                    attempt,
+                    lease_until: at,
+                    evict_at: c.evict_at,
+                    progress,
+                };
+                (Some(Some(Slot::Claimed(Arc::new(next)))), Outcome::Done)
+            }
+            _ => (None, Outcome::Done),
+        });
+    }
+
+    fn finish(&self, token: &StateToken, attempt: u32) {
+        self.transition(token, |slot, _| match slot {
+            Slot::Claimed(c) if c.attempt == attempt => (Some(None), Outcome::Done),
+            _ => (None, Outcome::Done),
+        });
+    }
+
+    fn cancel(&self, token: &StateToken, now: OffsetDateTime) -> Result<(), StateError> {
+        let outcome = self.transition(token, |slot, _| match slot {
+            Slot::Pending(pending, _) if pending.expires_at() <= now => {
+                (Some(None), Outcome::Expired)
+            }
+            _ => (Some(None), Outcome::Done),
+        });
+        self.answer(token, outcome).map(|_| ())
+    }
+
+    fn held(&self) -> u64 {
+        self.count.reconcile(&self.live, None);
+        self.count.upper_bound()
     }
 }
 
-/// Pending logins in this process.
-pub struct MemoryStateStore(SingleUse<PendingLogin>);
+/// Pending logins and link tickets in this process.
+pub struct MemoryStateStore {
+    logins: Slots,
+    tickets: Slots,
+}
 
 impl MemoryStateStore {
-    /// Every BeginLogin inserts here, so its index is sized for `capacity`
-    /// from the start (see `SingleUse::presized`).
-    pub fn new(capacity: u64, grace: Duration) -> Self {
-        MemoryStateStore(SingleUse::presized(capacity, grace))
+    /// Every BeginLogin inserts a login, so that index is sized for
+    /// `capacity` from the start; tickets are rare and grow theirs.
+    pub fn new(limits: StateLimits) -> Self {
+        MemoryStateStore {
+            logins: Slots::new(limits, true),
+            tickets: Slots::new(limits, false),
+        }
+    }
+
+    fn slots(&self, kind: Kind) -> &Slots {
+        match kind {
+            Kind::Login => &self.logins,
+            Kind::Ticket => &self.tickets,
+        }
     }
 
     /// Runs moka's deferred housekeeping; the load generator calls it before
     /// measuring memory.
-    pub async fn run_pending_tasks(&self) {
-        self.0.run_pending_tasks();
+    pub fn run_pending_tasks(&self) {
+        for slots in [&self.logins, &self.tickets] {
+            slots.count.reconcile(&slots.live, None);
+            slots.used.run_pending_tasks();
+        }
     }
 }
 
 #[async_trait]
 impl StateStore for MemoryStateStore {
-    async fn put(&self, login: PendingLogin) -> Result<(), StateError> {
-        self.0.put(login.state, login).await
+    fn backend(&self) -> &'static str {
+        "memory"
     }
 
-    async fn take(
+    async fn put(&self, token: &StateToken, pending: Pending) -> Result<(), StateError> {
+        self.slots(pending.kind()).put(token, pending)
+    }
+
+    async fn claim(
         &self,
-        state: &StateToken,
+        kind: Kind,
+        token: &StateToken,
+        fingerprint: &Fingerprint,
         now: OffsetDateTime,
-    ) -> Result<PendingLogin, StateError> {
-        self.0.take(state, now).await
+    ) -> Result<Claimed, StateError> {
+        self.slots(kind).claim(token, fingerprint, now)
     }
 
-    fn len(&self) -> u64 {
-        self.0.len()
+    async fn release(
+        &self,
+        kind: Kind,
+        token: &StateToken,
+        attempt: u32,
+        progress: Option<Vec<u8>>,
+    ) -> Result<(), StateError> {
+        self.slots(kind).release(token, attempt, progress);
+        Ok(())
+    }
+
+    async fn finish(&self, kind: Kind, token: &StateToken, attempt: u32) -> Result<(), StateError> {
+        self.slots(kind).finish(token, attempt);
+        Ok(())
+    }
+
+    async fn cancel(
+        &self,
+        kind: Kind,
+        token: &StateToken,
+        now: OffsetDateTime,
+    ) -> Result<(), StateError> {
+        self.slots(kind).cancel(token, now)
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    async fn held(&self) -> Result<u64, StateError> {
+        Ok(self.logins.held() + self.tickets.held())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! What only the memory backend has: moka's housekeeping and the count
+    //! that keeps moka from ever evicting a live entry. The shared contract
+    //! is `state::conformance`, run on every backend by `tests/state.rs`.
     use super::*;
-    use crate::state::PkceVerifier;
+    use crate::state::conformance;
 
-    fn login(ttl: time::Duration) -> PendingLogin {
-        let now = OffsetDateTime::now_utc();
-        PendingLogin {
-            state: StateToken::generate().unwrap(),
-            provider: "p".into(),
-            redirect_uri: "https://app.example/cb".into(),
-            scopes: Arc::from(Vec::<String>::new()),
-            return_to: None,
-            pkce: Some(PkceVerifier::generate().unwrap()),
-            nonce: None,
-            created_at: now,
-            expires_at: now + ttl,
+    fn limits(capacity: u64, grace: Duration) -> StateLimits {
+        StateLimits {
+            capacity,
+            grace,
+            ..StateLimits::with_capacity(capacity)
         }
     }
 
-    #[tokio::test]
-    async fn take_is_single_use() {
-        let store = MemoryStateStore::new(10, Duration::from_secs(60));
-        let l = login(time::Duration::minutes(10));
-        let s = l.state;
-        store.put(l).await.unwrap();
-        let now = OffsetDateTime::now_utc();
-        assert_eq!(store.take(&s, now).await.unwrap().state, s);
-        assert!(matches!(
-            store.take(&s, now).await,
-            Err(StateError::AlreadyUsed)
-        ));
-        let other = StateToken::generate().unwrap();
-        assert!(matches!(
-            store.take(&other, now).await,
-            Err(StateError::Unknown)
-        ));
-    }
-
-    #[tokio::test]
-    async fn expired_state_is_reported_as_expired_then_used() {
-        let store = MemoryStateStore::new(10, Duration::from_secs(60));
-        let l = login(time::Duration::minutes(1));
-        let s = l.state;
-        store.put(l).await.unwrap();
-        let later = OffsetDateTime::now_utc() + time::Duration::minutes(2);
-        assert!(matches!(
-            store.take(&s, later).await,
-            Err(StateError::Expired)
-        ));
-        // The expired attempt still consumed it.
-        assert!(matches!(
-            store.take(&s, later).await,
-            Err(StateError::AlreadyUsed)
-        ));
-    }
-
-    #[tokio::test]
-    async fn concurrent_takes_have_one_winner() {
-        let store = Arc::new(MemoryStateStore::new(10, Duration::from_secs(60)));
-        let l = login(time::Duration::minutes(10));
-        let s = l.state;
-        store.put(l).await.unwrap();
-        let tasks: Vec<_> = (0..100)
-            .map(|_| {
-                let store = store.clone();
-                tokio::spawn(async move { store.take(&s, OffsetDateTime::now_utc()).await })
-            })
-            .collect();
-        let mut wins = 0;
-        for t in tasks {
-            match t.await.unwrap() {
-                Ok(_) => wins += 1,
-                Err(StateError::AlreadyUsed) => {}
-                Err(e) => panic!("unexpected {e}"),
-            }
-        }
-        assert_eq!(wins, 1);
-    }
-
-    #[tokio::test]
-    async fn refuses_when_full() {
-        let store = MemoryStateStore::new(3, Duration::from_secs(60));
-        for _ in 0..3 {
-            store.put(login(time::Duration::minutes(10))).await.unwrap();
-        }
-        assert!(matches!(
-            store.put(login(time::Duration::minutes(10))).await,
-            Err(StateError::Full { capacity: 3 })
-        ));
-        assert_eq!(store.len(), 3);
+    fn fp() -> Fingerprint {
+        Fingerprint::of(&["code"])
     }
 
     /// Many callers racing for the last places: exactly `capacity` win, and
@@ -464,16 +556,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn the_bound_is_exact_under_contention() {
         const CAPACITY: u64 = 2_000;
-        let store = Arc::new(MemoryStateStore::new(CAPACITY, Duration::from_secs(60)));
+        let store = Arc::new(MemoryStateStore::new(limits(
+            CAPACITY,
+            Duration::from_secs(60),
+        )));
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let store = store.clone();
                 tokio::spawn(async move {
                     let mut won = Vec::new();
                     for _ in 0..500 {
-                        let l = login(time::Duration::minutes(10));
-                        let s = l.state;
-                        match store.put(l).await {
+                        let (s, l) = conformance::login(time::Duration::minutes(10));
+                        match store.put(&s, l).await {
                             Ok(()) => won.push(s),
                             Err(StateError::Full { capacity }) => assert_eq!(capacity, CAPACITY),
                             Err(e) => panic!("unexpected {e}"),
@@ -488,10 +582,44 @@ mod tests {
             won.extend(t.await.unwrap());
         }
         assert_eq!(won.len() as u64, CAPACITY);
-        assert_eq!(store.len(), CAPACITY);
+        assert_eq!(store.held().await.unwrap(), CAPACITY);
         let now = OffsetDateTime::now_utc();
         for s in &won {
-            assert!(store.take(s, now).await.is_ok());
+            assert!(store.claim(Kind::Login, s, &fp(), now).await.is_ok());
+        }
+    }
+
+    /// Logins finishing while others arrive at capacity: each finish gives a
+    /// place back at once, and no live entry is ever evicted to make room.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn finishing_under_load_frees_places_and_evicts_nobody() {
+        const CAPACITY: u64 = 200;
+        let store = Arc::new(MemoryStateStore::new(limits(
+            CAPACITY,
+            Duration::from_secs(60),
+        )));
+        let mut live = std::collections::VecDeque::new();
+        for round in 0..5_000u32 {
+            let (s, l) = conformance::login(time::Duration::minutes(10));
+            store.put(&s, l).await.unwrap_or_else(|e| {
+                panic!("round {round}: a finished login did not free its place: {e}")
+            });
+            live.push_back(s);
+            if live.len() as u64 == CAPACITY {
+                let done = live.pop_front().unwrap();
+                let c = store
+                    .claim(Kind::Login, &done, &fp(), OffsetDateTime::now_utc())
+                    .await
+                    .unwrap();
+                store.finish(Kind::Login, &done, c.attempt).await.unwrap();
+            }
+        }
+        store.logins.live.run_pending_tasks();
+        for s in &live {
+            assert!(
+                store.logins.live.contains_key(s),
+                "a live entry was evicted"
+            );
         }
     }
 
@@ -501,23 +629,23 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn expired_entries_make_room_under_load() {
         const CAPACITY: u64 = 50;
-        let store = MemoryStateStore::new(CAPACITY, Duration::ZERO);
+        let store = MemoryStateStore::new(limits(CAPACITY, Duration::ZERO));
         let (mut accepted, mut refused) = (Vec::new(), 0);
         let started = Instant::now();
         while started.elapsed() < Duration::from_millis(3_500) {
-            let l = login(time::Duration::milliseconds(1_500));
-            let (s, deadline) = (l.state, Instant::now() + Duration::from_millis(1_400));
-            match store.put(l).await {
+            let (s, l) = conformance::login(time::Duration::milliseconds(1_500));
+            let deadline = Instant::now() + Duration::from_millis(1_400);
+            match store.put(&s, l).await {
                 Ok(()) => accepted.push((s, deadline)),
                 Err(StateError::Full { .. }) => refused += 1,
                 Err(e) => panic!("unexpected {e}"),
             }
-            store.0.cache.run_pending_tasks();
+            store.logins.live.run_pending_tasks();
             // Every accepted entry still before its deadline is still there.
             let now = Instant::now();
             for (s, _) in accepted.iter().filter(|(_, d)| *d > now) {
                 assert!(
-                    store.0.cache.contains_key(s),
+                    store.logins.live.contains_key(s),
                     "an unexpired entry was evicted"
                 );
             }
@@ -533,41 +661,75 @@ mod tests {
         assert!(refused > 0);
     }
 
-    /// A take within the margin of the entry's deadline removes it rather
-    /// than leaving a tombstone that a racing eviction could turn into an
-    /// entry nobody reserved; the replay hears "unknown".
+    /// A claim within the margin of the entry's deadline finishes it rather
+    /// than putting a claim that a racing eviction could turn into an entry
+    /// nobody reserved; the caller hears "already used".
     #[tokio::test]
-    async fn a_take_at_the_deadline_leaves_no_extra_entry() {
-        let store = MemoryStateStore::new(10, Duration::ZERO);
-        // Taken "as of" before it was created, so a slow test machine cannot
-        // turn this into an expired take; the margin check uses real time.
+    async fn a_claim_at_the_deadline_leaves_no_extra_entry() {
+        let store = MemoryStateStore::new(limits(10, Duration::ZERO));
+        // Claimed "as of" before it was created, so a slow test machine
+        // cannot turn this into an expired claim; the margin uses real time.
         let now = OffsetDateTime::now_utc();
-        let l = login(time::Duration::milliseconds(50));
-        let s = l.state;
-        store.put(l).await.unwrap();
-        // Within the margin of its deadline: removed, not tombstoned.
-        assert!(store.take(&s, now).await.is_ok());
-        store.0.cache.run_pending_tasks();
-        assert!(!store.0.cache.contains_key(&s));
+        let (s, l) = conformance::login(time::Duration::milliseconds(50));
+        store.put(&s, l).await.unwrap();
+        let mut short = store.logins.limits;
+        short.retry_window = Duration::ZERO;
+        let store = MemoryStateStore {
+            logins: Slots {
+                limits: short,
+                ..store.logins
+            },
+            tickets: store.tickets,
+        };
         assert!(matches!(
-            store.take(&s, now).await,
-            Err(StateError::Unknown)
+            store.claim(Kind::Login, &s, &fp(), now).await,
+            Err(StateError::AlreadyUsed)
         ));
+        store.logins.live.run_pending_tasks();
+        assert!(!store.logins.live.contains_key(&s));
+        assert_eq!(store.held().await.unwrap(), 0);
     }
 
     #[tokio::test]
     async fn room_comes_back_when_entries_expire() {
-        let store = MemoryStateStore::new(2, Duration::ZERO);
+        let store = MemoryStateStore::new(limits(2, Duration::ZERO));
         for _ in 0..2 {
-            store
-                .put(login(time::Duration::milliseconds(50)))
-                .await
-                .unwrap();
+            let (s, l) = conformance::login(time::Duration::milliseconds(50));
+            store.put(&s, l).await.unwrap();
         }
-        assert!(store.put(login(time::Duration::minutes(1))).await.is_err());
+        let (s, l) = conformance::login(time::Duration::minutes(1));
+        assert!(store.put(&s, l.clone()).await.is_err());
         // moka's timer wheel has a granularity of about a second.
         tokio::time::sleep(Duration::from_millis(2300)).await;
-        store.put(login(time::Duration::minutes(1))).await.unwrap();
-        assert_eq!(store.len(), 1);
+        store.put(&s, l).await.unwrap();
+        assert_eq!(store.held().await.unwrap(), 1);
+    }
+
+    /// Tombstones have their own bound: past it the oldest replay hears
+    /// "unknown" rather than "already used", and live capacity is untouched.
+    #[tokio::test]
+    async fn tombstones_are_bounded_separately() {
+        let store = MemoryStateStore::new(limits(3, Duration::from_secs(60)));
+        let mut finished = Vec::new();
+        for _ in 0..10 {
+            let (s, l) = conformance::login(time::Duration::minutes(10));
+            store.put(&s, l).await.unwrap();
+            let c = store
+                .claim(Kind::Login, &s, &fp(), OffsetDateTime::now_utc())
+                .await
+                .unwrap();
+            store.finish(Kind::Login, &s, c.attempt).await.unwrap();
+            finished.push(s);
+        }
+        store.logins.used.run_pending_tasks();
+        assert!(store.logins.used.entry_count() <= 3);
+        assert_eq!(store.held().await.unwrap(), 0);
+        let last = finished.last().unwrap();
+        assert!(matches!(
+            store
+                .claim(Kind::Login, last, &fp(), OffsetDateTime::now_utc())
+                .await,
+            Err(StateError::AlreadyUsed)
+        ));
     }
 }

@@ -1,12 +1,22 @@
 //! Pending-login state: what authbroker remembers between BeginLogin and
-//! CompleteLogin, and the `StateStore` seam that keeps it.
+//! CompleteLogin (and between a `LINK_REQUIRED` outcome and LinkIdentity),
+//! and the `StateStore` seam that keeps it: in this process (`memory`), or
+//! on an engine that replicas share (`postgres`, `redis`), where `seal`
+//! keeps every value unreadable without the token itself.
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
 mod entropy;
 mod memory;
+mod postgres;
+mod redis;
+mod seal;
 
-pub use memory::{Expiring, MemoryStateStore, SingleUse};
+pub use memory::MemoryStateStore;
+pub use postgres::PostgresStateStore;
+pub use redis::RedisStateStore;
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -39,6 +49,11 @@ impl StateToken {
     /// Appends the text form, sparing BeginLogin an allocation per use.
     pub fn push_to(&self, out: &mut String) {
         URL_SAFE_NO_PAD.encode_string(self.0, out);
+    }
+
+    /// The raw secret, for the shared backends' key derivation only.
+    pub(crate) fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 }
 
@@ -85,6 +100,14 @@ impl PkceVerifier {
     pub fn push_verifier(&self, out: &mut String) {
         URL_SAFE_NO_PAD.encode_string(self.0, out);
     }
+
+    pub(crate) fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> Self {
+        PkceVerifier(bytes)
+    }
 }
 
 impl fmt::Debug for PkceVerifier {
@@ -130,6 +153,124 @@ pub struct PendingLogin {
     pub expires_at: OffsetDateTime,
 }
 
+/// Which namespace a token belongs to. A state is never accepted as a link
+/// ticket or the other way round, on any backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A state from BeginLogin.
+    Login,
+    /// A link ticket from an `OUTCOME_LINK_REQUIRED` login.
+    Ticket,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Login => "login",
+            Kind::Ticket => "ticket",
+        }
+    }
+}
+
+/// What the store keeps until the token comes back.
+#[derive(Clone, Debug)]
+pub enum Pending {
+    Login(PendingLogin),
+    /// A link ticket: the login layer's own serialised form, opaque here.
+    Ticket {
+        expires_at: OffsetDateTime,
+        payload: Arc<[u8]>,
+    },
+}
+
+impl Pending {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Pending::Login(_) => Kind::Login,
+            Pending::Ticket { .. } => Kind::Ticket,
+        }
+    }
+
+    pub fn expires_at(&self) -> OffsetDateTime {
+        match self {
+            Pending::Login(l) => l.expires_at,
+            Pending::Ticket { expires_at, .. } => *expires_at,
+        }
+    }
+}
+
+/// SHA-256 of what an attempt presented with the token (the authorization
+/// code, the provider's error, or the user id a ticket is redeemed for).
+/// Only a retry that presents the same thing may resume the attempt.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    pub fn of(parts: &[&str]) -> Self {
+        let mut h = Sha256::new();
+        for p in parts {
+            // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p.as_bytes());
+        }
+        Fingerprint(h.finalize().into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Fingerprint(bytes)
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprint(..)")
+    }
+}
+
+/// A claimed entry: the first attempt (`attempt == 1`, no progress), or a
+/// retry of an attempt that released it, with what that attempt left.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub pending: Pending,
+    /// 1 for the first attempt; each retry adds one. `release` and
+    /// `finish` name it, so a stale attempt cannot touch a newer one's claim.
+    pub attempt: u32,
+    /// What the previous attempt recorded with `release`, if anything.
+    pub progress: Option<Vec<u8>>,
+}
+
+/// How long entries live, and how many may be held. One value for every
+/// backend, so they agree on what each answer means.
+#[derive(Clone, Copy, Debug)]
+pub struct StateLimits {
+    /// Most entries that are pending or claimed at once (`login.max_pending`).
+    pub capacity: u64,
+    /// How long an unclaimed entry outlives its expiry, so that a late
+    /// callback hears "expired" rather than "unknown".
+    pub grace: Duration,
+    /// How long an attempt holds its claim before a retry may take over
+    /// (the attempt crashed without releasing it).
+    pub lease: Duration,
+    /// How long after its first claim an entry can still be retried.
+    pub retry_window: Duration,
+}
+
+impl StateLimits {
+    /// For tests and tools: generous lifetimes, the given capacity.
+    pub fn with_capacity(capacity: u64) -> Self {
+        StateLimits {
+            capacity,
+            grace: Duration::from_secs(600),
+            lease: Duration::from_secs(60),
+            retry_window: Duration::from_secs(300),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("the state is not known (never issued, or forgotten long ago)")]
@@ -138,28 +279,85 @@ pub enum StateError {
     Expired,
     #[error("the state was already used")]
     AlreadyUsed,
+    /// Another attempt with the same state and code holds the claim.
+    #[error("another attempt with this state is still in progress")]
+    InProgress,
     #[error("too many pending logins (limit {capacity})")]
     Full { capacity: u64 },
     #[error("the state store is unavailable")]
     Unavailable(#[source] anyhow::Error),
 }
 
-/// Where pending logins live. `take` is atomic: of any number of concurrent
-/// callers with one state, exactly one gets the login.
+/// Where pending logins and link tickets live between the call that issues
+/// a token and the call that redeems it.
+///
+/// An entry is *pending* after `put`, *claimed* while an attempt to redeem
+/// it runs (and after a retryable failure, until its retry window ends),
+/// and *finished* after `finish` or `cancel`. Each transition is one atomic
+/// operation on every backend: of any number of concurrent claims, exactly
+/// one wins. A finished entry frees its place in `capacity` at once and is
+/// remembered as used for replay detection until its grace period ends.
+///
+/// `claim` answers, in this order: `Unknown` (no such entry of this kind),
+/// `AlreadyUsed` (finished, claimed with another fingerprint, or its retry
+/// window is over), `Expired` (pending past its expiry; this finishes it),
+/// `InProgress` (same fingerprint, another attempt holds the lease), else
+/// the claim.
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
-    async fn put(&self, login: PendingLogin) -> Result<(), StateError>;
-    async fn take(
-        &self,
-        state: &StateToken,
-        now: OffsetDateTime,
-    ) -> Result<PendingLogin, StateError>;
-    /// Approximate number of entries held (pending plus recently finished).
-    fn len(&self) -> u64;
+    /// `memory`, `postgres` or `redis`: for health, metrics and logs.
+    fn backend(&self) -> &'static str;
 
-    fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Adds a pending entry under `token`; `Full` when `capacity` entries
+    /// are already pending or claimed.
+    async fn put(&self, token: &StateToken, pending: Pending) -> Result<(), StateError>;
+
+    async fn claim(
+        &self,
+        kind: Kind,
+        token: &StateToken,
+        fingerprint: &Fingerprint,
+        now: OffsetDateTime,
+    ) -> Result<Claimed, StateError>;
+
+    /// Ends `attempt` after a retryable failure: the claim stays (so other
+    /// fingerprints still hear "already used"), the lease is given up, and
+    /// `progress` is what the next attempt resumes from. A no-op if a newer
+    /// attempt holds the claim or the entry is gone.
+    async fn release(
+        &self,
+        kind: Kind,
+        token: &StateToken,
+        attempt: u32,
+        progress: Option<Vec<u8>>,
+    ) -> Result<(), StateError>;
+
+    /// Ends the entry after `attempt` succeeded or failed for good. A no-op
+    /// if a newer attempt holds the claim or the entry is gone.
+    async fn finish(&self, kind: Kind, token: &StateToken, attempt: u32) -> Result<(), StateError>;
+
+    /// Ends a pending or claimed entry whatever its attempts are doing.
+    /// `Expired` if it was pending past its expiry (it is finished all the
+    /// same), `Unknown` or `AlreadyUsed` as for `claim`.
+    async fn cancel(
+        &self,
+        kind: Kind,
+        token: &StateToken,
+        now: OffsetDateTime,
+    ) -> Result<(), StateError>;
+
+    /// Makes the backend ready (e.g. migrates its table). Idempotent;
+    /// readiness retries it until it succeeds.
+    async fn prepare(&self) -> Result<(), StateError> {
+        Ok(())
     }
+
+    /// A round trip to the backend, for health.
+    async fn ping(&self) -> Result<(), StateError>;
+
+    /// Entries pending or claimed (of both kinds). Exact for `memory` when
+    /// nothing is under way; for shared backends, as of the last count.
+    async fn held(&self) -> Result<u64, StateError>;
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Store, StoreError, TokenRow,
-    UserQuery,
+    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, LoginKey, Store, StoreError,
+    TokenRow, UserQuery,
 };
 use crate::domain::{
     AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
@@ -45,6 +45,7 @@ scenarios!(
     distinct_identities_get_distinct_users,
     unknown_identity_is_absent,
     concurrent_first_logins_create_one_user,
+    a_retried_login_returns_what_it_committed,
     logins_are_audited,
     audit_events_filter_order_and_limit,
     audit_events_filter_by_kind_and_time_and_page_by_id,
@@ -75,6 +76,71 @@ pub async fn run_all(store: Arc<dyn Store>) {
     for (_, scenario) in SCENARIOS {
         scenario(Arc::clone(&store)).await;
     }
+}
+
+/// A login whose commit's acknowledgement was lost is retried: the store
+/// answers with what the first attempt committed (same outcome, same user)
+/// and writes nothing more, whether the retry says so or not.
+pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
+    store.migrate().await.expect("migrate");
+    let provider = unique_provider("retried");
+    let identity = minimal_identity(&provider, "retried");
+    let users = store.count_users().await.expect("count");
+    let id = format!("login-{}", uuid::Uuid::new_v4().simple());
+    let first = store
+        .bind_login(
+            &identity,
+            &create_policy(),
+            None,
+            Some("web"),
+            now_micros(),
+            Some(LoginKey { id: &id, retry: false }),
+        )
+        .await
+        .expect("first attempt");
+    let (outcome, binding, _) = bound(first.clone());
+    assert_eq!(outcome, Outcome::UserCreated);
+    for retry in [true, false] {
+        let again = store
+            .bind_login(
+                &identity,
+                &create_policy(),
+                None,
+                Some("web"),
+                now_micros() + Duration::seconds(5),
+                Some(LoginKey { id: &id, retry }),
+            )
+            .await
+            .expect("retry");
+        assert_eq!(again, first, "a retry (retry flag {retry}) answers what was committed");
+    }
+    assert_eq!(store.count_users().await.expect("count"), users + 1);
+    let events = store
+        .list_audit_events(&AuditQuery {
+            provider: Some(provider.clone()),
+            kind: Some(AuditKind::LoginSucceeded),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit");
+    assert_eq!(events.len(), 1, "one login, one login_succeeded");
+
+    // Another login of the same identity is a returning login as usual.
+    let other = format!("login-{}", uuid::Uuid::new_v4().simple());
+    let next = store
+        .bind_login(
+            &identity,
+            &create_policy(),
+            None,
+            Some("web"),
+            now_micros(),
+            Some(LoginKey { id: &other, retry: true }),
+        )
+        .await
+        .expect("next login");
+    let (outcome, next_binding, _) = bound(next);
+    assert_eq!(outcome, Outcome::SignedIn);
+    assert_eq!(next_binding.user_id, binding.user_id);
 }
 
 /// A provider name no other scenario (or earlier run on a shared store) uses.
@@ -195,7 +261,7 @@ async fn login(
     now: OffsetDateTime,
 ) -> BindResult {
     store
-        .bind_login(identity, policy, tokens, Some("web"), now)
+        .bind_login(identity, policy, tokens, Some("web"), now, None)
         .await
         .expect("bind_login")
 }
@@ -219,7 +285,7 @@ async fn bind(
     now: OffsetDateTime,
 ) -> (Outcome, Binding) {
     let result = store
-        .bind_login(identity, &create_policy(), None, actor, now)
+        .bind_login(identity, &create_policy(), None, actor, now, None)
         .await
         .expect("bind_login");
     let (outcome, binding, linked_by) = bound(result);
@@ -587,7 +653,14 @@ pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>) {
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .bind_login(&identity, &create_policy(), Some(&token), Some("web"), now)
+                    .bind_login(
+                        &identity,
+                        &create_policy(),
+                        Some(&token),
+                        Some("web"),
+                        now,
+                        None,
+                    )
                     .await
             })
         })
@@ -990,6 +1063,7 @@ pub async fn text_round_trips_exactly(store: Arc<dyn Store>) {
                     Some(&token),
                     Some(text),
                     now_micros(),
+                    None,
                 )
                 .await
                 .expect("bind_login"),
@@ -1705,7 +1779,7 @@ pub async fn link_required_writes_nothing(store: Arc<dyn Store>) {
     for (identity, policy) in &cases {
         for _ in 0..2 {
             let result = store
-                .bind_login(identity, policy, Some(&token), Some("web"), t0)
+                .bind_login(identity, policy, Some(&token), Some("web"), t0, None)
                 .await
                 .expect("bind_login");
             assert_eq!(result, BindResult::LinkRequired, "{identity:?}");
@@ -1771,7 +1845,9 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
             );
             tokio::spawn(async move {
                 barrier.wait().await;
-                store.bind_login(&identity, &group, None, None, t0).await
+                store
+                    .bind_login(&identity, &group, None, None, t0, None)
+                    .await
             })
         })
         .collect();
@@ -1806,7 +1882,9 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
             let (store, group, barrier) = (Arc::clone(&store), group.clone(), Arc::clone(&barrier));
             tokio::spawn(async move {
                 barrier.wait().await;
-                store.bind_login(&identity, &group, None, None, t0).await
+                store
+                    .bind_login(&identity, &group, None, None, t0, None)
+                    .await
             })
         })
         .collect();

@@ -4,8 +4,10 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
+#[cfg(any(test, feature = "test-util"))]
+pub mod interposed;
 mod filter;
-mod postgres;
+pub(crate) mod postgres;
 mod sqlite;
 
 pub use postgres::PostgresStore;
@@ -85,6 +87,73 @@ pub enum BindResult {
     LinkRequired,
 }
 
+/// Names the login a bind belongs to (a hash of its state, never the state
+/// itself), written on the bind's audit events. `retry` says an earlier
+/// attempt of this login may have committed: the store then answers with
+/// what that attempt committed rather than binding again, so a retried
+/// CompleteLogin returns the same result whether or not the first commit's
+/// acknowledgement was lost.
+#[derive(Clone, Copy, Debug)]
+pub struct LoginKey<'a> {
+    pub id: &'a str,
+    pub retry: bool,
+}
+
+/// The committed result of the login whose `login_succeeded` event carries
+/// `$1` as its login id, with what tells its outcome apart: whether the same
+/// login created the user, the rule that linked it, and the identity's
+/// creation time. One text for both stores (SQLite reads `$1` as the first
+/// parameter).
+pub(crate) const COMMITTED_LOGIN_SQL: &str = "SELECT s.user_id, s.provider, s.subject, s.at, \
+       EXISTS (SELECT 1 FROM audit_events c WHERE c.user_id = s.user_id \
+               AND c.login_id = s.login_id AND c.kind = 'user_created'), \
+       (SELECT l.detail FROM audit_events l WHERE l.user_id = s.user_id \
+               AND l.login_id = s.login_id AND l.kind = 'identity_linked' LIMIT 1), \
+       (SELECT i.created_at FROM identities i \
+               WHERE i.provider = s.provider AND i.subject = s.subject) \
+     FROM audit_events s WHERE s.login_id = $1 AND s.kind = 'login_succeeded'";
+
+/// One row of `COMMITTED_LOGIN_SQL`, as the `BindResult` it was.
+pub(crate) struct CommittedLogin {
+    pub user_id: String,
+    pub provider: String,
+    pub subject: String,
+    pub at: OffsetDateTime,
+    pub user_created: bool,
+    pub linked_by: Option<String>,
+    pub identity_created_at: Option<OffsetDateTime>,
+}
+
+impl CommittedLogin {
+    pub fn into_result(self) -> BindResult {
+        let linked_by = match self.linked_by.as_deref() {
+            Some(LINKED_BY_UNION_ID) => Some(LINKED_BY_UNION_ID),
+            Some(LINKED_BY_VERIFIED_EMAIL) => Some(LINKED_BY_VERIFIED_EMAIL),
+            _ => None,
+        };
+        BindResult::Bound {
+            outcome: if self.user_created {
+                Outcome::UserCreated
+            } else {
+                Outcome::SignedIn
+            },
+            binding: Binding {
+                user_id: self.user_id,
+                provider: self.provider,
+                subject: self.subject,
+                // Unlinked since: the login's own time is the best we know.
+                created_at: self.identity_created_at.unwrap_or(self.at),
+                last_login_at: self.at,
+            },
+            linked_by,
+        }
+    }
+}
+
+/// `BindResult::Bound::linked_by` values (and the `identity_linked` detail).
+pub(crate) const LINKED_BY_UNION_ID: &str = "union_id";
+pub(crate) const LINKED_BY_VERIFIED_EMAIL: &str = "verified_email";
+
 /// Filter and page for `list_users` (newest first).
 #[derive(Clone, Debug, Default)]
 pub struct UserQuery {
@@ -144,7 +213,9 @@ pub trait Store: Send + Sync + 'static {
     /// `LinkRequired`, writing nothing). `tokens`, when given, replace the
     /// identity's stored token. Concurrent first logins of one identity make
     /// exactly one user and all return it. Records `user_created`,
-    /// `identity_linked` and `login_succeeded` as they apply.
+    /// `identity_linked` and `login_succeeded` as they apply, each with
+    /// `login`'s id; a `login` whose id already has a committed
+    /// `login_succeeded` is answered with that result (see `LoginKey`).
     async fn bind_login(
         &self,
         identity: &Identity,
@@ -152,6 +223,7 @@ pub trait Store: Send + Sync + 'static {
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
+        login: Option<LoginKey<'_>>,
     ) -> Result<BindResult, StoreError>;
 
     /// Binds `identity` to `user_id` (an app's own opaque id or an existing

@@ -25,8 +25,8 @@ use tokio_postgres::{NoTls, Row};
 use super::filter;
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Store, StoreError, TokenRow,
-    UserQuery,
+    AuditQuery, AuditRecord, BindPolicy, BindResult, COMMITTED_LOGIN_SQL, CommittedLogin, Conflict,
+    LINKED_BY_UNION_ID, LINKED_BY_VERIFIED_EMAIL, LoginKey, Store, StoreError, TokenRow, UserQuery,
 };
 use crate::domain::{
     AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
@@ -58,10 +58,8 @@ const DEFAULT_PAGE: u32 = 100;
 /// two unique violations on `identities` apart.
 const IDENTITIES_PKEY: &str = "identities_pkey";
 const IDENTITIES_USER_PROVIDER_KEY: &str = "identities_user_provider_key";
-
-/// `BindResult::Bound::linked_by` values (and the `identity_linked` detail).
-const LINKED_BY_UNION_ID: &str = "union_id";
-const LINKED_BY_VERIFIED_EMAIL: &str = "verified_email";
+/// From `V3__login_ids.sql`: one `login_succeeded` per login id.
+const AUDIT_LOGIN_ID_KEY: &str = "audit_events_login_id_key";
 
 /// A user with each of their identities, one row per identity (a single row
 /// with NULL identity columns for a user who has none). `fold_users` reads it.
@@ -104,60 +102,80 @@ enum Claim {
     Raced,
 }
 
-impl PostgresStore {
-    /// Builds the pool; connections are made lazily, so this succeeds even if
-    /// the server is down (the first query then reports `Unavailable`).
-    pub fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        // tokio-postgres parse errors name the bad option, never the password.
-        let mut config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(POOL_TIMEOUT);
-        }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                // A broken connection is noticed by its (closed) socket; a
-                // test query on every checkout would double the round trips.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_TIMEOUT))
-            .create_timeout(Some(POOL_TIMEOUT))
-            .recycle_timeout(Some(POOL_TIMEOUT))
-            .build()
-            .map_err(|e| {
-                StoreError::Internal(anyhow::Error::new(e).context("building the pool"))
-            })?;
-        Ok(PostgresStore { pool })
+/// A pool that makes its connections lazily, so building it succeeds while
+/// the server is down (the first query then reports it). Shared with the
+/// Postgres state backend, which adds its session options to `config` first.
+pub(crate) fn pool(
+    mut config: tokio_postgres::Config,
+    pool_size: usize,
+) -> Result<Pool, deadpool_postgres::BuildError> {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(POOL_TIMEOUT);
     }
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            // A broken connection is noticed by its (closed) socket; a
+            // test query on every checkout would double the round trips.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(pool_size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_TIMEOUT))
+        .create_timeout(Some(POOL_TIMEOUT))
+        .recycle_timeout(Some(POOL_TIMEOUT))
+        .build()
+}
 
-    async fn client(&self) -> Result<Object, Failure> {
-        Ok(self.pool.get().await?)
-    }
-
-    async fn migrate_inner(&self) -> Result<(), Failure> {
+/// Runs `runner` under the advisory lock that serialises migrations across
+/// replicas. Shared with the Postgres state backend, whose schema keeps its
+/// own history table.
+pub(crate) async fn migrate_locked(
+    pool: &Pool,
+    runner: &refinery::Runner,
+    doing: &'static str,
+) -> Result<(), StoreError> {
+    async {
         // Taken out of the pool and closed afterwards: if this future is
         // dropped between lock and unlock, closing the session is what
         // releases the advisory lock, instead of a pooled connection
         // holding it forever.
-        let mut client = Object::take(self.client().await?);
+        let mut client = Object::take(pool.get().await?);
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
             .await?;
         // ClientWrapper derefs to the tokio-postgres Client refinery drives.
         let pg: &mut tokio_postgres::Client = client.deref_mut();
-        let result = embedded::migrations::runner().run_async(pg).await;
+        let result = runner.run_async(pg).await;
         // Best effort: the session ends right after, which also unlocks.
         let _ = client
             .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
             .await;
         result?;
-        Ok(())
+        Ok::<_, Failure>(())
+    }
+    .await
+    .map_err(|e| e.into_store_error(doing))
+}
+
+impl PostgresStore {
+    /// Builds the pool; connections are made lazily, so this succeeds even if
+    /// the server is down (the first query then reports `Unavailable`).
+    pub fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        // tokio-postgres parse errors name the bad option, never the password.
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
+        let pool = pool(config, pool_size).map_err(|e| {
+            StoreError::Internal(anyhow::Error::new(e).context("building the pool"))
+        })?;
+        Ok(PostgresStore { pool })
+    }
+
+    async fn client(&self) -> Result<Object, Failure> {
+        Ok(self.pool.get().await?)
     }
 
     async fn bind_login_inner(
@@ -167,13 +185,34 @@ impl PostgresStore {
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
+        login: Option<LoginKey<'_>>,
     ) -> Result<BindResult, Failure> {
         let now = truncate_to_micros(now);
         let mut client = self.client().await?;
+        if let Some(key) = login.filter(|k| k.retry)
+            && let Some(done) = committed_login(&client, key.id).await?
+        {
+            return Ok(done);
+        }
+        let login_id = login.map(|k| k.id);
         for _ in 0..BIND_ATTEMPTS {
             let tx = client.transaction().await?;
             // An error drops `tx`, which rolls it back.
-            match bind_attempt(&tx, identity, policy, tokens, actor, now).await? {
+            let step = match bind_attempt(&tx, identity, policy, tokens, actor, now, login_id).await
+            {
+                Err(Failure::Db(e)) if is_login_id_taken(&e) => {
+                    // An earlier attempt of this login committed while this
+                    // one was binding (its acknowledgement was lost, not its
+                    // commit): answer with what it did.
+                    drop(tx);
+                    if let Some(done) = committed_login(&client, login_id.unwrap_or("")).await? {
+                        return Ok(done);
+                    }
+                    return Err(Failure::Db(e));
+                }
+                other => other?,
+            };
+            match step {
                 Step::Done(BindResult::LinkRequired) => {
                     // Nothing was written; this only releases row locks.
                     tx.rollback().await?;
@@ -613,9 +652,8 @@ impl PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        self.migrate_inner()
-            .await
-            .map_err(|e| e.into_store_error("running postgres migrations"))
+        let runner = embedded::migrations::runner();
+        migrate_locked(&self.pool, &runner, "running postgres migrations").await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -635,8 +673,9 @@ impl Store for PostgresStore {
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
+        login: Option<LoginKey<'_>>,
     ) -> Result<BindResult, StoreError> {
-        self.bind_login_inner(identity, policy, tokens, actor, now)
+        self.bind_login_inner(identity, policy, tokens, actor, now, login)
             .await
             .map_err(|e| e.into_store_error("binding a login"))
     }
@@ -804,6 +843,7 @@ async fn bind_attempt<C: GenericClient>(
     tokens: Option<&SealedToken>,
     actor: Option<&str>,
     now: OffsetDateTime,
+    login_id: Option<&str>,
 ) -> Result<Step<BindResult>, Failure> {
     // FOR UPDATE serialises concurrent returning logins of one identity, so
     // profile and token updates do not interleave.
@@ -828,9 +868,10 @@ async fn bind_attempt<C: GenericClient>(
         if let Some(token) = tokens {
             store_token(tx, identity, token).await?;
         }
-        insert_audit(
+        insert_audit_for(
             tx,
             &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
+            login_id,
         )
         .await?;
         return Ok(Step::Done(BindResult::Bound {
@@ -884,22 +925,25 @@ async fn bind_attempt<C: GenericClient>(
         store_token(tx, identity, token).await?;
     }
     if outcome == Outcome::UserCreated {
-        insert_audit(
+        insert_audit_for(
             tx,
             &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
+            login_id,
         )
         .await?;
     }
     if let Some(rule) = linked_by {
-        insert_audit(
+        insert_audit_for(
             tx,
             &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
+            login_id,
         )
         .await?;
     }
-    insert_audit(
+    insert_audit_for(
         tx,
         &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
+        login_id,
     )
     .await?;
     Ok(Step::Done(BindResult::Bound {
@@ -1298,11 +1342,20 @@ fn fold_users(rows: &[Row]) -> Result<Vec<User>, Failure> {
 }
 
 async fn insert_audit<C: GenericClient>(client: &C, event: &AuditEvent) -> Result<(), Failure> {
+    insert_audit_for(client, event, None).await
+}
+
+/// An audit event of the login `login_id` (see `LoginKey`).
+async fn insert_audit_for<C: GenericClient>(
+    client: &C,
+    event: &AuditEvent,
+    login_id: Option<&str>,
+) -> Result<(), Failure> {
     let stmt = client
         .prepare_cached(
             "INSERT INTO audit_events \
-             (at, kind, actor, provider, subject, user_id, reason, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             (at, kind, actor, provider, subject, user_id, reason, detail, login_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .await?;
     client
@@ -1317,10 +1370,40 @@ async fn insert_audit<C: GenericClient>(client: &C, event: &AuditEvent) -> Resul
                 &event.user_id,
                 &event.reason,
                 &event.detail,
+                &login_id,
             ],
         )
         .await?;
     Ok(())
+}
+
+/// What the login `login_id` committed, if it did.
+async fn committed_login<C: GenericClient>(
+    client: &C,
+    login_id: &str,
+) -> Result<Option<BindResult>, Failure> {
+    let stmt = client.prepare_cached(COMMITTED_LOGIN_SQL).await?;
+    let Some(row) = client.query_opt(&stmt, &[&login_id]).await? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        CommittedLogin {
+            user_id: row.try_get(0)?,
+            provider: row.try_get(1)?,
+            subject: row.try_get(2)?,
+            at: row.try_get(3)?,
+            user_created: row.try_get(4)?,
+            linked_by: row.try_get(5)?,
+            identity_created_at: row.try_get(6)?,
+        }
+        .into_result(),
+    ))
+}
+
+fn is_login_id_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &SqlState::UNIQUE_VIOLATION && db.constraint() == Some(AUDIT_LOGIN_ID_KEY)
+    })
 }
 
 /// The unique constraint a violation names, as the conflict it means.

@@ -21,8 +21,8 @@ use rusqlite::{
 use time::OffsetDateTime;
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Store, StoreError, TokenRow,
-    UserQuery,
+    AuditQuery, AuditRecord, BindPolicy, BindResult, COMMITTED_LOGIN_SQL, CommittedLogin, Conflict,
+    LINKED_BY_UNION_ID, LINKED_BY_VERIFIED_EMAIL, LoginKey, Store, StoreError, TokenRow, UserQuery,
 };
 use crate::domain::{
     AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
@@ -39,10 +39,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reads with `limit == 0` get this many rows, so an unset page size never
 /// means "the whole table". Same as the Postgres store.
 const DEFAULT_PAGE: u32 = 100;
-
-/// `BindResult::Bound::linked_by` values (and the `identity_linked` detail).
-const LINKED_BY_UNION_ID: &str = "union_id";
-const LINKED_BY_VERIFIED_EMAIL: &str = "verified_email";
 
 /// A user with each of their identities, one row per identity (a single row
 /// with NULL identity columns for a user who has none). `fold_users` reads it.
@@ -161,11 +157,13 @@ impl Store for SqliteStore {
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
+        login: Option<LoginKey<'_>>,
     ) -> Result<BindResult, StoreError> {
         let identity = identity.clone();
         let policy = policy.clone();
         let tokens = tokens.cloned();
         let actor = actor.map(str::to_owned);
+        let login = login.map(|k| (k.id.to_owned(), k.retry));
         self.run("binding a login", move |conn| {
             bind_login(
                 conn,
@@ -174,6 +172,9 @@ impl Store for SqliteStore {
                 tokens.as_ref(),
                 actor.as_deref(),
                 now,
+                login
+                    .as_ref()
+                    .map(|(id, retry)| LoginKey { id, retry: *retry }),
             )
         })
         .await
@@ -506,6 +507,7 @@ fn bind_login(
     tokens: Option<&SealedToken>,
     actor: Option<&str>,
     now: OffsetDateTime,
+    login: Option<LoginKey<'_>>,
 ) -> Result<BindResult, Failure> {
     let now_us = to_micros(now);
     let now = from_micros(now_us).map_err(|e| Failure::Corrupt(e.to_string()))?;
@@ -513,6 +515,16 @@ fn bind_login(
     // two processes could both read "not bound" and then one would fail
     // to upgrade its read lock instead of waiting for the other.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Under the write lock, an earlier attempt's commit is either visible
+    // here or never happened. Looked up even on a first attempt: in process
+    // it costs one index probe, and it spares SQLite the unique-violation
+    // path that Postgres needs for a commit still in flight.
+    if let Some(key) = login
+        && let Some(done) = committed_login(&tx, key.id)?
+    {
+        return Ok(done);
+    }
+    let login_id = login.map(|k| k.id);
     let existing = tx
         .prepare_cached(
             "SELECT user_id, created_at FROM identities WHERE provider = ?1 AND subject = ?2",
@@ -534,9 +546,10 @@ fn bind_login(
         if let Some(token) = tokens {
             store_token(&tx, identity, token)?;
         }
-        insert_audit(
+        insert_audit_for(
             &tx,
             &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
+            login_id,
         )?;
         tx.commit()?;
         return Ok(BindResult::Bound {
@@ -572,20 +585,23 @@ fn bind_login(
         store_token(&tx, identity, token)?;
     }
     if outcome == Outcome::UserCreated {
-        insert_audit(
+        insert_audit_for(
             &tx,
             &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
+            login_id,
         )?;
     }
     if let Some(rule) = linked_by {
-        insert_audit(
+        insert_audit_for(
             &tx,
             &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
+            login_id,
         )?;
     }
-    insert_audit(
+    insert_audit_for(
         &tx,
         &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
+        login_id,
     )?;
     tx.commit()?;
     Ok(BindResult::Bound {
@@ -1054,9 +1070,19 @@ fn list_audit_events(conn: &Connection, query: &AuditQuery) -> Result<Vec<AuditR
 }
 
 fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), Failure> {
+    insert_audit_for(conn, event, None)
+}
+
+/// An audit event of the login `login_id` (see `LoginKey`).
+fn insert_audit_for(
+    conn: &Connection,
+    event: &AuditEvent,
+    login_id: Option<&str>,
+) -> Result<(), Failure> {
     conn.prepare_cached(
-        "INSERT INTO audit_events (at, kind, actor, provider, subject, user_id, reason, detail) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO audit_events \
+         (at, kind, actor, provider, subject, user_id, reason, detail, login_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         to_micros(event.at),
@@ -1067,8 +1093,31 @@ fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), Failure> {
         event.user_id,
         event.reason,
         event.detail,
+        login_id,
     ])?;
     Ok(())
+}
+
+/// What the login `login_id` committed, if it did.
+fn committed_login(conn: &Connection, login_id: &str) -> Result<Option<BindResult>, Failure> {
+    let found = conn
+        .prepare_cached(COMMITTED_LOGIN_SQL)?
+        .query_row(params![login_id], |row| {
+            Ok(CommittedLogin {
+                user_id: row.get(0)?,
+                provider: row.get(1)?,
+                subject: row.get(2)?,
+                at: time_column(row, 3)?,
+                user_created: row.get(4)?,
+                linked_by: row.get(5)?,
+                identity_created_at: row
+                    .get::<_, Option<i64>>(6)?
+                    .map(|_| time_column(row, 6))
+                    .transpose()?,
+            })
+        })
+        .optional()?;
+    Ok(found.map(CommittedLogin::into_result))
 }
 
 /// The binding rule a constraint violation on `identities` means: the

@@ -10,7 +10,7 @@ pub mod github;
 use std::{sync::Arc, time::Duration};
 
 use authbroker::{
-    app::Application,
+    app::{Application, Wrap},
     config::{ApiKeyConfig, Mode, ProviderConfig, Role, Settings},
     grpc::pb::{
         self, admin_service_client::AdminServiceClient, login_service_client::LoginServiceClient,
@@ -95,6 +95,15 @@ pub async fn spawn_app(configure: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 pub async fn spawn_app_on(backend: Backend, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_wrapped(backend, configure, Wrap::default()).await
+}
+
+/// `spawn_app_on`, with the stores passed through `wrap` (fault injection).
+pub async fn spawn_app_wrapped(
+    backend: Backend,
+    configure: impl FnOnce(&mut Settings),
+    wrap: Wrap,
+) -> TestApp {
     init_logs();
     let mut settings = base_settings();
     let (db, dir) = match backend {
@@ -110,7 +119,7 @@ pub async fn spawn_app_on(backend: Backend, configure: impl FnOnce(&mut Settings
         }
     };
     configure(&mut settings);
-    let app = Application::build(settings, Mode::Serve)
+    let app = Application::build_with(settings, Mode::Serve, wrap)
         .await
         .expect("the application builds");
     let addr = app.local_addr();
