@@ -16,12 +16,13 @@ use tonic_health::{
 
 use crate::{
     admin::{AdminService, ProviderSummary},
+    config::StateBackend,
     config::{Mode, Role, Settings},
     grpc::{
         self,
         admin::AdminApi,
-        health,
         auth::{ApiKeys, Authenticated},
+        health,
         login::LoginApi,
         pb::{
             admin_service_server::AdminServiceServer,
@@ -32,7 +33,6 @@ use crate::{
     http::HttpClient,
     login::{LoginParts, LoginService, bind_policies},
     provider::{Registry, sandbox::SandboxServer},
-    config::StateBackend,
     state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateStore},
     store::{self, Store},
     telemetry::cause_chain,
@@ -352,8 +352,7 @@ async fn open_state_store(
             (Arc::new(store) as Arc<dyn StateStore>, None)
         }
         StateBackend::Redis => {
-            let store = RedisStateStore::connect(url, &settings.state.key_prefix, limits)
-                .await
+            let store = RedisStateStore::lazy(url, &settings.state.key_prefix, limits)
                 .context("cannot open the redis state backend")?;
             (Arc::new(store) as Arc<dyn StateStore>, None)
         }
@@ -448,7 +447,10 @@ async fn watch_readiness(
             serving = ready;
             set_serving(&reporter, ready).await;
             if ready {
-                tracing::info!(state = states.backend(), "store and state backend are ready; serving");
+                tracing::info!(
+                    state = states.backend(),
+                    "store and state backend are ready; serving"
+                );
             }
         }
         tokio::time::sleep(HEALTH_INTERVAL).await;

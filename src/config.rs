@@ -697,6 +697,74 @@ mod tests {
     }
 
     #[test]
+    fn the_state_section_is_validated() {
+        let problems_with = |toml: &str| -> Vec<String> {
+            from_toml(toml)
+                .validate(Mode::Dev)
+                .into_iter()
+                .filter(|p| p.starts_with("state.") || p.starts_with("login.retry"))
+                .collect()
+        };
+        // The default is memory, with nothing else to say.
+        let s = from_toml("");
+        assert_eq!(s.state.backend, StateBackend::Memory);
+        assert_eq!(s.state_url(), None);
+        assert!(problems_with("").is_empty());
+
+        assert_eq!(
+            problems_with("[state]\nbackend = \"redis\"")[0],
+            "state.url: the redis backend needs a url, e.g. redis://127.0.0.1:6379/0"
+        );
+        assert!(
+            problems_with("[state]\nbackend = \"redis\"\nurl = \"http://x\"")[0]
+                .contains("expected redis://")
+        );
+        assert!(
+            problems_with("[state]\nbackend = \"redis\"\nurl = \"rediss://x\"")[0]
+                .contains("not supported")
+        );
+        assert!(
+            problems_with(
+                "[state]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1/0\"\nkey_prefix = \"\""
+            )[0]
+            .starts_with("state.key_prefix")
+        );
+        assert!(
+            problems_with("[state]\nbackend = \"redis\"\nurl = \"redis://h:6379/2\"").is_empty()
+        );
+
+        // postgres falls back to the database's URL, which must be postgres.
+        let problems = problems_with("[state]\nbackend = \"postgres\"");
+        assert!(
+            problems[0].contains("needs a postgres:// url"),
+            "{problems:?}"
+        );
+        let s = from_toml(
+            "[database]\nurl = \"postgres://u:secret@db/app\"\n[state]\nbackend = \"postgres\"",
+        );
+        assert_eq!(s.state_url(), Some("postgres://u:secret@db/app"));
+        assert!(
+            s.validate(Mode::Dev)
+                .iter()
+                .all(|p| !p.starts_with("state."))
+        );
+        let problems =
+            problems_with("[state]\nbackend = \"postgres\"\nurl = \"mysql://u:secret@db/x\"");
+        assert!(!problems[0].contains("secret"), "passwords are redacted");
+
+        assert!(problems_with("[state]\nurl = \"redis://x\"")[0].contains("takes no url"));
+        assert!(problems_with("[state]\npool_size = 0")[0].starts_with("state.pool_size"));
+        assert!(
+            problems_with("[login]\nretry_window = \"0s\"")[0].starts_with("login.retry_window")
+        );
+        let unknown = Settings::from_figment(
+            Figment::from(Serialized::defaults(Settings::default()))
+                .merge(Toml::string("[state]\nbackend = \"etcd\"")),
+        );
+        assert!(unknown.unwrap_err().to_string().contains("etcd"));
+    }
+
+    #[test]
     fn serve_needs_keys_unless_explicitly_open() {
         let mut s = Settings::default();
         assert!(

@@ -16,21 +16,29 @@
 //!   listener; `run_until_stopped(shutdown)` serves and drains.
 //! - [`domain`]: value types (identity, binding, audit event) shared by the
 //!   layers below; no protobuf, no SQL.
-//! - [`login`]: the use cases — begin and complete a login, apply the
-//!   binding policy, link an identity with a link ticket.
+//! - [`login`]: the use cases — begin and complete a login (resuming a
+//!   retried one where it failed), apply the binding policy, link an
+//!   identity with a link ticket.
 //! - [`tokens`]: provider tokens for the app — sealed at login, refreshed
 //!   once per identity however many ask (single flight), revoked.
 //! - [`admin`]: the operator use cases behind `AdminService`, each audited.
-//! - [`state`]: pending-login state (`PendingLogin`), the `StateStore` seam,
-//!   its moka implementation (`state::memory`) and the pool of OS randomness
-//!   that states, PKCE verifiers and nonces are drawn from (`state::entropy`).
+//! - [`state`]: pending logins and link tickets between the calls that
+//!   issue and redeem them: the `StateStore` seam (pending → claimed →
+//!   finished), its backends — moka in this process (`state::memory`), a
+//!   Postgres table (`state::postgres`) and Redis keys (`state::redis`) that
+//!   replicas share — what the shared ones write (`state::seal`: keys hashed,
+//!   values sealed under the token), their conformance suite
+//!   (`state::conformance`), and the pool of OS randomness that states, PKCE
+//!   verifiers and nonces are drawn from (`state::entropy`).
 //! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine, the
 //!   built-in presets (data files under `providers/`) and the sandbox.
-//! - [`store`]: the `Store` seam with Postgres and SQLite implementations and
-//!   their shared conformance suite.
+//! - [`store`]: the `Store` seam with Postgres and SQLite implementations,
+//!   their shared conformance suite, and `store::interposed`, a forwarding
+//!   store that tests use to inject faults around the real one.
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
 //!   proto/domain conversion, caller authentication, error-to-status mapping,
-//!   and the accepted sockets' write tuning (`grpc::socket`).
+//!   health whose Watch streams close on shutdown (`grpc::health`), and the
+//!   accepted sockets' write tuning (`grpc::socket`).
 //! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects).
 //! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
 //!   store only ever sees ciphertext.

@@ -641,8 +641,8 @@ mod tests {
         interposed::{Hooks, Interposed},
     };
     use async_trait::async_trait;
-    use std::sync::Arc;
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use std::sync::Arc;
     use std::sync::Mutex;
 
     const ACCESS: &str = "gho_AccessTokenValue_0123456789abcdef";

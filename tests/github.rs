@@ -708,7 +708,10 @@ mod retries {
             tokio::time::sleep(Duration::from_millis(300)).await;
             rig.app.complete(&state, &code).await
         });
-        assert_eq!(first.expect("the first call").outcome(), Outcome::UserCreated);
+        assert_eq!(
+            first.expect("the first call").outcome(),
+            Outcome::UserCreated
+        );
         let err = second.unwrap_err();
         assert_error(&err, Code::Aborted, "LOGIN_IN_PROGRESS");
         assert_eq!(rig.token_calls(), 1);

@@ -94,7 +94,10 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
             None,
             Some("web"),
             now_micros(),
-            Some(LoginKey { id: &id, retry: false }),
+            Some(LoginKey {
+                id: &id,
+                retry: false,
+            }),
         )
         .await
         .expect("first attempt");
@@ -112,7 +115,10 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
             )
             .await
             .expect("retry");
-        assert_eq!(again, first, "a retry (retry flag {retry}) answers what was committed");
+        assert_eq!(
+            again, first,
+            "a retry (retry flag {retry}) answers what was committed"
+        );
     }
     assert_eq!(store.count_users().await.expect("count"), users + 1);
     let events = store
@@ -134,7 +140,10 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
             None,
             Some("web"),
             now_micros(),
-            Some(LoginKey { id: &other, retry: true }),
+            Some(LoginKey {
+                id: &other,
+                retry: true,
+            }),
         )
         .await
         .expect("next login");

@@ -4,9 +4,9 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
+mod filter;
 #[cfg(any(test, feature = "test-util"))]
 pub mod interposed;
-mod filter;
 pub(crate) mod postgres;
 mod sqlite;
 
