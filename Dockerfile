@@ -43,7 +43,8 @@ WORKDIR /var/lib/authbroker
 ENV AUTHBROKER__SERVER__LISTEN=0.0.0.0:50051
 EXPOSE 50051
 # Reads the same configuration as serve; 0.0.0.0 is checked on loopback.
-# Exits 0 only while Health/Check answers SERVING (store reachable, migrated).
+# Exits 0 only while Health/Check answers SERVING (database reachable and
+# migrated, state backend answering).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["authbroker", "healthcheck"]
 ENTRYPOINT ["authbroker"]
