@@ -5,8 +5,11 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use futures::TryStreamExt;
-use tokio::{net::TcpListener, sync::watch};
+use futures::StreamExt;
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{
     ServingStatus,
@@ -23,6 +26,7 @@ use crate::{
         admin::AdminApi,
         auth::{ApiKeys, Authenticated},
         health,
+        limits::{CallLimits, Limited},
         login::LoginApi,
         pb::{
             admin_service_server::AdminServiceServer,
@@ -36,6 +40,7 @@ use crate::{
     state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateStore},
     store::{self, Store},
     telemetry::cause_chain,
+    tls::ServerTls,
     tokens::TokenService,
     vault::Vault,
 };
@@ -47,6 +52,14 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long Watch streams get to deliver NOT_SERVING before they close.
 const WATCH_FLUSH: Duration = Duration::from_millis(200);
+/// After `server.max_connection_age`, a connection's calls get
+/// `server.request_timeout` plus this to end before it is closed; what is
+/// still open then is a `Health/Watch` stream, which the client reopens on
+/// a new connection.
+const CONNECTION_AGE_SLACK: Duration = Duration::from_secs(5);
+/// At most one warning per this long about connections refused for want
+/// of a slot, however many there are.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Replaces a store by another that stands in front of it.
 pub type Wrapper<S> = Box<dyn FnOnce(Arc<S>) -> Arc<S> + Send>;
@@ -71,6 +84,7 @@ pub struct Application {
     sandbox: Option<SandboxServer>,
     stop_sandbox: watch::Sender<bool>,
     api_keys: ApiKeys,
+    tls: Option<Arc<ServerTls>>,
     migrated: bool,
 }
 
@@ -111,6 +125,10 @@ impl Application {
             tracing::warn!("no API keys configured: every caller is trusted (development only)");
         }
 
+        let tls = match &settings.server.tls {
+            Some(tls) => Some(Arc::new(ServerTls::load(tls)?)),
+            None => None,
+        };
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
@@ -195,6 +213,7 @@ impl Application {
         // dev is loopback-only and keyless by design (checked above).
         let api_keys = ApiKeys::new(
             &settings.auth.api_keys,
+            &settings.auth.client_certs,
             settings.auth.allow_unauthenticated || mode == Mode::Dev,
         );
         Ok(Application {
@@ -209,6 +228,7 @@ impl Application {
             sandbox,
             stop_sandbox,
             api_keys,
+            tls,
             migrated,
         })
     }
@@ -279,28 +299,40 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
+        let limits = &self.settings.server;
+        // Authentication first, so a caller without a key never takes one
+        // of the calls in progress.
+        let calls = CallLimits::new(limits.max_concurrent_calls, limits.request_timeout);
         let login = LoginServiceServer::new(LoginApi::new(self.login.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let login = Limited::new(login, calls.clone());
         let login = Authenticated::new(login, self.api_keys.clone(), Role::Login);
         let admin = AdminServiceServer::new(AdminApi::new(self.admin.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let admin = Limited::new(admin, calls);
         let admin = Authenticated::new(admin, self.api_keys.clone(), Role::Admin);
 
         let (drained_tx, mut drained_rx) = watch::channel(false);
         let stop_reporter = reporter.clone();
         let server = Server::builder()
+            // tonic's default is no limit, which lifts hyper's 200.
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_connection_age(limits.max_connection_age)
+            .max_connection_age_grace(limits.request_timeout + CONNECTION_AGE_SLACK)
+            .http2_max_header_list_size(limits.max_header_list_size)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(login)
             .add_service(admin)
-            // Nagle's algorithm plus the client's delayed ACK stalls a
-            // response sent in two writes by ~40 ms; tonic only sets
-            // TCP_NODELAY on sockets it accepts itself, so ask for it here.
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.listener)
-                    .with_nodelay(Some(true))
-                    .map_ok(Socket::from),
+                incoming(
+                    self.listener,
+                    self.tls.clone(),
+                    self.settings.server.max_connections,
+                ),
                 async move {
                     shutdown.await;
                     tracing::info!("stopping: health is NOT_SERVING, draining calls");
@@ -331,6 +363,42 @@ impl Application {
         tracing::info!("authbroker stopped");
         result
     }
+}
+
+/// The accepted connections: TCP_NODELAY, each holding one of
+/// `max_connections` slots until it closes (past them a connection is
+/// closed at once), TLS when configured.
+fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    max_connections: usize,
+) -> impl futures::Stream<Item = std::io::Result<Socket>> {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut last_warning: Option<std::time::Instant> = None;
+    // Nagle's algorithm plus the client's delayed ACK stalls a response
+    // sent in two writes by ~40 ms; tonic only sets TCP_NODELAY on sockets
+    // it accepts itself, so ask for it here.
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .filter_map(move |accepted| {
+            let next = match accepted {
+                Err(e) => Some(Err(e)),
+                Ok(tcp) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => Some(Ok(Socket::accept(tcp, tls.as_deref(), slot))),
+                    Err(_) => {
+                        if last_warning.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+                            last_warning = Some(std::time::Instant::now());
+                            tracing::warn!(
+                                max = max_connections,
+                                "refusing connections: server.max_connections are open"
+                            );
+                        }
+                        None
+                    }
+                },
+            };
+            std::future::ready(next)
+        })
 }
 
 /// Opens the state backend `[state]` names. A shared backend that is down

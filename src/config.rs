@@ -34,6 +34,35 @@ pub struct ServerSettings {
     /// How long in-flight calls may take to finish after a shutdown signal.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// TLS on the gRPC listener; absent = plaintext.
+    pub tls: Option<TlsSettings>,
+    /// Open connections at once; a connection past this is closed as soon
+    /// as it is accepted.
+    pub max_connections: usize,
+    /// HTTP/2 streams (calls, `Health/Watch` included) open at once on one
+    /// connection; a client waits for a free one.
+    pub max_concurrent_streams: u32,
+    /// LoginService and AdminService calls in progress at once over all
+    /// connections; one more is refused at once with `SERVER_OVERLOADED`.
+    pub max_concurrent_calls: usize,
+    /// A LoginService or AdminService call still running after this ends
+    /// with `REQUEST_TIMEOUT`. At least 4 × `http.timeout`, what a
+    /// CompleteLogin's provider calls may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP/2 PING sent on a connection this often ...
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// ... and the connection closed when its answer takes longer than this.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// A connection this old is asked to go away (HTTP/2 GOAWAY), so that
+    /// clients spread over new replicas; its calls get `request_timeout` to
+    /// finish, then it is closed.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// Largest HTTP/2 header block a call may send, in bytes.
+    pub max_header_list_size: u32,
 }
 
 impl Default for ServerSettings {
@@ -41,8 +70,52 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
+            max_connections: 10_000,
+            max_concurrent_streams: 200,
+            max_concurrent_calls: 1_000,
+            request_timeout: Duration::from_secs(90),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(3600),
+            max_header_list_size: 16 * 1024,
         }
     }
+}
+
+/// `[server.tls]`: the listener's certificate and, for mTLS, the CA its
+/// clients' certificates must chain to. The files are re-read when they
+/// change, without a restart.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM: the server's certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: CA certificates; when set, every client must present a
+    /// certificate issued by one of them (mTLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// How `authbroker healthcheck` connects.
+    #[serde(default)]
+    pub healthcheck: HealthcheckTls,
+}
+
+/// `[server.tls.healthcheck]`: what `authbroker healthcheck` trusts and shows.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthcheckTls {
+    /// PEM: the CA that issued `cert_file`; default: the certificates in
+    /// `cert_file` themselves (a self-signed certificate, or a chain that
+    /// includes its issuer).
+    pub ca_file: Option<PathBuf>,
+    /// The name to verify the server's certificate for; default: the first
+    /// DNS name (else IP address) in `cert_file`.
+    pub server_name: Option<String>,
+    /// PEM client certificate and key, needed when `client_ca_file` is set.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -217,6 +290,9 @@ pub struct AuthSettings {
     pub api_keys: Vec<ApiKeyConfig>,
     /// `serve` refuses to start without API keys unless this is set.
     pub allow_unauthenticated: bool,
+    /// With mTLS (`server.tls.client_ca_file`): client certificates that
+    /// stand in for an API key.
+    pub client_certs: Vec<ClientCertConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -227,6 +303,129 @@ pub struct ApiKeyConfig {
     /// Lower-case hex SHA-256 of the key; the key itself is never stored.
     pub sha256: String,
     pub role: Role,
+    /// Optional limit on this key's calls, e.g. `"200/s"` (see [`Rate`]).
+    #[serde(default)]
+    pub rate: Option<String>,
+}
+
+/// One `[[auth.client_certs]]`: a client certificate whose subject common
+/// name is `subject_cn` authenticates as `name` with `role`, as an API key
+/// would. A call that also sends an API key is judged by the key.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertConfig {
+    /// The certificate's subject CN, compared exactly.
+    pub subject_cn: String,
+    /// Shown in audit events as the actor; may equal an API key's name.
+    pub name: String,
+    pub role: Role,
+    /// Optional limit on this certificate's calls, like an API key's.
+    #[serde(default)]
+    pub rate: Option<String>,
+}
+
+/// A call rate: `N/s`, `N/m` or `N/h`, N from 1. Up to N calls may come
+/// at once (the burst); after that one more every period / N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub calls: std::num::NonZeroU32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let why = || format!("{s:?} is not a rate like \"200/s\", \"30/m\" or \"1000/h\"");
+        let (n, unit) = s.trim().split_once('/').ok_or_else(why)?;
+        let calls: std::num::NonZeroU32 = n.trim().parse().map_err(|_| why())?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(why()),
+        };
+        if (per / calls.get()).is_zero() {
+            return Err(format!("{s:?} is more than one call per nanosecond"));
+        }
+        Ok(Rate { calls, per })
+    }
+}
+
+impl Settings {
+    /// `[[auth.client_certs]]`: mTLS on, and each CN mapped once.
+    fn validate_client_certs(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mtls = (self.server.tls.as_ref()).is_some_and(|t| t.client_ca_file.is_some());
+        if !self.auth.client_certs.is_empty() && !mtls {
+            problems.push(
+                "auth.client_certs: needs server.tls.client_ca_file (mTLS); without it no \
+                 client presents a certificate"
+                    .into(),
+            );
+        }
+        let mut subjects = std::collections::BTreeSet::new();
+        for (i, cert) in self.auth.client_certs.iter().enumerate() {
+            let at = format!("auth.client_certs[{i}]");
+            if cert.subject_cn.trim().is_empty() {
+                problems.push(format!("{at}.subject_cn: must not be empty"));
+            } else if !subjects.insert(cert.subject_cn.as_str()) {
+                problems.push(format!(
+                    "{at}.subject_cn: {:?} is mapped twice",
+                    cert.subject_cn
+                ));
+            }
+            if cert.name.trim().is_empty() {
+                problems.push(format!("{at}.name: must not be empty"));
+            }
+            if let Some(Err(why)) = cert.rate.as_deref().map(Rate::parse) {
+                problems.push(format!("{at}.rate: {why}"));
+            }
+        }
+        problems
+    }
+
+    /// `[server]`'s limits, and whether `[server.tls]`'s files make a
+    /// working TLS setup.
+    fn validate_listener(&self) -> Vec<String> {
+        let server = &self.server;
+        let mut problems = Vec::new();
+        for (key, value) in [
+            ("max_connections", server.max_connections),
+            (
+                "max_concurrent_streams",
+                server.max_concurrent_streams as usize,
+            ),
+            ("max_concurrent_calls", server.max_concurrent_calls),
+        ] {
+            if value == 0 {
+                problems.push(format!("server.{key}: must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("request_timeout", server.request_timeout),
+            ("keepalive_interval", server.keepalive_interval),
+            ("keepalive_timeout", server.keepalive_timeout),
+            ("max_connection_age", server.max_connection_age),
+        ] {
+            if value.is_zero() {
+                problems.push(format!("server.{key}: must be greater than zero"));
+            }
+        }
+        let longest_login = self.http.timeout * 4;
+        if !server.request_timeout.is_zero() && server.request_timeout < longest_login {
+            problems.push(format!(
+                "server.request_timeout: must be at least 4 × http.timeout ({}), what a \
+                 CompleteLogin's provider calls may take; a login cut short cannot be retried",
+                humantime_serde::re::humantime::format_duration(longest_login)
+            ));
+        }
+        if server.max_header_list_size < 1024 {
+            problems.push("server.max_header_list_size: must be at least 1024 (bytes)".into());
+        }
+        if let Some(tls) = &server.tls {
+            problems.extend(crate::tls::check(tls));
+        }
+        problems
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -522,11 +721,19 @@ impl Settings {
                     "auth.api_keys[{i}].sha256: must be 64 hex characters (sha256sum of the key)"
                 ));
             }
+            if let Some(Err(why)) = key.rate.as_deref().map(Rate::parse) {
+                problems.push(format!("auth.api_keys[{i}].rate: {why}"));
+            }
         }
-        if mode == Mode::Serve && self.auth.api_keys.is_empty() && !self.auth.allow_unauthenticated
+        problems.extend(self.validate_client_certs());
+        problems.extend(self.validate_listener());
+        if mode == Mode::Serve
+            && self.auth.api_keys.is_empty()
+            && self.auth.client_certs.is_empty()
+            && !self.auth.allow_unauthenticated
         {
             problems.push(
-                "auth.api_keys: serve needs at least one API key \
+                "auth.api_keys: serve needs at least one API key or client certificate \
                  (or set auth.allow_unauthenticated = true explicitly)"
                     .into(),
             );
@@ -806,6 +1013,208 @@ mod tests {
             Mode::Serve,
         );
         assert!(e.unwrap_err().to_string().contains("does not exist"));
+    }
+
+    /// `validate(Dev)`'s problems under `[server]` and `[auth]`.
+    fn listener_problems(toml: &str) -> Vec<String> {
+        from_toml(toml)
+            .validate(Mode::Dev)
+            .into_iter()
+            .filter(|p| p.starts_with("server.") || p.starts_with("auth."))
+            .collect()
+    }
+
+    #[test]
+    fn every_listener_limit_is_validated() {
+        let s = from_toml("");
+        assert_eq!(s.server.max_concurrent_streams, 200);
+        assert_eq!(s.server.request_timeout, Duration::from_secs(90));
+        assert!(listener_problems("").is_empty());
+        let problems = listener_problems(
+            r#"
+            [server]
+            max_connections = 0
+            max_concurrent_streams = 0
+            max_concurrent_calls = 0
+            request_timeout = "0s"
+            keepalive_interval = "0s"
+            keepalive_timeout = "0s"
+            max_connection_age = "0s"
+            max_header_list_size = 512
+            "#,
+        );
+        for key in [
+            "max_connections",
+            "max_concurrent_streams",
+            "max_concurrent_calls",
+            "request_timeout",
+            "keepalive_interval",
+            "keepalive_timeout",
+            "max_connection_age",
+            "max_header_list_size",
+        ] {
+            let prefix = format!("server.{key}: ");
+            assert!(
+                problems.iter().any(|p| p.starts_with(&prefix)),
+                "{key}: {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 8, "{problems:#?}");
+
+        let problems = listener_problems("[server]\nrequest_timeout = \"59s\"");
+        assert_eq!(
+            problems,
+            [
+                "server.request_timeout: must be at least 4 × http.timeout (1m), what a \
+              CompleteLogin's provider calls may take; a login cut short cannot be retried"
+            ]
+        );
+        assert!(
+            listener_problems("[server]\nrequest_timeout = \"40s\"\n[http]\ntimeout = \"10s\"")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn rates_are_parsed_and_validated() {
+        let rate = Rate::parse("200/s").unwrap();
+        assert_eq!((rate.calls.get(), rate.per), (200, Duration::from_secs(1)));
+        assert_eq!(
+            Rate::parse(" 30 / m ").unwrap().per,
+            Duration::from_secs(60)
+        );
+        assert_eq!(Rate::parse("1000/h").unwrap().calls.get(), 1000);
+        for bad in ["0/s", "-1/s", "5/d", "5", "/s", "fast", "4000000000/s"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+        let problems = listener_problems(
+            r#"
+            [[auth.api_keys]]
+            name = "web"
+            sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+            role = "login"
+            rate = "lots"
+            "#,
+        );
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].starts_with("auth.api_keys[0].rate: \"lots\" is not a rate"));
+    }
+
+    #[test]
+    fn client_certs_need_mtls_and_distinct_names() {
+        let problems = listener_problems(
+            r#"
+            [[auth.client_certs]]
+            subject_cn = "web-frontend"
+            name = "web"
+            role = "login"
+            [[auth.client_certs]]
+            subject_cn = "web-frontend"
+            name = " "
+            role = "admin"
+            rate = "1/x"
+            "#,
+        );
+        assert!(problems[0].starts_with("auth.client_certs: needs server.tls.client_ca_file"));
+        assert!(problems[1].starts_with("auth.client_certs[1].subject_cn: \"web-frontend\""));
+        assert!(problems[2].starts_with("auth.client_certs[1].name: must not be empty"));
+        assert!(problems[3].starts_with("auth.client_certs[1].rate"));
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+
+        // A certificate mapping is a credential: serve starts with only those.
+        let mut s =
+            from_toml("[[auth.client_certs]]\nsubject_cn = \"a\"\nname = \"a\"\nrole = \"login\"");
+        assert!(
+            !s.validate(Mode::Serve)
+                .iter()
+                .any(|p| p.starts_with("auth.api_keys"))
+        );
+        s.auth.client_certs.clear();
+        assert!(
+            s.validate(Mode::Serve)
+                .iter()
+                .any(|p| p.starts_with("auth.api_keys"))
+        );
+    }
+
+    #[test]
+    fn tls_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let tls = |cert: &str, key: &str, ca: &str, extra: &str| {
+            format!(
+                "[server.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_ca_file = {ca:?}\n{extra}"
+            )
+        };
+
+        // Missing files: each named by its key.
+        let problems = listener_problems(&tls(
+            &path("no.crt"),
+            &path("no.key"),
+            &path("no-ca.crt"),
+            "",
+        ));
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems[0].starts_with("server.tls.cert_file: cannot read"));
+        assert!(problems[1].starts_with("server.tls.key_file: cannot read"));
+        assert!(problems[2].starts_with("server.tls.client_ca_file: cannot read"));
+
+        // Not PEM.
+        std::fs::write(path("junk"), "not a certificate").unwrap();
+        let problems = listener_problems(&tls(&path("junk"), &path("junk"), &path("junk"), ""));
+        assert!(
+            problems[0].contains("holds no PEM certificate"),
+            "{problems:#?}"
+        );
+        assert!(problems[1].contains("no PEM private key"), "{problems:#?}");
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+
+        // Two good pairs: right together, wrong crossed.
+        let one = rcgen::generate_simple_self_signed(vec!["one.test".into()]).unwrap();
+        let two = rcgen::generate_simple_self_signed(vec!["two.test".into()]).unwrap();
+        std::fs::write(path("one.crt"), one.cert.pem()).unwrap();
+        std::fs::write(path("one.key"), one.signing_key.serialize_pem()).unwrap();
+        std::fs::write(path("two.key"), two.signing_key.serialize_pem()).unwrap();
+        let secret = two.signing_key.serialize_pem();
+        assert!(
+            listener_problems(&tls(
+                &path("one.crt"),
+                &path("one.key"),
+                &path("one.crt"),
+                ""
+            ))
+            .is_empty()
+        );
+        let problems = listener_problems(&tls(
+            &path("one.crt"),
+            &path("two.key"),
+            &path("one.crt"),
+            "",
+        ));
+        assert_eq!(
+            problems,
+            ["server.tls.key_file: is not the key of the certificate in server.tls.cert_file"]
+        );
+        assert!(!problems[0].contains(&secret[40..80]));
+
+        // The healthcheck's own files.
+        let extra = format!(
+            "[server.tls.healthcheck]\nca_file = {:?}\nserver_name = \"not a name!\"\ncert_file = {:?}",
+            path("no-ca.crt"),
+            path("one.crt")
+        );
+        let problems = listener_problems(&tls(
+            &path("one.crt"),
+            &path("one.key"),
+            &path("one.crt"),
+            &extra,
+        ));
+        assert!(problems[0].starts_with("server.tls.healthcheck.ca_file: cannot read"));
+        assert!(problems[1].starts_with("server.tls.healthcheck.server_name"));
+        assert!(
+            problems[2].starts_with("server.tls.healthcheck: cert_file and key_file go together")
+        );
+        assert_eq!(problems.len(), 3, "{problems:#?}");
     }
 
     #[test]

@@ -36,10 +36,15 @@
 //!   their shared conformance suite, and `store::interposed`, a forwarding
 //!   store that tests use to inject faults around the real one.
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
-//!   proto/domain conversion, caller authentication, error-to-status mapping,
-//!   health whose Watch streams close on shutdown (`grpc::health`), and the
-//!   accepted sockets' write tuning (`grpc::socket`).
 //! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects).
+//!   proto/domain conversion, caller authentication by API key or client
+//!   certificate with per-caller rates (`grpc::auth`), error-to-status
+//!   mapping, the global bound and time limit on calls (`grpc::limits`),
+//!   health whose Watch streams close on shutdown (`grpc::health`), and
+//!   accepted connections: TLS handshake, connection slots, write tuning
+//!   (`grpc::socket`).
+//! - [`tls`]: the listener's TLS configuration from PEM files, re-read when
+//!   they change; client certificate names; the healthcheck's TLS client.
 //! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
 //!   store only ever sees ciphertext.
 
@@ -54,5 +59,6 @@ pub mod provider;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 pub mod vault;

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context;
 use authbroker::{
     app::Application,
-    config::{Mode, Settings},
+    config::{Mode, Settings, TlsSettings},
     http::HttpClient,
     provider::Registry,
     store, telemetry,
@@ -61,6 +61,7 @@ enum Command {
     RotateKeys,
     /// Ask the running service's gRPC health check (service "") and exit 0
     /// only if it answers SERVING: a Docker HEALTHCHECK or Kubernetes exec probe.
+    /// Speaks TLS when [server.tls] is configured ([server.tls.healthcheck]).
     Healthcheck(HealthcheckArgs),
 }
 
@@ -179,7 +180,7 @@ fn check_config(settings: &Settings) -> ExitCode {
 
 async fn healthcheck(settings: &Settings, args: &HealthcheckArgs) -> ExitCode {
     let addr = args.addr.unwrap_or(settings.server.listen);
-    match check_health(addr, args.timeout).await {
+    match check_health(addr, settings.server.tls.as_ref(), args.timeout).await {
         Ok(addr) => {
             println!("{addr} is SERVING");
             ExitCode::SUCCESS
@@ -192,16 +193,23 @@ async fn healthcheck(settings: &Settings, args: &HealthcheckArgs) -> ExitCode {
 }
 
 /// One `Health/Check` for service "" within `timeout`; Ok only for
-/// SERVING. Returns the address it reached.
-async fn check_health(listen: SocketAddr, timeout: Duration) -> anyhow::Result<SocketAddr> {
+/// SERVING. Returns the address it reached. Over TLS when `[server.tls]`
+/// is configured, as `tls::healthcheck_client` describes.
+async fn check_health(
+    listen: SocketAddr,
+    tls: Option<&TlsSettings>,
+    timeout: Duration,
+) -> anyhow::Result<SocketAddr> {
     if listen.port() == 0 {
         anyhow::bail!("the listen address {listen} has no fixed port: give --addr");
     }
     let addr = reachable(listen);
-    // Plaintext, as the server has no TLS yet. When `[server.tls]` lands,
-    // this becomes the one branch: an `https://` URI and
-    // `Endpoint::tls_config` from the configured CA and server name.
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(timeout);
+    let endpoint = match tls {
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(authbroker::tls::healthcheck_client(tls)?)?,
+    }
+    .connect_timeout(timeout);
     let call = async {
         let channel = endpoint
             .connect()

@@ -49,6 +49,7 @@ pub fn settings(
         name: "loadgen".into(),
         sha256: sha256_hex(API_KEY),
         role: Role::Login,
+        rate: None,
     }];
     s.providers.insert("sandbox".into(), sandbox_provider()?);
     Ok(s)

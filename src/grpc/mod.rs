@@ -1,12 +1,13 @@
 //! The only layer that knows protobuf: thin service impls over the use
 //! cases, proto/domain conversion, caller authentication, the single
-//! mapping from domain errors to `tonic::Status`, and how accepted sockets
-//! present themselves to h2 (`socket`).
+//! mapping from domain errors to `tonic::Status`, the bound on calls in
+//! progress (`limits`), and accepted connections, TLS included (`socket`).
 
 pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod health;
+pub mod limits;
 pub mod login;
 pub mod socket;
 pub mod status;

@@ -57,6 +57,9 @@ pub const REASONS: &[(&str, Code)] = &[
     ("API_KEY_MISSING", Code::Unauthenticated),
     ("API_KEY_INVALID", Code::Unauthenticated),
     ("ROLE_NOT_ALLOWED", Code::PermissionDenied),
+    ("RATE_LIMITED", Code::ResourceExhausted),
+    ("SERVER_OVERLOADED", Code::Unavailable),
+    ("REQUEST_TIMEOUT", Code::DeadlineExceeded),
 ];
 
 /// The code for a reason; an unlisted reason is a bug, reported as INTERNAL.

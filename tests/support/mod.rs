@@ -68,11 +68,13 @@ pub fn base_settings() -> Settings {
             name: "web".into(),
             sha256: sha256_hex(LOGIN_KEY),
             role: Role::Login,
+            rate: None,
         },
         ApiKeyConfig {
             name: "ops".into(),
             sha256: sha256_hex(ADMIN_KEY),
             role: Role::Admin,
+            rate: None,
         },
     ];
     s.providers
