@@ -448,6 +448,13 @@ pub struct HttpSettings {
     /// Larger provider answers are refused.
     pub max_response_bytes: usize,
     pub user_agent: String,
+    /// PEM file of one or more CA certificates trusted for provider HTTPS
+    /// besides the roots below (a provider behind a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Trust the operating system's roots instead of the bundled Mozilla
+    /// list (webpki-roots). Off by default: the bundled list is the same on
+    /// every machine, including images without a CA bundle.
+    pub system_roots: bool,
 }
 
 impl Default for HttpSettings {
@@ -457,6 +464,8 @@ impl Default for HttpSettings {
             timeout: Duration::from_secs(15),
             max_response_bytes: 1024 * 1024,
             user_agent: concat!("authbroker/", env!("CARGO_PKG_VERSION")).into(),
+            ca_file: None,
+            system_roots: false,
         }
     }
 }

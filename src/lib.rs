@@ -36,7 +36,6 @@
 //!   their shared conformance suite, and `store::interposed`, a forwarding
 //!   store that tests use to inject faults around the real one.
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
-//! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects).
 //!   proto/domain conversion, caller authentication by API key or client
 //!   certificate with per-caller rates (`grpc::auth`), error-to-status
 //!   mapping, the global bound and time limit on calls (`grpc::limits`),
@@ -45,6 +44,8 @@
 //!   (`grpc::socket`).
 //! - [`tls`]: the listener's TLS configuration from PEM files, re-read when
 //!   they change; client certificate names; the healthcheck's TLS client.
+//! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects,
+//!   trusted roots; certificate failures told apart from outages).
 //! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
 //!   store only ever sees ciphertext.
 

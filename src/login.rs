@@ -295,6 +295,7 @@ pub fn provider_reason(e: &ProviderError) -> &'static str {
         ProviderError::Rejected { .. } => "PROVIDER_REJECTED",
         ProviderError::Unavailable { .. } => "PROVIDER_UNAVAILABLE",
         ProviderError::BadResponse { .. } => "PROVIDER_BAD_RESPONSE",
+        ProviderError::Tls { .. } => "PROVIDER_TLS_ERROR",
         ProviderError::InvalidIdToken { .. } => "ID_TOKEN_INVALID",
     }
 }

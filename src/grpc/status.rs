@@ -36,6 +36,7 @@ pub const REASONS: &[(&str, Code)] = &[
     ("PROVIDER_REJECTED", Code::FailedPrecondition),
     ("PROVIDER_UNAVAILABLE", Code::Unavailable),
     ("PROVIDER_BAD_RESPONSE", Code::Internal),
+    ("PROVIDER_TLS_ERROR", Code::FailedPrecondition),
     ("ID_TOKEN_INVALID", Code::FailedPrecondition),
     ("LINK_TICKET_UNKNOWN", Code::NotFound),
     ("LINK_TICKET_EXPIRED", Code::FailedPrecondition),
@@ -86,6 +87,7 @@ fn provider_metadata(p: &ProviderError) -> HashMap<String, String> {
         ProviderError::Rejected { provider, .. }
         | ProviderError::Unavailable { provider, .. }
         | ProviderError::BadResponse { provider, .. }
+        | ProviderError::Tls { provider, .. }
         | ProviderError::InvalidIdToken { provider, .. } => provider,
     };
     let mut metadata = HashMap::from([("provider".to_string(), name.clone())]);
@@ -197,6 +199,11 @@ mod tests {
             LoginError::Provider(ProviderError::InvalidIdToken {
                 provider: provider(),
                 why: "w".into(),
+            }),
+            LoginError::Provider(ProviderError::Tls {
+                provider: provider(),
+                step: step(),
+                failure: crate::http::TlsFailure::Untrusted,
             }),
             LoginError::StateUnavailable(anyhow::anyhow!("rng")),
             LoginError::Store(StoreError::Unavailable(anyhow::anyhow!("down"))),

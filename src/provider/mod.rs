@@ -18,7 +18,11 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::{domain::Identity, http::HttpError, state::PendingLogin};
+use crate::{
+    domain::Identity,
+    http::{HttpError, TlsFailure},
+    state::PendingLogin,
+};
 
 /// What a provider handed back for a code. The raw document is kept because
 /// some providers put the user id in it (AcWing, WeChat `openid`).
@@ -127,6 +131,14 @@ pub enum ProviderError {
         step: String,
         cause: Unavailable,
     },
+    /// The provider's HTTPS certificate (or handshake) was refused: a
+    /// trust configuration to fix, not an outage to wait out.
+    #[error("the TLS handshake with {provider} failed during the {step} request: {failure}")]
+    Tls {
+        provider: String,
+        step: String,
+        failure: TlsFailure,
+    },
     /// The provider answered something we cannot use.
     #[error("{provider} sent a malformed {step} answer: {what}")]
     BadResponse {
@@ -190,6 +202,11 @@ impl ProviderError {
                 provider,
                 step,
                 cause: Unavailable::Transport(crate::telemetry::cause_chain(&e)),
+            },
+            HttpError::Tls(failure) => ProviderError::Tls {
+                provider,
+                step,
+                failure,
             },
             HttpError::TooLarge { limit } => ProviderError::BadResponse {
                 provider,

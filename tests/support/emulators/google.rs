@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use url::{Url, form_urlencoded};
 
+use super::https::{self, ServerCert};
 use super::{
     Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, SeenRequest, Step, lock,
     random_token,
@@ -288,6 +289,15 @@ impl Drop for GoogleEmulator {
 impl GoogleEmulator {
     /// Serves on 127.0.0.1:0 on the current Tokio runtime.
     pub async fn start() -> GoogleEmulator {
+        Self::start_with(None).await
+    }
+
+    /// Serves HTTPS on 127.0.0.1:0 with `cert` (`https://127.0.0.1:PORT`).
+    pub async fn start_https(cert: &ServerCert) -> GoogleEmulator {
+        Self::start_with(Some(cert)).await
+    }
+
+    async fn start_with(cert: Option<&ServerCert>) -> GoogleEmulator {
         let shared = Arc::new(Shared::new());
         let router = Router::new()
             .route(DISCOVERY_PATH, any(discovery))
@@ -296,7 +306,10 @@ impl GoogleEmulator {
             .route(USERINFO_PATH, any(userinfo))
             .route(REVOKE_PATH, any(revoke))
             .with_state(shared.clone());
-        let (base_url, server) = super::serve(router).await;
+        let (base_url, server) = match cert {
+            None => super::serve(router).await,
+            Some(cert) => https::serve(router, cert).await,
+        };
         // Set before anyone knows the port, so no request can miss it.
         let _ = shared.base_url.set(base_url.clone());
         GoogleEmulator {

@@ -382,6 +382,7 @@ pub mod custom;
 pub mod gitee;
 pub mod github;
 pub mod google;
+pub mod https;
 pub mod qiita;
 pub mod qq;
 pub mod wechat;
