@@ -290,6 +290,10 @@ pub struct AuthSettings {
     pub api_keys: Vec<ApiKeyConfig>,
     /// `serve` refuses to start without API keys unless this is set.
     pub allow_unauthenticated: bool,
+    /// Open mode (the above, without keys) on an address other than
+    /// loopback makes every caller on the network an admin; `serve` does
+    /// that only when this is set too.
+    pub allow_unauthenticated_remote: bool,
     /// With mTLS (`server.tls.client_ca_file`): client certificates that
     /// stand in for an API key.
     pub client_certs: Vec<ClientCertConfig>,
@@ -562,6 +566,15 @@ pub struct ProviderConfig {
     /// Keep the provider's tokens (encrypted) for `GetProviderToken`.
     #[serde(default)]
     pub store_tokens: bool,
+    /// `serve` runs a `kind = "sandbox"` provider, which signs in anyone
+    /// who types a name, with a verified email, only when this is set.
+    #[serde(default)]
+    pub allow_sandbox: bool,
+    /// `serve` accepts `http://` URLs on hosts other than loopback (issuer
+    /// and endpoints, configured or from OIDC discovery), which carry the
+    /// client secret and tokens in clear, only when this is set.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 fn yes() -> bool {
@@ -590,6 +603,8 @@ impl Default for ProviderConfig {
             link_by_verified_email: None,
             union_group: None,
             store_tokens: false,
+            allow_sandbox: false,
+            allow_insecure_http: false,
         }
     }
 }
@@ -674,7 +689,16 @@ impl Settings {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
-        Self::from_figment(fig.merge(Env::prefixed("AUTHBROKER__").split("__")))
+        let mut settings =
+            Self::from_figment(fig.merge(Env::prefixed("AUTHBROKER__").split("__")))?;
+        if mode == Mode::Dev {
+            // dev implies the opt-ins serve asks for; the one checked after
+            // start (OIDC discovery's endpoints) reads it from here.
+            for p in settings.providers.values_mut() {
+                p.allow_insecure_http = true;
+            }
+        }
+        Ok(settings)
     }
 
     /// For tests and `dev`: start from given settings, then apply the environment.
@@ -768,6 +792,9 @@ impl Settings {
                 ));
             }
         }
+        if mode == Mode::Serve {
+            problems.extend(self.unsafe_without_opt_in());
+        }
         problems.extend(self.vault.validate());
         let stores_tokens: Vec<&str> = self
             .providers
@@ -782,6 +809,80 @@ impl Settings {
             ));
         }
         problems
+    }
+}
+
+impl Settings {
+    /// What `serve` runs only when opted into by name (`dev` implies every
+    /// opt-in): sandbox providers, `http://` provider URLs off loopback, and
+    /// open mode on an address other than loopback.
+    fn unsafe_without_opt_in(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, p) in self.providers.iter().filter(|(_, p)| p.enabled) {
+            let at = format!("providers.{name}");
+            if p.kind == "sandbox" && !p.allow_sandbox {
+                problems.push(format!(
+                    "{at}.allow_sandbox: a sandbox provider signs in anyone who types a name, \
+                     with a verified email; set {at}.allow_sandbox = true to serve it anyway"
+                ));
+            }
+            if p.allow_insecure_http {
+                continue;
+            }
+            for (key, url) in p.configured_urls() {
+                if let Ok(url) = url::Url::parse(url)
+                    && crate::http::in_clear_off_loopback(&url)
+                {
+                    problems.push(format!(
+                        "{at}.{key}: {} is http:// on a host other than loopback, so the client \
+                         secret and tokens would cross the network in clear; use https://, or set \
+                         {at}.allow_insecure_http = true",
+                        url.origin().ascii_serialization()
+                    ));
+                }
+            }
+        }
+        let auth = &self.auth;
+        // Open mode as `grpc::auth` has it: the switch, and no credentials.
+        if auth.allow_unauthenticated
+            && auth.api_keys.is_empty()
+            && auth.client_certs.is_empty()
+            && !auth.allow_unauthenticated_remote
+            && !self.server.listen.ip().is_loopback()
+        {
+            problems.push(format!(
+                "auth.allow_unauthenticated_remote: open mode (no API keys or client \
+                 certificates) on {}, which is not loopback, makes every caller on the network \
+                 an admin; add API keys, listen on loopback, or set \
+                 auth.allow_unauthenticated_remote = true",
+                self.server.listen
+            ));
+        }
+        problems
+    }
+}
+
+impl ProviderConfig {
+    /// Every URL this table sets, with its key: the issuer and endpoint
+    /// overrides, and for `kind = "oauth2"` the spec's endpoints. (The
+    /// presets' own URLs are all https; a test in `provider::spec` checks.)
+    fn configured_urls(&self) -> Vec<(String, &str)> {
+        let mut urls: Vec<(String, &str)> = self
+            .endpoints
+            .iter()
+            .map(|(key, url)| (format!("endpoints.{key}"), url.as_str()))
+            .collect();
+        let spec_endpoints = self.spec.as_ref().and_then(|s| s.get("endpoints"));
+        if let Some(toml::Value::Table(table)) = spec_endpoints {
+            for (key, url) in table {
+                if let Some(url) = url.as_str()
+                    && !self.endpoints.contains_key(key)
+                {
+                    urls.push((format!("spec.endpoints.{key}"), url));
+                }
+            }
+        }
+        urls
     }
 }
 
@@ -810,6 +911,8 @@ fn dev_defaults() -> Settings {
             link_by_verified_email: None,
             union_group: None,
             store_tokens: false,
+            allow_sandbox: true,
+            allow_insecure_http: false,
         },
     );
     s
@@ -999,6 +1102,119 @@ mod tests {
                 .iter()
                 .any(|p| p.starts_with("auth.api_keys"))
         );
+    }
+
+    #[test]
+    fn serve_refuses_unsafe_setups_unless_opted_in_by_name() {
+        let unsafe_setups: &[(&str, &str, &str)] = &[
+            (
+                "[providers.sb]\nkind = \"sandbox\"",
+                "providers.sb.allow_sandbox",
+                "[providers.sb]\nallow_sandbox = true",
+            ),
+            (
+                "[providers.gh]\nkind = \"github\"\n\
+                 [providers.gh.endpoints]\ntoken_url = \"http://idp.example:8080/t?x=1\"",
+                "providers.gh.endpoints.token_url: http://idp.example:8080 is http://",
+                "[providers.gh]\nallow_insecure_http = true",
+            ),
+            (
+                "[providers.corp]\nkind = \"oidc\"\n\
+                 [providers.corp.endpoints]\nissuer = \"http://10.0.0.7\"",
+                "providers.corp.endpoints.issuer: http://10.0.0.7 is http://",
+                "[providers.corp]\nallow_insecure_http = true",
+            ),
+            (
+                "[providers.own]\nkind = \"oauth2\"\n\
+                 [providers.own.spec.endpoints]\nauthorize_url = \"http://sso.example/a\"",
+                "providers.own.spec.endpoints.authorize_url: http://sso.example is http://",
+                "[providers.own]\nallow_insecure_http = true",
+            ),
+            (
+                "[server]\nlisten = \"0.0.0.0:50051\"\n[auth]\nallow_unauthenticated = true",
+                "auth.allow_unauthenticated_remote: open mode (no API keys or client \
+                 certificates) on 0.0.0.0:50051",
+                "[auth]\nallow_unauthenticated_remote = true",
+            ),
+        ];
+        // Each opt-in is a second file merged over the first, as an
+        // environment override would be.
+        let opt_in_problems = |toml: &str, opt_in: &str, mode| -> Vec<String> {
+            Settings::from_figment(
+                Figment::from(Serialized::defaults(Settings::default()))
+                    .merge(Toml::string(toml))
+                    .merge(Toml::string(opt_in)),
+            )
+            .unwrap()
+            .validate(mode)
+            .into_iter()
+            .filter(|p| p.contains("allow_"))
+            .filter(|p| !p.starts_with("auth.api_keys"))
+            .collect()
+        };
+        for (setup, refusal, opt_in) in unsafe_setups {
+            let problems = opt_in_problems(setup, "", Mode::Serve);
+            assert_eq!(problems.len(), 1, "{setup}: {problems:#?}");
+            assert!(problems[0].starts_with(refusal), "{setup}: {problems:#?}");
+            let named = opt_in
+                .lines()
+                .next_back()
+                .unwrap()
+                .split(" = ")
+                .next()
+                .unwrap();
+            assert!(problems[0].contains(named), "{} names {named}", problems[0]);
+            assert!(!problems[0].contains("x=1"), "no query strings in messages");
+            let opted = opt_in_problems(setup, opt_in, Mode::Serve);
+            assert!(opted.is_empty(), "{setup} with {opt_in}: {opted:#?}");
+            assert!(
+                opt_in_problems(setup, "", Mode::Dev).is_empty(),
+                "dev: {setup}"
+            );
+        }
+
+        // Loopback stays allowed without a word; so do disabled providers.
+        for fine in [
+            "[providers.gh]\nkind = \"github\"\n[providers.gh.endpoints]\n\
+             token_url = \"http://127.0.0.1:9/t\"\nuserinfo_url = \"http://localhost:9/u\"\n\
+             emails_url = \"http://[::1]:9/e\"\nauthorize_url = \"https://x.example/a\"",
+            "[providers.sb]\nkind = \"sandbox\"\nenabled = false",
+            "[server]\nlisten = \"[::1]:50051\"\n[auth]\nallow_unauthenticated = true",
+        ] {
+            assert!(opt_in_problems(fine, "", Mode::Serve).is_empty(), "{fine}");
+        }
+        // With API keys, a network address is what serve is for.
+        let keyed = from_toml(
+            "[server]\nlisten = \"0.0.0.0:50051\"\n[auth]\nallow_unauthenticated = true\n\
+             [[auth.api_keys]]\nname = \"web\"\nrole = \"login\"\nsha256 = \"aa\"",
+        );
+        assert!(
+            keyed
+                .validate(Mode::Serve)
+                .iter()
+                .all(|p| !p.contains("allow_unauthenticated_remote"))
+        );
+    }
+
+    #[test]
+    fn dev_implies_the_opt_ins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.toml");
+        std::fs::write(
+            &path,
+            "[providers.corp]\nkind = \"oidc\"\nclient_id = \"x\"\nclient_secret = \"y\"\n\
+             redirect_uris = [\"http://127.0.0.1:8000/cb\"]\n\
+             [providers.corp.endpoints]\nissuer = \"http://keycloak:8080/realms/dev\"",
+        )
+        .unwrap();
+        let dev = Settings::load(Some(&path), Mode::Dev).unwrap();
+        assert!(
+            dev.providers["corp"].allow_insecure_http,
+            "read by discovery"
+        );
+        assert!(dev.providers["sandbox"].allow_sandbox);
+        let serve = Settings::load(Some(&path), Mode::Serve).unwrap();
+        assert!(!serve.providers["corp"].allow_insecure_http);
     }
 
     #[test]

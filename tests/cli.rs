@@ -115,6 +115,79 @@ redirect_uris = ["http://127.0.0.1:8000/callback"]
     assert!(err.contains("allow_unauthenticated"), "{err}");
 }
 
+/// Every unsafe setup `serve` refuses, each in one provider or section.
+const UNSAFE: &str = r#"
+[server]
+listen = "0.0.0.0:0"
+[database]
+url = "sqlite://./ab.db"
+[auth]
+allow_unauthenticated = true
+[http]
+ca_file = "ca.pem"
+[providers.sandbox]
+kind = "sandbox"
+redirect_uris = ["http://127.0.0.1:8000/callback"]
+[providers.corp]
+kind = "oidc"
+client_id = "c"
+client_secret = "s"
+redirect_uris = ["https://app.example.com/cb"]
+[providers.corp.endpoints]
+issuer = "http://sso.corp.example"
+"#;
+
+#[test]
+fn check_config_and_serve_name_each_unsafe_setup_and_its_opt_in() {
+    for args in [&["check-config"][..], &["serve"]] {
+        let out = authbroker(args, UNSAFE);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for needle in [
+            "providers.sandbox.allow_sandbox",
+            "providers.corp.endpoints.issuer: http://sso.corp.example is http://",
+            "set providers.corp.allow_insecure_http = true",
+            "auth.allow_unauthenticated_remote = true",
+        ] {
+            assert!(err.contains(needle), "{args:?}: no {needle:?} in:\n{err}");
+        }
+        if args == ["check-config"] {
+            assert!(err.contains("http.ca_file: cannot read ca.pem"), "{err}");
+            assert!(err.contains("4 problem(s)"), "{err}");
+        }
+    }
+
+    // Opted into by name, with a CA file that holds a certificate.
+    let opted = UNSAFE
+        .replace(
+            "kind = \"sandbox\"\n",
+            "kind = \"sandbox\"\nallow_sandbox = true\n",
+        )
+        .replace(
+            "kind = \"oidc\"\n",
+            "kind = \"oidc\"\nallow_insecure_http = true\n",
+        )
+        .replace(
+            "allow_unauthenticated = true\n",
+            "allow_unauthenticated = true\nallow_unauthenticated_remote = true\n",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(Vec::new())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let out = command(dir.path(), &["check-config"], &opted)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn secrets_never_reach_output() {
     let out = authbroker(&["check-config"], &GOOD.replace("Iv1.abc", ""));
@@ -241,6 +314,7 @@ url = "{database}"
 allow_unauthenticated = true
 [providers.sandbox]
 kind = "sandbox"
+allow_sandbox = true
 redirect_uris = ["http://127.0.0.1:8000/callback"]
 "#
     )

@@ -1,6 +1,7 @@
 //! OIDC specifics against the Google emulator: every way an ID token can be
 //! wrong, each signing algorithm, key rotation, caching of discovery and
-//! JWKS, and PKCE only when advertised.
+//! JWKS, PKCE only when advertised, an issuer behind a private CA (HTTPS),
+//! and discovery naming clear-text endpoints.
 
 mod support;
 
@@ -10,7 +11,8 @@ use authbroker::grpc::pb::{self, Outcome};
 use support::{
     emulators::{
         Emulator,
-        google::{Alg, GoogleEmulator, Tamper},
+        google::{self, Alg, GoogleEmulator, Tamper},
+        https::TestCa,
     },
     *,
 };
@@ -206,4 +208,135 @@ async fn a_generic_oidc_provider_needs_only_its_issuer() {
         .await
         .unwrap_err();
     assert_error(&err, Code::FailedPrecondition, "ID_TOKEN_INVALID");
+}
+
+/// BeginLogin against `provider`, which must fail; the status.
+async fn begin_fails(app: &TestApp, provider: &str) -> tonic::Status {
+    app.begin(pb::BeginLoginRequest {
+        provider: provider.into(),
+        ..Default::default()
+    })
+    .await
+    .expect_err("BeginLogin fails")
+}
+
+/// An app with `google` pointed at `emu`, trusting the CA file `ca_file`
+/// for provider HTTPS if given.
+async fn app_for(emu: &GoogleEmulator, ca_file: Option<std::path::PathBuf>) -> TestApp {
+    let config = emu.provider_config();
+    spawn_app_on(Backend::Sqlite, |s| {
+        s.http.ca_file = ca_file;
+        s.providers.insert("google".into(), config);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_issuer_behind_a_private_ca_is_trusted_through_http_ca_file() {
+    let ca = TestCa::new();
+    let emu = GoogleEmulator::start_https(&ca.server_cert(&["127.0.0.1"])).await;
+    assert!(emu.base_url.starts_with("https://127.0.0.1:"));
+
+    // Not an outage: its own reason, and what to do about it.
+    let untrusting = app_for(&emu, None).await;
+    let err = begin_fails(&untrusting, "google").await;
+    let msg = assert_error(&err, Code::FailedPrecondition, "PROVIDER_TLS_ERROR");
+    assert!(msg.contains("certificate not trusted"), "{msg}");
+    assert!(msg.contains("http.ca_file"), "{msg}");
+    assert!(msg.contains("discovery"), "{msg}");
+    let info = tonic_types::StatusExt::get_details_error_info(&err).unwrap();
+    assert_eq!(info.metadata["provider"], "google");
+    assert_eq!(emu.discovery_fetches(), 0, "no request got through");
+
+    // With the CA in http.ca_file: discovery, token and JWKS over HTTPS.
+    let dir = tempfile::tempdir().unwrap();
+    let trusting = app_for(&emu, Some(ca.write_pem(dir.path()))).await;
+    let done = login(&trusting, &emu, "alice")
+        .await
+        .expect("login over HTTPS");
+    assert_eq!(done.outcome(), Outcome::UserCreated);
+    assert_eq!(emu.discovery_fetches(), 1);
+    assert_eq!(emu.jwks_fetches(), 1);
+    assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_host_is_refused_even_from_a_trusted_ca() {
+    let ca = TestCa::new();
+    let emu = GoogleEmulator::start_https(&ca.server_cert(&["idp.example"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = app_for(&emu, Some(ca.write_pem(dir.path()))).await;
+    let err = begin_fails(&app, "google").await;
+    let msg = assert_error(&err, Code::FailedPrecondition, "PROVIDER_TLS_ERROR");
+    assert!(msg.contains("not valid for this host name"), "{msg}");
+}
+
+#[tokio::test]
+async fn discovery_naming_clear_text_endpoints_off_loopback_is_refused() {
+    let emu = GoogleEmulator::start().await;
+    // Nothing listens there; discovery alone must stop the login.
+    emu.set_endpoints_base(Some("http://idp.example:8080".into()));
+    let app = app_for(&emu, None).await;
+    let err = begin_fails(&app, "google").await;
+    let msg = assert_error(&err, Code::Internal, "PROVIDER_BAD_RESPONSE");
+    assert!(msg.contains("http://idp.example:8080"), "{msg}");
+    assert!(
+        msg.contains("providers.google.allow_insecure_http"),
+        "{msg}"
+    );
+
+    // Opted in by name, the same document is used.
+    let mut config = emu.provider_config();
+    config.allow_insecure_http = true;
+    let opted_in = spawn_app_on(Backend::Sqlite, |s| {
+        s.providers.insert("google".into(), config);
+    })
+    .await;
+    let begun = opted_in.begin_with("google").await;
+    assert!(
+        begun.authorize_url.starts_with("http://idp.example:8080/"),
+        "{}",
+        begun.authorize_url
+    );
+
+    // An override of every endpoint discovery gets wrong is enough too.
+    let mut config = emu.provider_config();
+    for (key, path) in [
+        ("authorize_url", google::AUTHORIZE_PATH),
+        ("token_url", google::TOKEN_PATH),
+        ("jwks_uri", google::JWKS_PATH),
+        ("revoke_url", google::REVOKE_PATH),
+    ] {
+        config.endpoints.insert(key.into(), emu.url(path));
+    }
+    let overridden = spawn_app_on(Backend::Sqlite, |s| {
+        s.providers.insert("google".into(), config);
+    })
+    .await;
+    overridden.begin_with("google").await;
+}
+
+/// `email` and `email_verified` come from one document: userinfo's address
+/// without a verdict is not verified by the ID token's verdict on its own.
+#[tokio::test]
+async fn email_and_its_verification_come_from_one_document() {
+    let emu = Arc::new(GoogleEmulator::start().await);
+    let mut config = emu.provider_config();
+    config.fetch_userinfo = true;
+    let app = spawn_app(|s| {
+        s.providers.insert("google".into(), config);
+    })
+    .await;
+    let done = login(&app, &emu, "plain").await.unwrap();
+    assert!(done.identity.unwrap().email_verified, "the setup is right");
+
+    emu.set_userinfo_email(Some("someone.else@example.com".into()));
+    let done = login(&app, &emu, "mixed").await.unwrap();
+    let identity = done.identity.unwrap();
+    assert_eq!(identity.email, "someone.else@example.com");
+    assert!(
+        !identity.email_verified,
+        "the ID token's verdict is about another address"
+    );
+    assert!(emu.violations().is_empty(), "{:?}", emu.violations());
 }

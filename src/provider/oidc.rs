@@ -31,7 +31,11 @@ use super::{
         RequestSpec, RevokeMethod, RevokeSpec, Template, TokenSpec,
     },
 };
-use crate::{domain::Identity, http::HttpClient, state::PendingLogin};
+use crate::{
+    domain::Identity,
+    http::{HttpClient, in_clear_off_loopback},
+    state::PendingLogin,
+};
 
 /// An OIDC preset file (`providers/google.toml`).
 #[derive(Clone, Debug, Deserialize)]
@@ -87,6 +91,8 @@ pub struct OidcConfig {
     pub client_id: String,
     pub client_secret: SecretString,
     pub fetch_userinfo: bool,
+    /// Accept `http://` endpoints off loopback from discovery.
+    pub allow_insecure_http: bool,
     pub http: HttpClient,
 }
 
@@ -255,6 +261,9 @@ impl OidcProvider {
                 "the discovery document names a different issuer",
             ));
         }
+        if let Some(refused) = self.endpoint_in_clear(&doc) {
+            return Err(self.bad("discovery", refused));
+        }
         let pick = |key: &str, found: Url| c.overrides.get(key).cloned().unwrap_or(found);
         let pick_opt = |key: &str, found: Option<Url>| c.overrides.get(key).cloned().or(found);
         let mut endpoints = BTreeMap::from([
@@ -352,6 +361,44 @@ impl OidcProvider {
             http: c.http.clone(),
         });
         Ok(Arc::new(Discovered { engine, jwks_uri }))
+    }
+
+    /// Why discovery's endpoints cannot be used, if one that would be called
+    /// (and is not overridden) is `http://` off loopback: the client secret,
+    /// the code and the tokens would cross the network in clear.
+    fn endpoint_in_clear(&self, doc: &DiscoveryDoc) -> Option<String> {
+        if self.config.allow_insecure_http {
+            return None;
+        }
+        let userinfo = doc
+            .userinfo_endpoint
+            .as_ref()
+            .filter(|_| self.config.fetch_userinfo);
+        let called = [
+            (
+                "authorization_endpoint",
+                "authorize_url",
+                Some(&doc.authorization_endpoint),
+            ),
+            ("token_endpoint", "token_url", Some(&doc.token_endpoint)),
+            ("jwks_uri", "jwks_uri", Some(&doc.jwks_uri)),
+            ("userinfo_endpoint", "userinfo_url", userinfo),
+            (
+                "revocation_endpoint",
+                "revoke_url",
+                doc.revocation_endpoint.as_ref(),
+            ),
+        ];
+        let (field, url) = called.into_iter().find_map(|(field, key, url)| {
+            url.filter(|u| !self.config.overrides.contains_key(key) && in_clear_off_loopback(u))
+                .map(|u| (field, u))
+        })?;
+        Some(format!(
+            "the discovery document puts {field} at {}, http:// on a host other than loopback; \
+             use https://, or set providers.{}.allow_insecure_http = true",
+            url.origin().ascii_serialization(),
+            self.config.info.name
+        ))
     }
 
     async fn key_set(&self, uri: &Url) -> Result<Arc<Jwks>, ProviderError> {

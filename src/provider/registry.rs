@@ -117,6 +117,11 @@ fn build_one(
     }
     let credentials = credentials(&at, cfg, &mut problems);
     check_redirect_uris(&at, cfg, &mut problems);
+    if cfg.allow_sandbox && cfg.kind != "sandbox" {
+        problems.push(format!(
+            "{at}.allow_sandbox: only kind = \"sandbox\" takes this option"
+        ));
+    }
     let is_oidc = cfg.kind == "oidc" || spec::oidc_preset(&cfg.kind).is_some();
     let built = if is_oidc {
         build_oidc(&at, name, cfg, http, &mut problems)
@@ -294,6 +299,7 @@ fn build_oidc(
     info.pkce = true;
     info.nonce = true;
     let fetch_userinfo = cfg.fetch_userinfo;
+    let allow_insecure_http = cfg.allow_insecure_http;
     let http = http.clone();
     Some(Box::new(move |client_id, client_secret| {
         Arc::new(OidcProvider::new(OidcConfig {
@@ -305,6 +311,7 @@ fn build_oidc(
             client_id,
             client_secret,
             fetch_userinfo,
+            allow_insecure_http,
             http,
         })) as Arc<dyn Provider>
     }))

@@ -565,6 +565,26 @@ mod tests {
         }
     }
 
+    /// `serve`'s clear-text check (`config::Settings::validate`) looks only
+    /// at URLs in the config; it relies on this.
+    #[test]
+    fn every_preset_url_is_https() {
+        for (name, _) in PRESETS.iter().filter(|(name, _)| *name != "sandbox") {
+            let spec = preset(name).unwrap().unwrap();
+            for (key, url) in &spec.endpoints {
+                assert!(url.starts_with("https://"), "{name}.{key}: {url}");
+            }
+        }
+        for (name, _) in OIDC_PRESETS {
+            let spec = oidc_preset(name).unwrap().unwrap();
+            assert!(
+                spec.issuer.starts_with("https://"),
+                "{name}: {}",
+                spec.issuer
+            );
+        }
+    }
+
     #[test]
     fn templates_parse() {
         let t: Template = "{token:/access_token}".parse().unwrap();

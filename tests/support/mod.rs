@@ -82,12 +82,15 @@ pub fn base_settings() -> Settings {
     s
 }
 
+/// A `[providers.NAME]` table; a sandbox comes with the `allow_sandbox`
+/// opt-in `serve` asks for.
 pub fn provider(kind: &str, client_id: &str, secret: &str) -> ProviderConfig {
     ProviderConfig {
         kind: kind.into(),
         client_id: client_id.into(),
         client_secret: (!secret.is_empty()).then(|| secret.into()),
         redirect_uris: vec![REDIRECT.into(), "https://app.example.com/other".into()],
+        allow_sandbox: kind == "sandbox",
         ..Default::default()
     }
 }

@@ -378,6 +378,13 @@ impl GoogleEmulator {
         self.shared.knobs().discovery_issuer = issuer;
     }
 
+    /// Where discovery says the endpoints are (`{base}/token` …); `None`
+    /// (default): the base URL. Nothing serves another base: for tests that
+    /// stop at discovery.
+    pub fn set_endpoints_base(&self, base: Option<String>) {
+        self.shared.knobs().endpoints_base = base;
+    }
+
     /// Requests to `/.well-known/openid-configuration` so far, faulted ones too.
     pub fn discovery_fetches(&self) -> usize {
         self.shared.discovery_fetches.load(Ordering::SeqCst)
@@ -513,6 +520,7 @@ struct Knobs {
     jwks_max_age: u64,
     pkce_advertised: bool,
     discovery_issuer: Option<String>,
+    endpoints_base: Option<String>,
     numbers_as_strings: bool,
 }
 
@@ -526,6 +534,7 @@ impl Default for Knobs {
             jwks_max_age: DEFAULT_JWKS_MAX_AGE,
             pkce_advertised: true,
             discovery_issuer: None,
+            endpoints_base: None,
             numbers_as_strings: false,
         }
     }
@@ -1010,6 +1019,7 @@ impl Shared {
         let knobs = self.knobs().clone();
         let base = self.base_url();
         let issuer = knobs.discovery_issuer.unwrap_or_else(|| base.to_owned());
+        let base = knobs.endpoints_base.as_deref().unwrap_or(base);
         let mut fields = vec![
             ("issuer", json!(issuer)),
             (
