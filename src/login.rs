@@ -135,6 +135,19 @@ impl Failed {
 /// overrides.
 pub fn bind_policies(settings: &Settings) -> HashMap<String, BindPolicy> {
     let login = &settings.login;
+    let trusts_email = |p: &crate::config::ProviderConfig| {
+        p.link_by_verified_email
+            .unwrap_or(login.link_by_verified_email)
+    };
+    // A verified email may only lead to identities whose own email the
+    // operator trusts: otherwise one untrusted provider that reports an
+    // address as verified takes over the account of its owner.
+    let email_trusted: Vec<String> = settings
+        .providers
+        .iter()
+        .filter(|(_, p)| trusts_email(p))
+        .map(|(n, _)| n.clone())
+        .collect();
     settings
         .providers
         .iter()
@@ -152,9 +165,11 @@ pub fn bind_policies(settings: &Settings) -> HashMap<String, BindPolicy> {
             let policy = BindPolicy {
                 create_user: p.policy.unwrap_or(login.policy) == Policy::AutoCreate,
                 union_group,
-                link_verified_email: p
-                    .link_by_verified_email
-                    .unwrap_or(login.link_by_verified_email),
+                verified_email_providers: if trusts_email(p) {
+                    email_trusted.clone()
+                } else {
+                    Vec::new()
+                },
             };
             (name.clone(), policy)
         })

@@ -230,15 +230,18 @@ async fn union_id_links_apps_of_one_developer_account() {
 }
 
 #[tokio::test]
-async fn verified_email_links_only_when_turned_on() {
+async fn verified_email_links_only_between_trusted_providers() {
     let app = spawn_app(|s| {
-        let mut linking = provider("sandbox", "", "");
-        linking.link_by_verified_email = Some(true);
-        s.providers.insert("linking".into(), linking);
+        for name in ["linking", "linking2"] {
+            let mut linking = provider("sandbox", "", "");
+            linking.link_by_verified_email = Some(true);
+            s.providers.insert(name.into(), linking);
+        }
         s.providers
             .insert("separate".into(), provider("sandbox", "", ""));
     })
     .await;
+    // `sandbox` and `separate` are not trusted for email linking.
     let first = app.sandbox_login("gina").await;
     let login_at = |p: &'static str| {
         let app = &app;
@@ -250,12 +253,17 @@ async fn verified_email_links_only_when_turned_on() {
     };
     let separate = login_at("separate").await;
     assert_eq!(separate.outcome(), Outcome::UserCreated, "off by default");
+    // The takeover of issue 9: untrusted providers vouched for gina's email
+    // first, but a trusted provider's login does not join their users.
     let linked = login_at("linking").await;
-    assert_eq!(linked.outcome(), Outcome::SignedIn);
+    assert_eq!(linked.outcome(), Outcome::UserCreated);
     assert!(linked.identity.as_ref().unwrap().email_verified);
-    // Which of gina's two users it joins is the oldest binding of that email.
-    assert_eq!(
-        linked.binding.unwrap().user_id,
-        first.binding.unwrap().user_id
-    );
+    let linked_user = linked.binding.unwrap().user_id;
+    for other in [first.binding.unwrap(), separate.binding.unwrap()] {
+        assert_ne!(linked_user, other.user_id, "no takeover");
+    }
+    // Another trusted provider joins the trusted provider's user.
+    let joined = login_at("linking2").await;
+    assert_eq!(joined.outcome(), Outcome::SignedIn);
+    assert_eq!(joined.binding.unwrap().user_id, linked_user);
 }

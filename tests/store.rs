@@ -88,6 +88,7 @@ conformance_tests!(
     union_id_links_within_the_group,
     union_id_takes_the_oldest_binding_and_skips_taken_users,
     verified_email_links_case_insensitively,
+    verified_email_links_only_to_trusted_providers,
     unverified_emails_never_link,
     link_required_writes_nothing,
     concurrent_first_logins_link_once,

@@ -55,6 +55,7 @@ scenarios!(
     union_id_links_within_the_group,
     union_id_takes_the_oldest_binding_and_skips_taken_users,
     verified_email_links_case_insensitively,
+    verified_email_links_only_to_trusted_providers,
     unverified_emails_never_link,
     link_required_writes_nothing,
     concurrent_first_logins_link_once,
@@ -219,15 +220,17 @@ fn union_policy(group: &[&String], create_user: bool) -> BindPolicy {
     BindPolicy {
         create_user,
         union_group: group.iter().map(|p| (*p).clone()).collect(),
-        link_verified_email: false,
+        verified_email_providers: Vec::new(),
     }
 }
 
-fn email_policy(create_user: bool) -> BindPolicy {
+/// Email linking on, trusting the emails of `trusted` (the login's own
+/// provider among them).
+fn email_policy(trusted: &[&String], create_user: bool) -> BindPolicy {
     BindPolicy {
         create_user,
         union_group: Vec::new(),
-        link_verified_email: true,
+        verified_email_providers: trusted.iter().map(|p| (*p).clone()).collect(),
     }
 }
 
@@ -1586,7 +1589,7 @@ pub async fn verified_email_links_case_insensitively(store: Arc<dyn Store>) {
         &store,
         // Neither side's spelling is lower case: both are folded.
         &with_email(&gitee, "77", &format!("A{}@eXample.com", &local[1..]), true),
-        &email_policy(false),
+        &email_policy(&[&github, &gitee], false),
         None,
         t1,
     )
@@ -1638,7 +1641,7 @@ pub async fn verified_email_links_case_insensitively(store: Arc<dyn Store>) {
         login(
             &store,
             &with_email(&github, "2", &format!("{local}@EXAMPLE.com"), true),
-            &email_policy(true),
+            &email_policy(&[&github], true),
             None,
             t1,
         )
@@ -1660,7 +1663,7 @@ pub async fn verified_email_links_case_insensitively(store: Arc<dyn Store>) {
     let policy = BindPolicy {
         create_user: false,
         union_group: vec![wx.clone(), wx_app.clone()],
-        link_verified_email: true,
+        verified_email_providers: vec![github.clone(), wx_app.clone()],
     };
     let (_, binding, linked_by) = bound(login(&store, &both, &policy, None, t1).await);
     assert_eq!(linked_by, Some("union_id"));
@@ -1676,6 +1679,86 @@ pub async fn verified_email_links_case_insensitively(store: Arc<dyn Store>) {
     assert_eq!(binding.user_id, owner.user_id);
 }
 
+/// The takeover that email linking must not allow: someone signs up at a
+/// provider that is not trusted for email linking and reports the victim's
+/// address as verified. The victim's later first login at a trusted
+/// provider must not join that user, though it is the oldest binding of the
+/// address; it joins only identities of trusted providers.
+pub async fn verified_email_links_only_to_trusted_providers(store: Arc<dyn Store>) {
+    migrated(&store).await;
+    let untrusted = unique_provider("tk-untrusted");
+    let trusted = unique_provider("tk-trusted");
+    let also_trusted = unique_provider("tk-trusted2");
+    let email = format!("{}@example.com", unique("victim"));
+    let policy = |create_user| email_policy(&[&trusted, &also_trusted], create_user);
+    let t0 = now_micros();
+
+    // The untrusted provider's policy has email linking off.
+    let (outcome, attacker, _) = bound(
+        login(
+            &store,
+            &with_email(&untrusted, "attacker", &email, true),
+            &create_policy(),
+            None,
+            t0,
+        )
+        .await,
+    );
+    assert_eq!(outcome, Outcome::UserCreated);
+
+    // Only the untrusted identity matches: nothing links.
+    let t1 = t0 + Duration::seconds(1);
+    assert_eq!(
+        login(
+            &store,
+            &with_email(&trusted, "victim", &email.to_uppercase(), true),
+            &policy(false),
+            None,
+            t1,
+        )
+        .await,
+        BindResult::LinkRequired,
+        "an untrusted provider's identity is no candidate"
+    );
+    let (outcome, victim, linked_by) = bound(
+        login(
+            &store,
+            &with_email(&trusted, "victim", &email, true),
+            &policy(true),
+            None,
+            t1,
+        )
+        .await,
+    );
+    assert_eq!((outcome, linked_by), (Outcome::UserCreated, None));
+    assert_ne!(victim.user_id, attacker.user_id, "no takeover");
+
+    // Another trusted provider joins the victim's user, though the
+    // attacker's binding of the address is older.
+    let t2 = t1 + Duration::seconds(1);
+    let (outcome, joined, linked_by) = bound(
+        login(
+            &store,
+            &with_email(&also_trusted, "victim", &email, true),
+            &policy(false),
+            None,
+            t2,
+        )
+        .await,
+    );
+    assert_eq!(
+        (outcome, linked_by),
+        (Outcome::SignedIn, Some("verified_email"))
+    );
+    assert_eq!(joined.user_id, victim.user_id);
+    let attacker_user = get_user(&store, &attacker.user_id).await.expect("user");
+    assert_eq!(
+        attacker_user.identities.len(),
+        1,
+        "the attacker gained nothing"
+    );
+}
+
 pub async fn unverified_emails_never_link(store: Arc<dyn Store>) {
     migrated(&store).await;
     let p1 = unique_provider("uv1");
@@ -1689,7 +1772,7 @@ pub async fn unverified_emails_never_link(store: Arc<dyn Store>) {
         login(
             &store,
             &with_email(&p2, "1", &email, true),
-            &email_policy(false),
+            &email_policy(&[&p1, &p2], false),
             None,
             t0
         )
@@ -1704,7 +1787,7 @@ pub async fn unverified_emails_never_link(store: Arc<dyn Store>) {
         login(
             &store,
             &with_email(&p2, "2", &verified, false),
-            &email_policy(false),
+            &email_policy(&[&p1, &p2], false),
             None,
             t0
         )
@@ -1716,7 +1799,7 @@ pub async fn unverified_emails_never_link(store: Arc<dyn Store>) {
         login(
             &store,
             &minimal_identity(&p2, "3"),
-            &email_policy(false),
+            &email_policy(&[&p1, &p2], false),
             None,
             t0
         )
@@ -1728,7 +1811,7 @@ pub async fn unverified_emails_never_link(store: Arc<dyn Store>) {
         login(
             &store,
             &with_email(&p2, "2", &verified, true),
-            &email_policy(false),
+            &email_policy(&[&p1, &p2], false),
             None,
             t0,
         )
@@ -1781,7 +1864,7 @@ pub async fn link_required_writes_nothing(store: Arc<dyn Store>) {
             BindPolicy {
                 create_user: false,
                 union_group: vec![web.clone(), app.clone()],
-                link_verified_email: true,
+                verified_email_providers: vec![web.clone(), app.clone()],
             },
         ),
     ];

@@ -67,9 +67,13 @@ pub struct BindPolicy {
     /// included). An identity of one of them with the same union id binds
     /// the new identity to its user. Empty: off.
     pub union_group: Vec<String>,
-    /// Bind to the user owning an identity whose verified email equals this
-    /// login's verified email. Off unless the operator turns it on.
-    pub link_verified_email: bool,
+    /// Providers trusted for email linking (`link_by_verified_email`), the
+    /// login's own included. A verified email of this login binds it to the
+    /// user of an identity with the same verified email at one of these
+    /// providers, and only these: an untrusted provider's "verified" email
+    /// must never become a way into another user. Empty: off (always empty
+    /// when the login's own provider is not trusted).
+    pub verified_email_providers: Vec<String>,
 }
 
 /// What `bind_login` did.

@@ -988,16 +988,20 @@ async fn link_target<C: GenericClient>(
     if let Some(email) = identity
         .email
         .as_ref()
-        .filter(|_| policy.link_verified_email && identity.email_verified)
+        .filter(|_| !policy.verified_email_providers.is_empty() && identity.email_verified)
     {
-        // Expression and predicate as in identities_verified_email_idx.
+        // Expression and predicate as in identities_verified_email_idx; only
+        // identities of trusted providers are candidates.
         let stmt = tx
             .prepare_cached(
                 "SELECT user_id FROM identities WHERE email_verified AND lower(email) = lower($1) \
-                 ORDER BY created_at, provider, subject LIMIT 1",
+                 AND provider = ANY($2) ORDER BY created_at, provider, subject LIMIT 1",
             )
             .await?;
-        if let Some(row) = tx.query_opt(&stmt, &[email]).await? {
+        if let Some(row) = tx
+            .query_opt(&stmt, &[email, &policy.verified_email_providers])
+            .await?
+        {
             let user_id: String = row.try_get(0)?;
             match claim_user(tx, &user_id, identity).await? {
                 Claim::Free => return Ok(Step::Done(Some((user_id, LINKED_BY_VERIFIED_EMAIL)))),

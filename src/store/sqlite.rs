@@ -649,17 +649,30 @@ fn link_target(
     if let Some(email) = identity
         .email
         .as_ref()
-        .filter(|_| policy.link_verified_email && identity.email_verified)
+        .filter(|_| !policy.verified_email_providers.is_empty() && identity.email_verified)
     {
-        // Expression and predicate as in identities_verified_email_idx.
+        // Expression and predicate as in identities_verified_email_idx;
+        // only identities of trusted providers (?2, ?3, …) are candidates.
         // SQLite's lower() folds ASCII letters only.
+        let placeholders = (2..policy.verified_email_providers.len() + 2)
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut values: Vec<&dyn ToSql> = vec![email];
+        values.extend(
+            policy
+                .verified_email_providers
+                .iter()
+                .map(|p| p as &dyn ToSql),
+        );
         let candidate: Option<String> = conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT user_id FROM identities \
                  WHERE email_verified = 1 AND lower(email) = lower(?1) \
-                 ORDER BY created_at, provider, subject LIMIT 1",
-            )?
-            .query_row(params![email], |row| row.get(0))
+                 AND provider IN ({placeholders}) \
+                 ORDER BY created_at, provider, subject LIMIT 1"
+            ))?
+            .query_row(params_from_iter(values), |row| row.get(0))
             .optional()?;
         if let Some(user_id) = candidate
             && let Claim::Free = claim_user(conn, &user_id, identity)?
