@@ -8,6 +8,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use time::OffsetDateTime;
 
 use crate::{
+    config::ApiKeyConfig,
     domain::{AuditEvent, AuditKind, User, now_micros},
     login::{LoginError, check_user_id},
     provider::Registry,
@@ -102,6 +103,9 @@ pub struct AdminService {
     summaries: Vec<ProviderSummary>,
     states: Arc<dyn StateStore>,
     tokens: Arc<TokenService>,
+    /// Every name a login can be stored under (`StateToken::owned_by`):
+    /// no key (open mode), then each configured API key.
+    login_owners: Vec<Option<String>>,
 }
 
 /// Who is calling, for the audit trail.
@@ -115,13 +119,18 @@ impl AdminService {
         summaries: Vec<ProviderSummary>,
         states: Arc<dyn StateStore>,
         tokens: Arc<TokenService>,
+        api_keys: &[ApiKeyConfig],
     ) -> Self {
+        let login_owners = std::iter::once(None)
+            .chain(api_keys.iter().map(|k| Some(k.name.clone())))
+            .collect();
         AdminService {
             store,
             providers,
             summaries,
             states,
             tokens,
+            login_owners,
         }
     }
 
@@ -425,7 +434,9 @@ impl AdminService {
         .await
     }
 
-    /// Forgets a pending login so its state can no longer complete.
+    /// Forgets a pending login so its state can no longer complete,
+    /// whichever API key began it: a login is stored under its key's name
+    /// (`StateToken::owned_by`), so each configured name is tried.
     pub async fn cancel_login(&self, actor: Actor<'_>, state: &str) -> Result<(), AdminError> {
         let result = async {
             let token =
@@ -433,15 +444,17 @@ impl AdminService {
                     field: "state",
                     problem: "is not a state issued by BeginLogin (43 base64url characters)".into(),
                 }))?;
-            match self
-                .states
-                .cancel(Kind::Login, &token, OffsetDateTime::now_utc())
-                .await
-            {
-                // An expired login is as cancelled as it gets.
-                Ok(_) | Err(StateError::Expired) => Ok(()),
-                Err(e) => Err(AdminError::Input(e.into())),
+            let now = OffsetDateTime::now_utc();
+            for owner in &self.login_owners {
+                let key = token.owned_by(owner.as_deref());
+                match self.states.cancel(Kind::Login, &key, now).await {
+                    Err(StateError::Unknown) => continue,
+                    // An expired login is as cancelled as it gets.
+                    Ok(_) | Err(StateError::Expired) => return Ok(()),
+                    Err(e) => return Err(AdminError::Input(e.into())),
+                }
             }
+            Err(AdminError::Input(LoginError::StateUnknown))
         }
         .await;
         self.audited("CancelLogin", actor, None, None, result).await

@@ -209,6 +209,7 @@ impl Application {
             summaries,
             states.clone(),
             tokens,
+            &settings.auth.api_keys,
         ));
         // dev is loopback-only and keyless by design (checked above).
         let api_keys = ApiKeys::new(

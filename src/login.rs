@@ -390,7 +390,13 @@ impl LoginService {
         &self.providers
     }
 
-    pub async fn begin(&self, req: BeginLogin) -> Result<BegunLogin, LoginError> {
+    /// Starts a login for `actor` (the calling API key's name; `None` in
+    /// open mode): only the same key can complete it (`StateToken::owned_by`).
+    pub async fn begin(
+        &self,
+        req: BeginLogin,
+        actor: Option<&str>,
+    ) -> Result<BegunLogin, LoginError> {
         check_len("provider", &req.provider, limits::PROVIDER)?;
         check_len("redirect_uri", &req.redirect_uri, limits::URL)?;
         check_len("return_to", &req.return_to, limits::URL)?;
@@ -467,7 +473,9 @@ impl LoginService {
         };
         let authorize_url = provider.authorize_url(&login).await?;
         let (state, expires_at) = (login.state, login.expires_at);
-        self.states.put(&state, Pending::Login(login)).await?;
+        self.states
+            .put(&state.owned_by(actor), Pending::Login(login))
+            .await?;
         Ok(BegunLogin {
             authorize_url,
             state,
@@ -553,18 +561,23 @@ impl LoginService {
         } else {
             Fingerprint::of(&["error", &req.error])
         };
+        let key = state.owned_by(actor);
         let started = Instant::now();
         let claimed = self
             .states
-            .claim(Kind::Login, &state, &fingerprint, OffsetDateTime::now_utc())
+            .claim(Kind::Login, &key, &fingerprint, OffsetDateTime::now_utc())
             .await;
         record_phase("state", started);
         let (login, attempt, progress) = match claimed {
             Ok(Claimed {
-                pending: Pending::Login(login),
+                pending: Pending::Login(mut login),
                 attempt,
                 progress,
-            }) => (login, attempt, progress),
+            }) => {
+                // Shared backends hand back the key it was stored under.
+                login.state = state;
+                (login, attempt, progress)
+            }
             // The kinds are separate namespaces on every backend.
             Ok(Claimed { .. }) => return Err(LoginError::StateUnknown),
             Err(e) => {
@@ -589,7 +602,7 @@ impl LoginService {
             .await;
         match result {
             Ok(done) => {
-                self.end(Kind::Login, &state, attempt).await;
+                self.end(Kind::Login, &key, attempt).await;
                 Ok(done)
             }
             Err(Failed { error, resume }) => {
@@ -599,7 +612,7 @@ impl LoginService {
                         // runs out and a retry then hears "already used".
                         if let Err(e) = self
                             .states
-                            .release(Kind::Login, &state, attempt, Some(progress))
+                            .release(Kind::Login, &key, attempt, Some(progress))
                             .await
                         {
                             tracing::warn!(
@@ -610,9 +623,9 @@ impl LoginService {
                     }
                     Some(Err(e)) => {
                         tracing::error!(error = %e, "a login's progress cannot be encoded");
-                        self.end(Kind::Login, &state, attempt).await;
+                        self.end(Kind::Login, &key, attempt).await;
                     }
-                    None => self.end(Kind::Login, &state, attempt).await,
+                    None => self.end(Kind::Login, &key, attempt).await,
                 }
                 self.audit_failure(Some(&login.provider), actor, &error)
                     .await;
@@ -744,7 +757,12 @@ impl LoginService {
             }),
             BindResult::LinkRequired => {
                 let ticket = self
-                    .issue_ticket(&identity, sealed.is_some().then_some(&tokens), &return_to)
+                    .issue_ticket(
+                        &identity,
+                        sealed.is_some().then_some(&tokens),
+                        &return_to,
+                        actor,
+                    )
                     .await
                     .map_err(|e| Failed::at(e, resume))?;
                 Ok(CompletedLogin {
@@ -792,11 +810,13 @@ impl LoginService {
         })
     }
 
+    /// A ticket that only `owner`, who completed the login, can redeem.
     async fn issue_ticket(
         &self,
         identity: &Identity,
         tokens: Option<&TokenSet>,
         return_to: &Option<String>,
+        owner: Option<&str>,
     ) -> Result<StateToken, LoginError> {
         let ticket = StateToken::generate()?;
         let ttl = time::Duration::try_from(self.settings.link_ticket_ttl)
@@ -811,7 +831,7 @@ impl LoginService {
         })?;
         self.states
             .put(
-                &ticket,
+                &ticket.owned_by(owner),
                 Pending::Ticket {
                     expires_at: OffsetDateTime::now_utc() + ttl,
                     payload: Arc::from(payload),
@@ -824,7 +844,9 @@ impl LoginService {
     /// Finishes a `link_required` login: binds the ticket's identity to the
     /// app's user, creating the user row if authbroker does not know it.
     /// A retry with the same ticket and user id after a retryable failure
-    /// redeems it; any other use of a redeemed ticket is refused.
+    /// redeems it; any other use of a redeemed ticket is refused. Only the
+    /// key that completed the login can redeem its ticket; to any other it
+    /// is unknown.
     pub async fn link(
         &self,
         req: LinkIdentity,
@@ -840,6 +862,7 @@ impl LoginService {
             problem: "is not a ticket issued by CompleteLogin (43 base64url characters)".into(),
         })?;
         check_user_id(&req.user_id)?;
+        let ticket_id = ticket_id.owned_by(actor);
         let claimed = self
             .states
             .claim(

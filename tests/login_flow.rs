@@ -585,3 +585,160 @@ async fn store_outage_is_unavailable_and_not_serving() {
         "no connection details leak: {msg}"
     );
 }
+
+/// A second login key beside the harness's `web` (login) and `ops` (admin).
+const SHOP_KEY: &str = "test-shop-key-5555555555";
+
+fn with_shop_key(s: &mut authbroker::config::Settings) {
+    let mut shop = s
+        .auth
+        .api_keys
+        .iter()
+        .find(|k| k.name == "web")
+        .expect("the harness's login key")
+        .clone();
+    shop.name = "shop".into();
+    shop.sha256 = sha256_hex(SHOP_KEY);
+    s.auth.api_keys.push(shop);
+}
+
+async fn complete_as(
+    app: &TestApp,
+    key: &str,
+    state: &str,
+    code: &str,
+) -> Result<pb::CompleteLoginResponse, tonic::Status> {
+    app.client()
+        .complete_login(authed(
+            pb::CompleteLoginRequest {
+                state: state.into(),
+                code: code.into(),
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Another key's state is answered exactly like a state never issued, and
+/// trying it leaves the login to its owner. Admin keys get no exception.
+#[tokio::test]
+async fn a_login_belongs_to_the_key_that_began_it() {
+    let app = spawn_app(with_shop_key).await;
+    let begun = app.begin_with("sandbox").await; // by `web`
+    let (code, state) = app.sandbox_authorize(&begun.authorize_url, "olga").await;
+    let never_issued = complete_as(&app, LOGIN_KEY, &"A".repeat(43), &code)
+        .await
+        .unwrap_err();
+    let unknown = assert_error(&never_issued, Code::NotFound, "STATE_UNKNOWN");
+    for key in [SHOP_KEY, ADMIN_KEY] {
+        // With the right code and with another, and twice.
+        for code in [code.as_str(), "another-code", code.as_str()] {
+            let err = complete_as(&app, key, &state, code).await.unwrap_err();
+            assert_eq!(
+                assert_error(&err, Code::NotFound, "STATE_UNKNOWN"),
+                unknown,
+                "the same answer as for a state never issued"
+            );
+        }
+    }
+    let done = app
+        .complete(&state, &code)
+        .await
+        .expect("the owner completes");
+    assert_eq!(done.outcome(), Outcome::UserCreated);
+
+    // A login begun with the admin key is the admin key's alone.
+    let begun = app
+        .client()
+        .begin_login(authed(
+            pb::BeginLoginRequest {
+                provider: "sandbox".into(),
+                ..Default::default()
+            },
+            ADMIN_KEY,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, state) = app.sandbox_authorize(&begun.authorize_url, "olga").await;
+    let err = app.complete(&state, &code).await.unwrap_err();
+    assert_error(&err, Code::NotFound, "STATE_UNKNOWN");
+    let done = complete_as(&app, ADMIN_KEY, &state, &code).await.unwrap();
+    assert_eq!(done.outcome(), Outcome::SignedIn);
+
+    // CancelLogin (admin) still finds a login whichever key began it.
+    let begun = app
+        .client()
+        .begin_login(authed(
+            pb::BeginLoginRequest {
+                provider: "sandbox".into(),
+                ..Default::default()
+            },
+            SHOP_KEY,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, state) = app.sandbox_authorize(&begun.authorize_url, "olga").await;
+    app.admin()
+        .cancel_login(authed(
+            pb::CancelLoginRequest {
+                state: state.clone(),
+            },
+            ADMIN_KEY,
+        ))
+        .await
+        .expect("CancelLogin finds another key's login");
+    let err = complete_as(&app, SHOP_KEY, &state, &code)
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "STATE_ALREADY_USED");
+}
+
+/// A link ticket can be redeemed only by the key that completed its login.
+#[tokio::test]
+async fn a_link_ticket_belongs_to_the_key_that_got_it() {
+    let app = spawn_app(|s| {
+        with_shop_key(s);
+        s.login.policy = authbroker::config::Policy::LinkRequired;
+    })
+    .await;
+    let begun = app.begin_with("sandbox").await;
+    let (code, state) = app.sandbox_authorize(&begun.authorize_url, "pia").await;
+    let done = app.complete(&state, &code).await.unwrap();
+    assert_eq!(done.outcome(), Outcome::LinkRequired);
+    let link_as = |key: &'static str, user: &'static str| {
+        let (app, ticket) = (&app, done.link_ticket.clone());
+        async move {
+            app.client()
+                .link_identity(authed(
+                    pb::LinkIdentityRequest {
+                        link_ticket: ticket,
+                        user_id: user.into(),
+                    },
+                    key,
+                ))
+                .await
+        }
+    };
+    for key in [SHOP_KEY, ADMIN_KEY] {
+        for user in ["intruder", "app-user-7"] {
+            let err = link_as(key, user).await.unwrap_err();
+            assert_error(&err, Code::NotFound, "LINK_TICKET_UNKNOWN");
+        }
+    }
+    let subject = done.identity.as_ref().unwrap().subject.clone();
+    assert!(
+        app.store
+            .find_binding("sandbox", &subject)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing was linked"
+    );
+    let linked = link_as(LOGIN_KEY, "app-user-7").await.unwrap().into_inner();
+    assert_eq!(linked.binding.unwrap().user_id, "app-user-7");
+}
+

@@ -79,5 +79,6 @@ conformance_tests!(
     cancellation,
     capacity_is_exact_and_freed_on_finish,
     link_tickets_are_their_own_kind,
+    an_entry_is_reachable_only_under_its_owner,
     single_use_under_2000_concurrent_claims,
 );

@@ -81,7 +81,7 @@ pub async fn measure(mut settings: Settings, pending: u64) -> anyhow::Result<Mem
             ..Default::default()
         };
         login
-            .begin(request)
+            .begin(request, None)
             .await
             .with_context(|| format!("BeginLogin (in-process) number {i}"))?;
     }

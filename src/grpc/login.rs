@@ -21,15 +21,24 @@ impl LoginApi {
     }
 }
 
+/// The calling API key's name: whose logins these are.
+fn caller<T>(request: &Request<T>) -> Option<Arc<str>> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .and_then(|c| c.name.clone())
+}
+
 #[tonic::async_trait]
 impl login_service_server::LoginService for LoginApi {
     async fn begin_login(
         &self,
         request: Request<pb::BeginLoginRequest>,
     ) -> Result<Response<pb::BeginLoginResponse>, Status> {
+        let actor = caller(&request);
         let begun = self
             .login
-            .begin(request.into_inner().into())
+            .begin(request.into_inner().into(), actor.as_deref())
             .await
             .map_err(login_error)?;
         Ok(Response::new(begun.into()))
@@ -39,10 +48,7 @@ impl login_service_server::LoginService for LoginApi {
         &self,
         request: Request<pb::CompleteLoginRequest>,
     ) -> Result<Response<pb::CompleteLoginResponse>, Status> {
-        let actor = request
-            .extensions()
-            .get::<Caller>()
-            .and_then(|c| c.name.clone());
+        let actor = caller(&request);
         let done = self
             .login
             .complete(request.into_inner().into(), actor.as_deref())
@@ -55,10 +61,7 @@ impl login_service_server::LoginService for LoginApi {
         &self,
         request: Request<pb::LinkIdentityRequest>,
     ) -> Result<Response<pb::LinkIdentityResponse>, Status> {
-        let actor = request
-            .extensions()
-            .get::<Caller>()
-            .and_then(|c| c.name.clone());
+        let actor = caller(&request);
         let linked = self
             .login
             .link(request.into_inner().into(), actor.as_deref())

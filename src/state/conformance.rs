@@ -43,6 +43,7 @@ scenarios!(
     cancellation,
     capacity_is_exact_and_freed_on_finish,
     link_tickets_are_their_own_kind,
+    an_entry_is_reachable_only_under_its_owner,
     single_use_under_2000_concurrent_claims,
 );
 
@@ -97,7 +98,8 @@ pub fn login(ttl: time::Duration) -> (StateToken, Pending) {
     (state, Pending::Login(login))
 }
 
-fn ticket(ttl: time::Duration, payload: &[u8]) -> (StateToken, Pending) {
+/// A link ticket with `payload`, expiring after `ttl`.
+pub fn ticket(ttl: time::Duration, payload: &[u8]) -> (StateToken, Pending) {
     let token = StateToken::generate().expect("the OS RNG answers");
     let pending = Pending::Ticket {
         expires_at: OffsetDateTime::now_utc() + ttl,
@@ -519,6 +521,54 @@ pub async fn link_tickets_are_their_own_kind(factory: Factory) {
     claim(&*store, &state, "code")
         .await
         .expect("the state is untouched by the ticket claim");
+}
+
+/// The login layer stores an API key's logins and tickets under
+/// `StateToken::owned_by(key)`. Under another key's (or no key's) the entry
+/// is unknown, and neither a claim nor a cancel there touches it: its owner
+/// then claims it as a first attempt.
+pub async fn an_entry_is_reachable_only_under_its_owner(factory: Factory) {
+    let store = factory(limits()).await;
+    let unknown = |e: &StateError| matches!(e, StateError::Unknown);
+    for kind in [Kind::Login, Kind::Ticket] {
+        let (state, pending) = match kind {
+            Kind::Login => login(time::Duration::minutes(10)),
+            Kind::Ticket => ticket(time::Duration::minutes(10), b"identity"),
+        };
+        let web = state.owned_by(Some("web"));
+        store.put(&web, pending).await.expect("put");
+        for other in [
+            state.owned_by(Some("shop")),
+            state.owned_by(Some("ops")),
+            state.owned_by(None),
+        ] {
+            for code in ["code", "other"] {
+                expect_err(
+                    "a claim under another owner",
+                    store.claim(kind, &other, &fingerprint(code), now()).await,
+                    unknown,
+                );
+            }
+            assert!(
+                matches!(
+                    store.cancel(kind, &other, now()).await,
+                    Err(StateError::Unknown)
+                ),
+                "a cancel under another owner"
+            );
+        }
+        let claimed = store
+            .claim(kind, &web, &fingerprint("code"), now())
+            .await
+            .expect("the owner claims it");
+        assert_eq!(claimed.attempt, 1);
+        assert!(claimed.progress.is_none());
+        match claimed.pending {
+            Pending::Login(l) => assert_eq!(&*l.provider, "github"),
+            Pending::Ticket { payload, .. } => assert_eq!(&*payload, b"identity"),
+        }
+        store.finish(kind, &web, 1).await.expect("finish");
+    }
 }
 
 pub async fn single_use_under_2000_concurrent_claims(factory: Factory) {

@@ -55,7 +55,32 @@ impl StateToken {
     pub(crate) fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// The token an entry is stored under when `owner` (an API key's name)
+    /// was issued it: SHA-256 of the owner's name and this token. A caller
+    /// presenting the token under another key looks up another entry and
+    /// hears "unknown", exactly as for a token never issued, and its claim
+    /// touches nothing of the owner's, who can still complete. No owner
+    /// (open mode) stores under the token itself.
+    ///
+    /// Deriving the key, rather than keeping the owner in the entry and
+    /// checking it after `claim`, needs nothing of the backends: a wrong
+    /// key never reaches the entry, so there is no claim to undo.
+    pub fn owned_by(&self, owner: Option<&str>) -> StateToken {
+        let Some(owner) = owner else {
+            return *self;
+        };
+        let mut h = Sha256::new();
+        h.update(OWNER_LABEL);
+        h.update((owner.len() as u64).to_be_bytes());
+        h.update(owner.as_bytes());
+        h.update(self.0);
+        StateToken(h.finalize().into())
+    }
 }
+
+/// Keeps `owned_by`'s keys apart from every other hash of a token.
+const OWNER_LABEL: &[u8] = b"authbroker/state/owner/v1\0";
 
 // A state is a bearer credential for one login; never print it.
 impl fmt::Debug for StateToken {
@@ -298,9 +323,11 @@ pub enum StateError {
 /// one wins. A finished entry frees its place in `capacity` at once and is
 /// remembered as used for replay detection until its grace period ends.
 ///
-/// `claim` answers, in this order: `Unknown` (no such entry of this kind),
-/// `AlreadyUsed` (finished, claimed with another fingerprint, or its retry
-/// window is over), `Expired` (pending past its expiry; this finishes it),
+/// `claim` answers, in this order: `Unknown` (no such entry of this kind,
+/// or one forgotten after its deadline), `AlreadyUsed` (finished, claimed
+/// with another fingerprint, or its retry window is over: `Unknown` instead
+/// once the backend has forgotten it), `Expired` (pending past its expiry;
+/// this finishes it),
 /// `InProgress` (same fingerprint, another attempt holds the lease), else
 /// the claim.
 #[async_trait]
@@ -374,6 +401,18 @@ mod tests {
         assert_eq!(StateToken::parse(&format!("{}=", &text[..42])), None);
         assert_eq!(StateToken::parse(&"!".repeat(43)), None);
         assert_ne!(StateToken::generate().unwrap(), s);
+    }
+
+    #[test]
+    fn an_owner_gets_a_key_of_its_own() {
+        let s = StateToken::generate().unwrap();
+        assert_eq!(s.owned_by(None), s, "open mode keys by the token");
+        let web = s.owned_by(Some("web"));
+        assert_eq!(web, s.owned_by(Some("web")), "deterministic");
+        assert_ne!(web, s);
+        assert_ne!(web, s.owned_by(Some("shop")));
+        assert_ne!(web, s.owned_by(Some("web ")));
+        assert_ne!(web, StateToken::generate().unwrap().owned_by(Some("web")));
     }
 
     #[test]
