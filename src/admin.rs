@@ -77,11 +77,56 @@ pub struct Page<T> {
     pub next_page_token: Option<String>,
 }
 
+/// An instant as the caller sent it (a protobuf `Timestamp`'s fields),
+/// checked by the use case like every other input (`Moment::check`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moment {
+    pub seconds: i64,
+    pub nanos: i32,
+}
+
+impl Moment {
+    /// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: the range of a
+    /// protobuf `Timestamp`, which both stores hold exactly.
+    pub const MIN_SECONDS: i64 = -62_135_596_800;
+    pub const MAX_SECONDS: i64 = 253_402_300_799;
+
+    /// The instant, or `INVALID_FIELD` naming `field` when it is outside
+    /// the range above (never silently dropped: a dropped bound would
+    /// widen a listing to everything).
+    pub fn check(
+        field: &'static str,
+        moment: Option<Moment>,
+    ) -> Result<Option<OffsetDateTime>, AdminError> {
+        let Some(Moment { seconds, nanos }) = moment else {
+            return Ok(None);
+        };
+        let invalid = || {
+            AdminError::Input(LoginError::InvalidField {
+                field,
+                problem: "must be a timestamp from 0001-01-01T00:00:00Z to \
+                          9999-12-31T23:59:59.999999999Z"
+                    .into(),
+            })
+        };
+        if !(Self::MIN_SECONDS..=Self::MAX_SECONDS).contains(&seconds)
+            || !(0..1_000_000_000).contains(&nanos)
+        {
+            return Err(invalid());
+        }
+        OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(seconds) * 1_000_000_000 + i128::from(nanos),
+        )
+        .map(Some)
+        .map_err(|_| invalid())
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct UserFilter {
     pub provider: Option<String>,
-    pub created_after: Option<OffsetDateTime>,
-    pub created_before: Option<OffsetDateTime>,
+    pub created_after: Option<Moment>,
+    pub created_before: Option<Moment>,
     pub page_size: u32,
     pub page_token: String,
 }
@@ -91,8 +136,8 @@ pub struct AuditFilter {
     pub user_id: Option<String>,
     pub provider: Option<String>,
     pub kind: Option<String>,
-    pub after: Option<OffsetDateTime>,
-    pub before: Option<OffsetDateTime>,
+    pub after: Option<Moment>,
+    pub before: Option<Moment>,
     pub page_size: u32,
     pub page_token: String,
 }
@@ -146,8 +191,14 @@ impl AdminService {
         let mut event = AuditEvent::new(AuditKind::AdminCall);
         event.actor = actor.0.map(str::to_string);
         event.detail = Some(rpc.to_string());
-        event.provider = provider.filter(|p| !p.is_empty()).map(str::to_string);
-        event.user_id = user_id.filter(|u| !u.is_empty()).map(str::to_string);
+        // A value refused as input is not written either: a store may not
+        // be able to hold it, and the call's own record would be lost.
+        event.provider = provider
+            .filter(|p| !p.is_empty() && check_text("provider", p).is_ok())
+            .map(str::to_string);
+        event.user_id = user_id
+            .filter(|u| !u.is_empty() && check_user_id(u).is_ok())
+            .map(str::to_string);
         event.reason = result.as_ref().err().map(|e| e.reason().to_string());
         if let Err(e) = self.store.record_audit(&event).await {
             tracing::warn!(error = %crate::telemetry::cause_chain(&e), rpc, "could not record an admin call");
@@ -209,6 +260,9 @@ impl AdminService {
     ) -> Result<Page<User>, AdminError> {
         let result = async {
             let limit = page_size(filter.page_size)?;
+            optional_text("provider", filter.provider.as_deref())?;
+            let created_after = Moment::check("created_after", filter.created_after)?;
+            let created_before = Moment::check("created_before", filter.created_before)?;
             let after = if filter.page_token.is_empty() {
                 None
             } else {
@@ -218,8 +272,8 @@ impl AdminService {
                 .store
                 .list_users(&UserQuery {
                     provider: filter.provider.clone(),
-                    created_after: filter.created_after,
-                    created_before: filter.created_before,
+                    created_after,
+                    created_before,
                     limit: limit + 1,
                     after,
                 })
@@ -384,6 +438,12 @@ impl AdminService {
     ) -> Result<Page<AuditRecord>, AdminError> {
         let result = async {
             let limit = page_size(filter.page_size)?;
+            optional_text("provider", filter.provider.as_deref())?;
+            if let Some(user_id) = filter.user_id.as_deref() {
+                check_user_id(user_id).map_err(AdminError::Input)?;
+            }
+            let after = Moment::check("after", filter.after)?;
+            let before = Moment::check("before", filter.before)?;
             let kind = match filter.kind.as_deref() {
                 None | Some("") => None,
                 Some(k) => Some(AuditKind::parse(k).ok_or_else(|| {
@@ -407,8 +467,8 @@ impl AdminService {
                     provider: filter.provider.clone(),
                     user_id: filter.user_id.clone(),
                     kind,
-                    after: filter.after,
-                    before: filter.before,
+                    after,
+                    before,
                     limit: limit + 1,
                     before_id,
                 })
@@ -515,11 +575,32 @@ impl AdminError {
 fn required(field: &'static str, value: &str) -> Result<(), AdminError> {
     if value.is_empty() {
         Err(AdminError::Input(LoginError::MissingField { field }))
-    } else if value.len() > crate::login::limits::URL {
-        Err(AdminError::Input(LoginError::FieldTooLong {
+    } else {
+        check_text(field, value).map_err(AdminError::Input)
+    }
+}
+
+fn optional_text(field: &'static str, value: Option<&str>) -> Result<(), AdminError> {
+    match value {
+        Some(v) if !v.is_empty() => check_text(field, v).map_err(AdminError::Input),
+        _ => Ok(()),
+    }
+}
+
+/// A name or id the caller looks something up by (provider, subject):
+/// bounded, and free of control characters, NUL above all, which Postgres
+/// cannot even compare and SQLite would; both stores answer alike.
+fn check_text(field: &'static str, value: &str) -> Result<(), LoginError> {
+    if value.len() > crate::login::limits::URL {
+        Err(LoginError::FieldTooLong {
             field,
             limit: crate::login::limits::URL,
-        }))
+        })
+    } else if value.chars().any(char::is_control) {
+        Err(LoginError::InvalidField {
+            field,
+            problem: "must not contain control characters".into(),
+        })
     } else {
         Ok(())
     }
@@ -550,9 +631,20 @@ fn decode_user_cursor(token: &str) -> Result<(OffsetDateTime, String), AdminErro
     let (Some("u1"), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(AdminError::InvalidPageToken);
     };
-    let micros: i128 = micros.parse().map_err(|_| AdminError::InvalidPageToken)?;
-    let at = OffsetDateTime::from_unix_timestamp_nanos(micros * 1_000)
-        .map_err(|_| AdminError::InvalidPageToken)?;
+    let micros: i64 = micros.parse().map_err(|_| AdminError::InvalidPageToken)?;
+    // Only what encode_user_cursor can have written: an instant the stores
+    // hold and a user id that passes the usual check.
+    let at = Moment::check(
+        "page_token",
+        Some(Moment {
+            seconds: micros.div_euclid(1_000_000),
+            nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
+        }),
+    )
+    .ok()
+    .flatten()
+    .ok_or(AdminError::InvalidPageToken)?;
+    check_user_id(id).map_err(|_| AdminError::InvalidPageToken)?;
     Ok((at, id.to_string()))
 }
 

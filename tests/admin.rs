@@ -738,3 +738,157 @@ async fn a_store_outage_is_unavailable_for_admin_calls() {
     // The ticket check comes first and needs no store.
     assert_error(&err, Code::NotFound, "LINK_TICKET_UNKNOWN");
 }
+
+/// What the probe of issue 9 sent: NUL characters in string fields and
+/// timestamps out of a `Timestamp`'s range. Both stores answer alike:
+/// INVALID_ARGUMENT with a `BadRequest` naming the field, and the call is
+/// still audited.
+async fn bad_input_is_invalid_argument_on_every_store(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
+    let olga = app.sandbox_login("olga").await.binding.unwrap();
+    let mut a = app.admin();
+    let ts = |seconds: i64, nanos: i32| Some(prost_types::Timestamp { seconds, nanos });
+    // Year -9999, year 10000, and nanos out of range.
+    let year_minus_9999 = ts(-377_705_116_800, 0);
+    let year_10000 = ts(253_402_300_800, 0);
+    let bad_nanos = ts(0, -1);
+
+    let check = |result: Result<(), tonic::Status>, field: &str| {
+        let err = result.expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert_eq!(violation_field(&err), field, "{err:?}");
+    };
+    let find = |provider: &str, subject: &str| pb::FindUserByIdentityRequest {
+        provider: provider.into(),
+        subject: subject.into(),
+    };
+    check(
+        a.find_user_by_identity(admin(find("sand\0box", &olga.subject)))
+            .await
+            .map(drop),
+        "provider",
+    );
+    check(
+        a.find_user_by_identity(admin(find("sandbox", "1\0")))
+            .await
+            .map(drop),
+        "subject",
+    );
+    let users = |r: pb::ListUsersRequest| {
+        let mut a = app.admin();
+        async move { a.list_users(admin(r)).await.map(drop) }
+    };
+    check(
+        users(pb::ListUsersRequest {
+            provider: "\0".into(),
+            ..Default::default()
+        })
+        .await,
+        "provider",
+    );
+    for (field, bad) in [
+        ("created_after", &year_minus_9999),
+        ("created_after", &year_10000),
+        ("created_before", &bad_nanos),
+    ] {
+        let mut r = pb::ListUsersRequest::default();
+        match field {
+            "created_after" => r.created_after = *bad,
+            _ => r.created_before = *bad,
+        }
+        check(users(r).await, field);
+    }
+    let audits = |r: pb::ListAuditEventsRequest| {
+        let mut a = app.admin();
+        async move { a.list_audit_events(admin(r)).await.map(drop) }
+    };
+    for (field, r) in [
+        (
+            "user_id",
+            pb::ListAuditEventsRequest {
+                user_id: "a\0".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "provider",
+            pb::ListAuditEventsRequest {
+                provider: "\0".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "kind",
+            pb::ListAuditEventsRequest {
+                kind: "login_failed\0".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "after",
+            pb::ListAuditEventsRequest {
+                after: year_minus_9999,
+                ..Default::default()
+            },
+        ),
+        (
+            "before",
+            pb::ListAuditEventsRequest {
+                before: year_10000,
+                ..Default::default()
+            },
+        ),
+    ] {
+        check(audits(r).await, field);
+    }
+    // The edges of the range are fine, and a bound is never dropped.
+    let listed = a
+        .list_users(admin(pb::ListUsersRequest {
+            created_after: ts(253_402_300_799, 999_999_999),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.users.is_empty(), "nobody was created after 9999");
+    let listed = a
+        .list_users(admin(pb::ListUsersRequest {
+            created_after: ts(-62_135_596_800, 0),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.users.len(), 1);
+
+    // Every refused call is in the audit trail, with its reason.
+    let refused = app
+        .store
+        .list_audit_events(&authbroker::store::AuditQuery {
+            kind: Some(authbroker::domain::AuditKind::AdminCall),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| {
+            (r.event.reason.as_deref() == Some("INVALID_FIELD")).then(|| r.event.detail.clone())
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        refused.len(),
+        11,
+        "every refused call was audited: {refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_invalid_argument_on_postgres() {
+    bad_input_is_invalid_argument_on_every_store(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_invalid_argument_on_sqlite() {
+    bad_input_is_invalid_argument_on_every_store(Backend::Sqlite).await;
+}

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use super::pb;
 use crate::{
-    admin::ProviderSummary,
+    admin::{Moment, ProviderSummary},
     domain::{AuditEvent, Binding, Identity, LinkedIdentity, Outcome, User},
     login::{self, BeginLogin, BegunLogin, CompleteLogin, CompletedLogin, LinkIdentity},
     store::AuditRecord,
@@ -59,13 +59,13 @@ fn outcome(o: Outcome) -> pb::Outcome {
     }
 }
 
-/// Proto timestamp to an instant; `None` for absent or out of range.
-pub fn instant(t: Option<prost_types::Timestamp>) -> Option<OffsetDateTime> {
-    let t = t?;
-    OffsetDateTime::from_unix_timestamp_nanos(
-        i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
-    )
-    .ok()
+/// A proto timestamp as sent; the use case checks its range, so one out of
+/// range is refused rather than dropped (`Moment::check`).
+pub fn moment(t: Option<Timestamp>) -> Option<Moment> {
+    t.map(|t| Moment {
+        seconds: t.seconds,
+        nanos: t.nanos,
+    })
 }
 
 pub fn binding(b: Binding) -> pb::Binding {
