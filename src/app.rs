@@ -306,10 +306,12 @@ impl Application {
         let calls = CallLimits::new(limits.max_concurrent_calls, limits.request_timeout);
         let login = LoginServiceServer::new(LoginApi::new(self.login.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let login = grpc::decode::DecodeErrors::new(login);
         let login = Limited::new(login, calls.clone());
         let login = Authenticated::new(login, self.api_keys.clone(), Role::Login);
         let admin = AdminServiceServer::new(AdminApi::new(self.admin.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let admin = grpc::decode::DecodeErrors::new(admin);
         let admin = Limited::new(admin, calls);
         let admin = Authenticated::new(admin, self.api_keys.clone(), Role::Admin);
 

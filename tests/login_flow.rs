@@ -742,3 +742,63 @@ async fn a_link_ticket_belongs_to_the_key_that_got_it() {
     assert_eq!(linked.binding.unwrap().user_id, "app-user-7");
 }
 
+/// `BeginLoginRequest` and `GetUserRequest` with bytes where field 1's
+/// string belongs, so the client can send what is not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawFieldOne {
+    #[prost(bytes = "vec", tag = "1")]
+    one: Vec<u8>,
+}
+
+/// Failures of tonic's own decoding carry an `ErrorInfo` like every other
+/// error: an over-size request is RESOURCE_EXHAUSTED (not OUT_OF_RANGE), one
+/// that is not UTF-8 where a string belongs is INVALID_ARGUMENT (not a bare
+/// INTERNAL).
+#[tokio::test]
+async fn oversized_and_undecodable_requests_say_why() {
+    let app = spawn_app_on(Backend::Sqlite, |_| {}).await;
+    let err = app
+        .begin(pb::BeginLoginRequest {
+            provider: "sandbox".into(),
+            return_to: format!("/{}", "x".repeat(100_000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+    let err = app
+        .admin()
+        .get_user(authed(
+            pb::GetUserRequest {
+                user_id: "x".repeat(100_000),
+            },
+            ADMIN_KEY,
+        ))
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
+
+    for (path, key) in [
+        ("/authbroker.v1.LoginService/BeginLogin", LOGIN_KEY),
+        ("/authbroker.v1.AdminService/GetUser", ADMIN_KEY),
+    ] {
+        let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<RawFieldOne, RawFieldOne, _>(
+                authed(
+                    RawFieldOne {
+                        one: b"sand\xffbox".to_vec(),
+                    },
+                    key,
+                ),
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_error(&err, Code::InvalidArgument, "MALFORMED_REQUEST");
+    }
+    // The service still works on the same connection.
+    app.begin_with("sandbox").await;
+}

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod convert;
+pub mod decode;
 pub mod health;
 pub mod limits;
 pub mod login;

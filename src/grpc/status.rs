@@ -21,6 +21,8 @@ pub const REASONS: &[(&str, Code)] = &[
     ("FIELD_TOO_LONG", Code::InvalidArgument),
     ("INVALID_FIELD", Code::InvalidArgument),
     ("INVALID_PAGE_TOKEN", Code::InvalidArgument),
+    ("MALFORMED_REQUEST", Code::InvalidArgument),
+    ("MESSAGE_TOO_LARGE", Code::ResourceExhausted),
     ("UNKNOWN_PROVIDER", Code::InvalidArgument),
     ("REDIRECT_URI_NOT_ALLOWED", Code::InvalidArgument),
     ("SCOPE_NOT_ALLOWED", Code::InvalidArgument),
