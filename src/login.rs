@@ -486,51 +486,13 @@ impl LoginService {
     /// `return_to` is either a path on the app's own origin or an absolute
     /// URL on an allowlisted origin; anything else could be an open redirect.
     fn check_return_to(&self, s: &str) -> Result<Option<String>, LoginError> {
-        if s.is_empty() {
-            return Ok(None);
-        }
-        if s.chars().any(|c| c.is_control() || c == '\\') {
-            return Err(LoginError::ReturnToNotAllowed(
-                "must not contain control characters or backslashes",
-            ));
-        }
-        if s.starts_with('/') {
-            if s.starts_with("//") {
-                return Err(LoginError::ReturnToNotAllowed(
-                    "must not start with // (that is another host)",
-                ));
-            }
-            // Belt and braces: resolving against a base must stay on it.
-            let base = Url::parse("https://return-to.invalid/")
-                .map_err(|_| LoginError::ReturnToNotAllowed("could not be checked"))?;
-            return match base.join(s) {
-                Ok(u) if u.origin() == base.origin() => Ok(Some(s.to_string())),
-                _ => Err(LoginError::ReturnToNotAllowed(
-                    "is not a valid relative path",
-                )),
-            };
-        }
-        let url = Url::parse(s).map_err(|_| {
-            LoginError::ReturnToNotAllowed(
-                "must be a relative path starting with / or an absolute http(s) URL",
-            )
-        })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(LoginError::ReturnToNotAllowed("must use http or https"));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(LoginError::ReturnToNotAllowed(
-                "must not contain credentials",
-            ));
-        }
-        if !self.return_to_origins.contains(&url.origin()) {
-            return Err(LoginError::ReturnToNotAllowed(
-                "points at an origin not in login.return_to_origins",
-            ));
-        }
-        Ok(Some(s.to_string()))
+        check_return_to(s, &self.return_to_origins)
     }
 
+    /// Completes a login begun by the same `actor`. Another key's state is
+    /// unknown to this one (`StateToken::owned_by`), whatever its role: an
+    /// admin key gets no exception, so no key can finish, or learn of,
+    /// another key's logins.
     pub async fn complete(
         &self,
         req: CompleteLogin,
@@ -934,6 +896,85 @@ impl LoginService {
             return_to: ticket.return_to,
         })
     }
+}
+
+/// `return_to` is either a path on the app's own origin or an absolute URL
+/// on one of `origins`; anything else could be an open redirect. Nothing is
+/// accepted that a normalising app could turn into another target: no dot
+/// segments and no encoded dots, slashes or backslashes in the path, so
+/// what is accepted is already its own normal form (`/.//evil.example`
+/// would otherwise become `//evil.example`, another host).
+pub fn check_return_to(s: &str, origins: &[url::Origin]) -> Result<Option<String>, LoginError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.chars().any(|c| c.is_control() || c == '\\') {
+        return Err(LoginError::ReturnToNotAllowed(
+            "must not contain control characters or backslashes",
+        ));
+    }
+    check_return_to_path(s)?;
+    if s.starts_with('/') {
+        if s.starts_with("//") {
+            return Err(LoginError::ReturnToNotAllowed(
+                "must not start with // (that is another host)",
+            ));
+        }
+        // Belt and braces: resolving against a base must stay on it, and
+        // must not leave a path that is itself another host.
+        let base = Url::parse("https://return-to.invalid/")
+            .map_err(|_| LoginError::ReturnToNotAllowed("could not be checked"))?;
+        return match base.join(s) {
+            Ok(u) if u.origin() == base.origin() && !u.path().starts_with("//") => {
+                Ok(Some(s.to_string()))
+            }
+            _ => Err(LoginError::ReturnToNotAllowed(
+                "is not a valid relative path",
+            )),
+        };
+    }
+    let url = Url::parse(s).map_err(|_| {
+        LoginError::ReturnToNotAllowed(
+            "must be a relative path starting with / or an absolute http(s) URL",
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(LoginError::ReturnToNotAllowed("must use http or https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(LoginError::ReturnToNotAllowed(
+            "must not contain credentials",
+        ));
+    }
+    if !origins.contains(&url.origin()) {
+        return Err(LoginError::ReturnToNotAllowed(
+            "points at an origin not in login.return_to_origins",
+        ));
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// The path (what comes before `?` or `#`) has no `.` or `..` segment (nor
+/// one with `;parameters`, which some servers strip) and no `%2e`, `%2f` or
+/// `%5c` in any case.
+fn check_return_to_path(s: &str) -> Result<(), LoginError> {
+    let path = s.split(['?', '#']).next().unwrap_or_default();
+    let dot_segment = path.split('/').any(|segment| {
+        let name = segment.split(';').next().unwrap_or_default();
+        name == "." || name == ".."
+    });
+    if dot_segment {
+        return Err(LoginError::ReturnToNotAllowed(
+            "must not contain . or .. path segments",
+        ));
+    }
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) {
+        return Err(LoginError::ReturnToNotAllowed(
+            "must not contain encoded dots, slashes or backslashes (%2e, %2f, %5c) in its path",
+        ));
+    }
+    Ok(())
 }
 
 /// The id a login's audit events carry (`LoginKey`): a hash of its state,

@@ -412,6 +412,22 @@ async fn return_to_allows_only_safe_targets() {
         "/a\u{0}b",
         "orders",
         "ftp://app.example.com/",
+        // Dot segments and encoded separators, which a normalising app
+        // turns into `//evil.example`, another host.
+        "/.//evil.example",
+        "/..//evil.example",
+        "/%2e%2e//evil.example",
+        "/%2E%2E//evil.example",
+        "/a/../../..//evil.example",
+        "/.",
+        "/..",
+        "/a/..",
+        "/a/./b",
+        "/..;/evil",
+        "/%2fevil.example",
+        "/%2F%2Fevil.example",
+        "/a%5cb",
+        "https://app.example.com/..//evil.example",
     ] {
         let err = app
             .begin(pb::BeginLoginRequest {
@@ -434,7 +450,14 @@ async fn return_to_allows_only_safe_targets() {
         .unwrap_err();
     assert_error(&err, Code::InvalidArgument, "FIELD_TOO_LONG");
 
-    for good in ["/orders?id=3", "/", "https://app.example.com/welcome#top"] {
+    for good in [
+        "/orders?id=3",
+        "/",
+        "https://app.example.com/welcome#top",
+        // Dots inside names and encoded text after the path are fine.
+        "/files/report..v2.pdf?next=%2Fhome",
+        "/.well-known/x#/../a",
+    ] {
         let begun = app
             .begin(pb::BeginLoginRequest {
                 provider: "sandbox".into(),
