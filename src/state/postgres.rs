@@ -92,7 +92,6 @@
 //! Needs Postgres 13 or newer (`pg_current_xact_id`, `pg_current_snapshot`).
 
 use std::{
-    str::FromStr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
     time::{Duration, Instant},
 };
@@ -110,7 +109,7 @@ use super::{
     Claimed, Fingerprint, Kind, Pending, StateError, StateLimits, StateStore, StateToken,
     seal::{lookup_key, open_pending, open_progress, seal_pending, seal_progress},
 };
-use crate::store::postgres::{migrate_locked, pool};
+use crate::store::postgres::{migrate_locked, parse_url, pool};
 
 mod embedded {
     refinery::embed_migrations!("migrations/state-postgres");
@@ -245,9 +244,10 @@ impl PostgresStateStore {
     /// `Unavailable` within the pool's timeouts. Must run inside a Tokio
     /// runtime, which the sweep task is spawned on.
     pub fn connect(url: &str, pool_size: usize, limits: StateLimits) -> Result<Self, StateError> {
-        // tokio-postgres parse errors name the bad option, never the password.
-        let mut config = tokio_postgres::Config::from_str(url)
-            .or_unavailable("parsing the postgres state backend's url")?;
+        // Parse errors name the bad option, never the password. TLS as the
+        // URL's sslmode and sslrootcert ask, as for the user store.
+        let (mut config, tls) =
+            parse_url(url).or_unavailable("parsing the postgres state backend's url")?;
         // See "Durability" above: pending logins trade the last few hundred
         // milliseconds of a server crash for not waiting on the disk.
         let options = match config.get_options() {
@@ -255,7 +255,8 @@ impl PostgresStateStore {
             None => "-c synchronous_commit=off".to_string(),
         };
         config.options(options);
-        let pool = pool(config, pool_size).or_unavailable("building the state backend's pool")?;
+        let pool =
+            pool(config, tls, pool_size).or_unavailable("building the state backend's pool")?;
         let runtime = tokio::runtime::Handle::try_current()
             .or_unavailable("starting the state sweep (needs a Tokio runtime)")?;
         let inner = Arc::new(Inner {

@@ -1,5 +1,6 @@
-//! `Store` on Postgres: a deadpool pool of tokio-postgres connections, schema
-//! managed by refinery (`migrations/postgres`).
+//! `Store` on Postgres: a deadpool pool of tokio-postgres connections, over
+//! TLS as the URL's `sslmode` and `sslrootcert` ask (`tls`), schema managed
+//! by refinery (`migrations/postgres`).
 //!
 //! Concurrency: every write that decides from what it read runs in one READ
 //! COMMITTED transaction and locks what the decision rests on — the identity
@@ -10,7 +11,6 @@
 //! finds the winner's binding.
 
 use std::ops::DerefMut;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,9 +18,9 @@ use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use time::OffsetDateTime;
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 
 use super::filter;
 
@@ -35,6 +35,9 @@ use crate::domain::{
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");
 }
+
+mod tls;
+pub(crate) use tls::{MakeTls, parse_url};
 
 /// How long a caller may wait for a pooled connection, for a new connection to
 /// be made, or for a stale one to be checked. An outage must surface quickly
@@ -104,9 +107,11 @@ enum Claim {
 
 /// A pool that makes its connections lazily, so building it succeeds while
 /// the server is down (the first query then reports it). Shared with the
-/// Postgres state backend, which adds its session options to `config` first.
+/// Postgres state backend, which adds its session options to `config` first;
+/// both take `config` and `tls` from [`parse_url`].
 pub(crate) fn pool(
     mut config: tokio_postgres::Config,
+    tls: MakeTls,
     pool_size: usize,
 ) -> Result<Pool, deadpool_postgres::BuildError> {
     if config.get_connect_timeout().is_none() {
@@ -114,7 +119,7 @@ pub(crate) fn pool(
     }
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             // A broken connection is noticed by its (closed) socket; a
             // test query on every checkout would double the round trips.
@@ -165,10 +170,9 @@ impl PostgresStore {
     /// Builds the pool; connections are made lazily, so this succeeds even if
     /// the server is down (the first query then reports `Unavailable`).
     pub fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        // tokio-postgres parse errors name the bad option, never the password.
-        let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
-        let pool = pool(config, pool_size).map_err(|e| {
+        // Parse errors name the bad option, never the password.
+        let (config, tls) = parse_url(url).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
+        let pool = pool(config, tls, pool_size).map_err(|e| {
             StoreError::Internal(anyhow::Error::new(e).context("building the pool"))
         })?;
         Ok(PostgresStore { pool })
