@@ -641,6 +641,12 @@ impl Settings {
             },
             StateBackend::Postgres => match self.state_url() {
                 Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                    // An unset state.url is database.url, checked under its own name.
+                    if state.url.is_some()
+                        && let Err(why) = crate::store::postgres::parse_url(url)
+                    {
+                        problems.push(format!("state.url: {why}"));
+                    }
                 }
                 Some(url) => problems.push(format!(
                     "state.url: the postgres backend needs a postgres:// url (state.url, or \
@@ -720,6 +726,12 @@ impl Settings {
                 "database.url: expected postgres://…, sqlite://PATH or sqlite::memory:, got {:?}",
                 redact_url(db)
             ));
+        }
+        // Its parameters, sslmode and a readable sslrootcert among them.
+        if (db.starts_with("postgres://") || db.starts_with("postgresql://"))
+            && let Err(why) = crate::store::postgres::parse_url(db)
+        {
+            problems.push(format!("database.url: {why}"));
         }
         if self.database.pool_size == 0 {
             problems.push("database.pool_size: must be at least 1".into());
@@ -1081,6 +1093,36 @@ mod tests {
                 .merge(Toml::string("[state]\nbackend = \"etcd\"")),
         );
         assert!(unknown.unwrap_err().to_string().contains("etcd"));
+    }
+
+    #[test]
+    fn postgres_url_parameters_are_checked() {
+        let problems = |toml: &str| -> Vec<String> {
+            from_toml(toml)
+                .validate(Mode::Dev)
+                .into_iter()
+                .filter(|p| p.starts_with("database.url") || p.starts_with("state.url"))
+                .collect()
+        };
+        let ok = "[database]\nurl = \"postgres://u:secret@db/app?sslmode=require\"";
+        assert!(problems(ok).is_empty(), "{:?}", problems(ok));
+        let p = problems("[database]\nurl = \"postgres://u:secret@db/app?sslmode=verify\"");
+        assert!(p.len() == 1 && p[0].contains("sslmode=\"verify\""), "{p:?}");
+        assert!(!p[0].contains("secret"), "{p:?}");
+        let p = problems(
+            "[database]\nurl = \"postgres://db/app?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"",
+        );
+        assert!(
+            p[0].starts_with("database.url: sslrootcert: cannot read"),
+            "{p:?}"
+        );
+        let p = problems(
+            "[state]\nbackend = \"postgres\"\nurl = \"postgres://db/state?sslmode=verify-ca\"",
+        );
+        assert!(
+            p.len() == 1 && p[0].starts_with("state.url: sslmode=verify-ca needs sslrootcert"),
+            "{p:?}"
+        );
     }
 
     #[test]
