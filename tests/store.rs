@@ -1,11 +1,13 @@
 //! The store conformance suite on both backends, plus backend-specific
-//! behaviour: SQLite in memory and on disk, and failure classification when
-//! the database cannot be reached.
+//! behaviour: SQLite in memory and on disk, failure classification when
+//! the database cannot be reached, and Postgres over TLS (`tls`).
 //!
 //! Run with `cargo test --features test-util --test store`.
 
 #[path = "support/db.rs"]
 mod db;
+#[path = "store/tls.rs"]
+mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -57,6 +57,16 @@ pub async fn fresh_database() -> TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// A plain (no TLS) session on this database, for looking at it from
+    /// outside the code under test.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to test database {}: {e}", self.name))
+    }
+}
+
 impl Drop for TestDatabase {
     /// Best effort, on its own thread and runtime: `Drop` cannot await, and
     /// the test's runtime may be a current-thread one we must not block on.
