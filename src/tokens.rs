@@ -165,7 +165,9 @@ impl TokenService {
 
     fn is_fresh(&self, tokens: &VaultTokens, now: OffsetDateTime) -> bool {
         let skew = time::Duration::try_from(self.skew).unwrap_or(time::Duration::ZERO);
-        tokens.expires_at.is_none_or(|at| at > now + skew)
+        tokens
+            .expires_at
+            .is_none_or(|at| now.checked_add(skew).is_some_and(|limit| at > limit))
     }
 
     /// A valid access token for the user at `provider`, refreshed with the
@@ -350,10 +352,13 @@ fn vault_tokens(
             .clone()
             .or_else(|| previous.and_then(|p| p.token_type.clone())),
         scopes,
+        // Providers refuse lifetimes past a century (`body::lifetime`); one
+        // that still does not fit an instant has no expiry we could name,
+        // and must not panic the call.
         expires_at: tokens
             .expires_in
             .and_then(|d| time::Duration::try_from(d).ok())
-            .map(|d| now + d),
+            .and_then(|d| now.checked_add(d)),
     }
 }
 

@@ -436,3 +436,32 @@ mod google_with_userinfo {
         conformance_with(emu, Backend::Postgres, |c| c.fetch_userinfo = true).await;
     }
 }
+
+/// A provider's `expires_in` of 99999999999999 seconds once overflowed the
+/// expiry instant and panicked the call; it is a bad response.
+#[tokio::test]
+async fn an_overflowing_token_lifetime_is_a_bad_response() {
+    let nimbus = support::emulators::custom::CustomEmulator::start().await;
+    nimbus.add_user("n");
+    nimbus.set_lifetime(99_999_999_999_999);
+    let mut config = nimbus.provider_config();
+    config.store_tokens = true;
+    let app = spawn_app_on(Backend::Sqlite, |s| {
+        with_vault(s);
+        s.providers.insert(NAME.into(), config);
+    })
+    .await;
+    let begun = app.begin_with(NAME).await;
+    let query: HashMap<String, String> = nimbus
+        .approve(&begun.authorize_url, "n")
+        .expect("the emulator accepts the authorize URL")
+        .into_iter()
+        .collect();
+    let err = app
+        .complete(&begun.state, &query["code"])
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::Internal, "PROVIDER_BAD_RESPONSE");
+    assert!(err.message().contains("expires_in"), "{}", err.message());
+    assert_eq!(app.store.count_users().await.unwrap(), 0);
+}

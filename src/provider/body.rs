@@ -77,6 +77,22 @@ pub fn scalar_u64(v: &Value) -> Option<u64> {
     }
 }
 
+/// The longest token lifetime believed: a hundred years. More is a broken
+/// answer, and would overflow the arithmetic of expiry instants.
+pub const MAX_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
+
+/// A token's `expires_in`, in either form. A value that is not a
+/// non-negative integer is ignored, as before (no known expiry); one above
+/// `MAX_LIFETIME_SECS` is an error, for `PROVIDER_BAD_RESPONSE`.
+pub fn lifetime(v: &Value) -> Result<Option<std::time::Duration>, &'static str> {
+    match scalar_u64(v) {
+        Some(secs) if secs > MAX_LIFETIME_SECS => {
+            Err("expires_in is implausibly large (more than 100 years)")
+        }
+        secs => Ok(secs.map(std::time::Duration::from_secs)),
+    }
+}
+
 /// `true`/`"true"` (OIDC `email_verified` arrives both ways).
 pub fn scalar_bool(v: &Value) -> Option<bool> {
     match v {
@@ -150,5 +166,19 @@ mod tests {
         assert_eq!(scalar_string(&json!(1404376560)), Some("1404376560".into()));
         assert_eq!(scalar_bool(&json!("true")), Some(true));
         assert_eq!(scalar_bool(&json!(false)), Some(false));
+    }
+
+    #[test]
+    fn lifetimes_beyond_a_century_are_refused() {
+        use std::time::Duration;
+        assert_eq!(lifetime(&json!(7200)), Ok(Some(Duration::from_secs(7200))));
+        assert_eq!(lifetime(&json!("-5")), Ok(None));
+        assert_eq!(
+            lifetime(&json!(MAX_LIFETIME_SECS)),
+            Ok(Some(Duration::from_secs(MAX_LIFETIME_SECS)))
+        );
+        assert!(lifetime(&json!(99_999_999_999_999u64)).is_err());
+        assert!(lifetime(&json!("99999999999999")).is_err());
+        assert!(lifetime(&json!(u64::MAX)).is_err());
     }
 }

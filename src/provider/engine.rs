@@ -219,11 +219,12 @@ impl SpecProvider {
             access_token: access_token.into(),
             refresh_token: get_string(&raw, &t.refresh_token).map(Into::into),
             token_type: get_string(&raw, &t.token_type),
-            expires_in: raw
-                .pointer(&t.expires_in.0)
-                .filter(|_| !t.expires_in.0.is_empty())
-                .and_then(body::scalar_u64)
-                .map(std::time::Duration::from_secs),
+            expires_in: match raw.pointer(&t.expires_in.0) {
+                Some(v) if !t.expires_in.0.is_empty() => {
+                    body::lifetime(v).map_err(|what| self.bad(step, what))?
+                }
+                _ => None,
+            },
             scopes,
             raw,
         })

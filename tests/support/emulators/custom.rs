@@ -207,6 +207,11 @@ impl CustomEmulator {
         }
     }
 
+    /// Issues tokens with this `lifetime` (seconds) from now on.
+    pub fn set_lifetime(&self, secs: i64) {
+        *lock(&self.shared.lifetime) = Some(secs);
+    }
+
     /// `{base_url}{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
@@ -400,6 +405,8 @@ impl Emulator for CustomEmulator {
 struct Shared {
     core: Core,
     users: Mutex<HashMap<String, NimbusUser>>,
+    /// `lifetime` of the tokens it issues; `None`: [`LIFETIME`].
+    lifetime: Mutex<Option<i64>>,
 }
 
 /// Every Nimbus error code the emulator uses.
@@ -454,7 +461,7 @@ impl Shared {
         let body = format!(
             r#"{{"status":"ok","data":{{"credentials":{{"bearer":{},"lifetime":{},"renewal":{},"grants":{}}}}}}}"#,
             Value::from(access),
-            self.core.number(LIFETIME),
+            self.core.number(lock(&self.lifetime).unwrap_or(LIFETIME)),
             Value::from(renewal),
             Value::from(scopes.to_vec()),
         );
