@@ -315,3 +315,28 @@ async fn discovery_naming_clear_text_endpoints_off_loopback_is_refused() {
     .await;
     overridden.begin_with("google").await;
 }
+
+/// `email` and `email_verified` come from one document: userinfo's address
+/// without a verdict is not verified by the ID token's verdict on its own.
+#[tokio::test]
+async fn email_and_its_verification_come_from_one_document() {
+    let emu = Arc::new(GoogleEmulator::start().await);
+    let mut config = emu.provider_config();
+    config.fetch_userinfo = true;
+    let app = spawn_app(|s| {
+        s.providers.insert("google".into(), config);
+    })
+    .await;
+    let done = login(&app, &emu, "plain").await.unwrap();
+    assert!(done.identity.unwrap().email_verified, "the setup is right");
+
+    emu.set_userinfo_email(Some("someone.else@example.com".into()));
+    let done = login(&app, &emu, "mixed").await.unwrap();
+    let identity = done.identity.unwrap();
+    assert_eq!(identity.email, "someone.else@example.com");
+    assert!(
+        !identity.email_verified,
+        "the ID token's verdict is about another address"
+    );
+    assert!(emu.violations().is_empty(), "{:?}", emu.violations());
+}

@@ -504,6 +504,25 @@ impl OidcProvider {
     }
 }
 
+/// Whether `email` is verified, said by the document it was taken from:
+/// OIDC's `email_verified` speaks of the `email` beside it, so one is never
+/// read from userinfo and the other from the ID token. The documents are
+/// tried in the identity mapping's order (userinfo, then the ID token); the
+/// first whose `email` is this one answers, and without `email_verified`
+/// there the email is unverified.
+fn verified_beside<'a>(get: impl Fn(&str, &str) -> Option<&'a Value>, email: &str) -> bool {
+    ["userinfo", "id_token"]
+        .into_iter()
+        .find(|doc| {
+            get(doc, "/email")
+                .and_then(body::scalar_string)
+                .is_some_and(|e| e.trim() == email)
+        })
+        .and_then(|doc| get(doc, "/email_verified"))
+        .and_then(body::scalar_bool)
+        == Some(true)
+}
+
 fn find_key<'a>(set: &'a JwkSet, kid: Option<&str>, alg: Algorithm) -> Option<&'a Jwk> {
     match kid {
         Some(kid) => set.find(kid),
@@ -582,7 +601,12 @@ impl Provider for OidcProvider {
         {
             return Err(self.invalid("userinfo is about another subject"));
         }
-        discovered.engine.map_identity(&docs)
+        let mut identity = discovered.engine.map_identity(&docs)?;
+        identity.email_verified = identity
+            .email
+            .as_deref()
+            .is_some_and(|email| verified_beside(|doc, at| docs.get(doc, at), email));
+        Ok(identity)
     }
 
     fn refresher(&self) -> Option<&dyn Refresh> {
@@ -641,6 +665,61 @@ mod tests {
             assert!(!p.0.is_empty());
         }
         assert_eq!(m.subject.0[0].doc, "id_token");
+    }
+
+    #[test]
+    fn email_verified_comes_from_the_document_of_the_email() {
+        let check = |userinfo: Value, id_token: Value, email: &str| {
+            let docs = [("userinfo", userinfo), ("id_token", id_token)];
+            verified_beside(
+                |doc, at| {
+                    docs.iter()
+                        .find(|(name, _)| *name == doc)
+                        .and_then(|(_, v)| v.pointer(at))
+                },
+                email,
+            )
+        };
+        let verified = serde_json::json!({"email": "a@x.example", "email_verified": true});
+        // Userinfo's email without a verdict is not verified by the ID
+        // token's verdict on another (or the same) address.
+        assert!(!check(
+            serde_json::json!({"email": "b@x.example"}),
+            verified.clone(),
+            "b@x.example"
+        ));
+        assert!(!check(
+            serde_json::json!({"email": "a@x.example"}),
+            verified.clone(),
+            "a@x.example"
+        ));
+        // Nor the other way round.
+        assert!(!check(
+            serde_json::json!({"email_verified": true}),
+            serde_json::json!({"email": "a@x.example", "email_verified": false}),
+            "a@x.example"
+        ));
+        assert!(!check(
+            serde_json::json!({"email_verified": true}),
+            serde_json::json!({"email": "a@x.example"}),
+            "a@x.example"
+        ));
+        // Each document vouches for its own.
+        assert!(check(
+            serde_json::json!({}),
+            verified.clone(),
+            "a@x.example"
+        ));
+        assert!(check(
+            verified.clone(),
+            serde_json::json!({}),
+            "a@x.example"
+        ));
+        assert!(check(
+            serde_json::json!({"email": " a@x.example ", "email_verified": "true"}),
+            serde_json::json!({"email": "a@x.example", "email_verified": false}),
+            "a@x.example"
+        ));
     }
 
     #[test]

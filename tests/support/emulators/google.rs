@@ -340,6 +340,12 @@ impl GoogleEmulator {
         self.shared.knobs().unknown_kid = on;
     }
 
+    /// Makes userinfo report `email` with no `email_verified` (the ID token
+    /// keeps the account's own, verified); `None` restores the account's.
+    pub fn set_userinfo_email(&self, email: Option<String>) {
+        self.shared.knobs().userinfo_email = email;
+    }
+
     /// Adds the rotated keys (all three families) to the JWKS, after the
     /// current ones.
     pub fn publish_rotated_key(&self) {
@@ -522,6 +528,8 @@ struct Knobs {
     discovery_issuer: Option<String>,
     endpoints_base: Option<String>,
     numbers_as_strings: bool,
+    /// Userinfo reports this email, without `email_verified`.
+    userinfo_email: Option<String>,
 }
 
 impl Default for Knobs {
@@ -536,6 +544,7 @@ impl Default for Knobs {
             discovery_issuer: None,
             endpoints_base: None,
             numbers_as_strings: false,
+            userinfo_email: None,
         }
     }
 }
@@ -1381,10 +1390,15 @@ async fn userinfo(
             fields.push(("family_name", json!(user.family_name)));
             fields.push(("picture", json!(user.picture)));
         }
+        let userinfo_email = shared.knobs().userinfo_email.clone();
         if has("email", EMAIL_SCOPE_URL) {
-            fields.push(("email", json!(user.email)));
-            let verified = shared.knobs().tamper != Tamper::EmailUnverified;
-            fields.push(("email_verified", json!(verified)));
+            if let Some(email) = userinfo_email {
+                fields.push(("email", json!(email)));
+            } else {
+                fields.push(("email", json!(user.email)));
+                let verified = shared.knobs().tamper != Tamper::EmailUnverified;
+                fields.push(("email_verified", json!(verified)));
+            }
         }
         if has("profile", PROFILE_SCOPE_URL) {
             fields.push(("locale", json!("en")));
