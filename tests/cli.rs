@@ -1,6 +1,8 @@
 //! The `authbroker` command line: check-config, serve's refusal to run open,
 //! migrate, healthcheck; and the container image's build (`docker_build`).
 
+#[path = "support/db.rs"]
+mod db;
 #[path = "cli/docker_build.rs"]
 mod docker_build;
 
@@ -373,4 +375,36 @@ fn healthcheck_gives_up_on_a_silent_server() {
         "{stderr}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Logs into a pipe (or a file) are plain text, with no colour codes; and
+/// at debug, tokio_postgres (which would log every statement's parameters)
+/// stays quiet unless the filter names it.
+#[test]
+fn logs_to_a_pipe_are_plain_and_keep_statements_quiet() {
+    let db = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(db::fresh_database());
+    let config = format!("[database]\nurl = \"{}\"\n", db.url);
+    let migrate = |filter: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = command(dir.path(), &["migrate"], &config)
+            .env("RUST_LOG", filter)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let err = migrate("debug");
+    assert!(err.contains("DEBUG"), "debug logs were written: {err}");
+    assert!(!err.contains('\x1b'), "colour codes in a pipe: {err:?}");
+    assert!(
+        !err.contains("tokio_postgres"),
+        "statements were logged: {err}"
+    );
+    // Named in the filter, the target is heard (and still plain).
+    let err = migrate("tokio_postgres=debug");
+    assert!(err.contains("tokio_postgres"), "{err}");
+    assert!(!err.contains('\x1b'), "{err:?}");
 }
