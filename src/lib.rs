@@ -35,6 +35,8 @@
 //! - [`store`]: the `Store` seam with Postgres and SQLite implementations,
 //!   their shared conformance suite, and `store::interposed`, a forwarding
 //!   store that tests use to inject faults around the real one.
+//!   `store::postgres::tls` reads a Postgres URL's `sslmode` and
+//!   `sslrootcert` for both Postgres pools (the store's, the state backend's).
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
 //!   proto/domain conversion, caller authentication by API key or client
 //!   certificate with per-caller rates (`grpc::auth`), error-to-status
