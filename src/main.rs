@@ -109,9 +109,10 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
+    let tls = settings.server.tls.is_some();
     let app = Application::build(settings, mode).await?;
     if mode == Mode::Dev {
-        print_quick_start(&app);
+        print_quick_start(&app, tls);
     }
     app.run_until_stopped(shutdown_signal()).await
 }
@@ -249,7 +250,7 @@ fn reachable(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-fn print_quick_start(app: &Application) {
+fn print_quick_start(app: &Application, tls: bool) {
     let addr = app.local_addr();
     println!(
         r#"
@@ -264,8 +265,13 @@ Try a login from another terminal (needs grpcurl, e.g. `pip install grpcurl-bina
   curl -s -o /dev/null -w '%{{redirect_url}}\n' "<authorize_url>&sandbox_user=alice"
   grpcurl -plaintext -d '{{"state":"<state>","code":"<code>"}}' {addr} authbroker.v1.LoginService/CompleteLogin
 
-Open <authorize_url> in a browser to pick a test user instead. Ctrl-C stops.
+Open <authorize_url> in a browser to pick a test user instead. Ctrl-C stops.{tls_note}
 "#,
+        tls_note = if tls {
+            "\n[server.tls] is on: use -cacert CA.crt (and -cert/-key with mTLS) instead of -plaintext."
+        } else {
+            ""
+        },
         sandbox = app
             .sandbox_url()
             .map(|u| u.to_string())

@@ -173,13 +173,7 @@ async fn past_max_concurrent_calls_a_call_is_refused_at_once() {
 
     // Two calls in progress: a third is shed, not queued.
     let started = Instant::now();
-    let e = app
-        .begin(pb::BeginLoginRequest {
-            provider: "sandbox".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let e = app.begin(sandbox()).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1));
     let message = assert_error(&e, Code::Unavailable, "SERVER_OVERLOADED");
     assert!(message.contains("2 calls"), "{message}");
@@ -238,13 +232,7 @@ async fn a_key_over_its_rate_is_told_when_to_retry() {
     for _ in 0..3 {
         app.begin_with("sandbox").await;
     }
-    let e = app
-        .begin(pb::BeginLoginRequest {
-            provider: "sandbox".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let e = app.begin(sandbox()).await.unwrap_err();
     assert_error(&e, Code::ResourceExhausted, "RATE_LIMITED");
     assert_eq!(e.get_details_error_info().unwrap().metadata["limit"], "3/h");
     let retry = e
@@ -264,6 +252,13 @@ async fn a_key_over_its_rate_is_told_when_to_retry() {
             .unwrap();
     }
     app.stop().await;
+}
+
+fn sandbox() -> pb::BeginLoginRequest {
+    pb::BeginLoginRequest {
+        provider: "sandbox".into(),
+        ..Default::default()
+    }
 }
 
 /// `authbroker serve` in the background, for measuring its memory.
