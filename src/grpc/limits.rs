@@ -25,7 +25,7 @@ use std::{
 use pin_project_lite::pin_project;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
-    time::Sleep,
+    time::{Instant, Sleep},
 };
 use tonic::{
     Code, Status,
@@ -83,7 +83,8 @@ where
         match self.limits.permits.clone().try_acquire_owned() {
             Ok(permit) => LimitedCall::Running {
                 inner: self.inner.call(request),
-                deadline: tokio::time::sleep(self.limits.timeout),
+                deadline: Instant::now() + self.limits.timeout,
+                timer: None,
                 timeout: self.limits.timeout,
                 _permit: permit,
             },
@@ -111,8 +112,10 @@ pin_project! {
         Running {
             #[pin]
             inner: F,
-            #[pin]
-            deadline: Sleep,
+            deadline: Instant,
+            // Made only when the call does not finish in its first poll
+            // (most BeginLogins do), which saves a timer registration.
+            timer: Option<Pin<Box<Sleep>>>,
             timeout: Duration,
             // Held until the answer is ready.
             _permit: OwnedSemaphorePermit,
@@ -132,13 +135,16 @@ where
             CallProj::Running {
                 inner,
                 deadline,
+                timer,
                 timeout,
                 ..
             } => {
                 if let Poll::Ready(answer) = inner.poll(cx) {
                     return Poll::Ready(answer);
                 }
-                ready!(deadline.poll(cx));
+                let timer =
+                    timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*deadline)));
+                ready!(timer.as_mut().poll(cx));
                 tracing::warn!(
                     ?timeout,
                     "call abandoned: it ran longer than server.request_timeout"
