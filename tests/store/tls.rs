@@ -21,8 +21,8 @@ fn cannot_run(why: &str) {
         panic!("{why} (.ci/run's `postgres TLS` step sets it up)");
     }
     eprintln!(
-        "SKIPPED (CI unset): {why}. Run the `postgres TLS` step of .ci/run, or set \
-         TEST_PG_CA_FILE, to test Postgres TLS here."
+        "SKIPPED (CI unset): {why}. To test Postgres TLS here, run the `postgres TLS` \
+         step of .ci/run (or give the server TLS and set TEST_PG_CA_FILE to its CA)."
     );
 }
 
