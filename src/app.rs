@@ -492,10 +492,18 @@ async fn watch_readiness(
         } else {
             store.migrate().await.inspect(|_| migrated = true)
         };
+        // Preparing may do nothing (redis, memory): ping in the same round,
+        // so a backend that is down is never reported SERVING.
         let state = if prepared {
             states.ping().await
         } else {
-            states.prepare().await.inspect(|_| prepared = true)
+            match states.prepare().await {
+                Ok(()) => {
+                    prepared = true;
+                    states.ping().await
+                }
+                Err(e) => Err(e),
+            }
         };
         let ready = match (&db, &state) {
             (Ok(()), Ok(())) => true,

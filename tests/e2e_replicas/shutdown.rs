@@ -113,13 +113,9 @@ async fn sigterm_closes_watch_streams_then_drains_calls_in_flight() {
     );
 }
 
-/// KNOWN TO FAIL, hence ignored until src/app.rs is fixed: readiness's
-/// first round calls `StateStore::prepare`, whose default is a no-op that
-/// the Redis backend keeps, instead of a round trip; so a replica whose
-/// Redis is down says SERVING for its first `HEALTH_INTERVAL` (5 s). Run
-/// it with `cargo test --test e2e_replicas -- --ignored`.
+/// Readiness pings the state backend from its first round: a replica
+/// whose Redis is down never says SERVING, not even for a moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src/app.rs watch_readiness says SERVING for 5 s while Redis is down"]
 async fn health_is_not_serving_while_the_state_backend_is_down() {
     let emulator = GithubEmulator::start().await;
     let dir = tempfile::tempdir().expect("a temporary directory");
