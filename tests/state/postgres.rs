@@ -9,7 +9,7 @@ use std::{
 
 use authbroker::state::{
     Fingerprint, Kind, Pending, PostgresStateStore, StateError, StateLimits, StateStore,
-    StateToken, conformance,
+    conformance,
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use time::OffsetDateTime;
@@ -55,15 +55,6 @@ async fn rows(client: &tokio_postgres::Client) -> i64 {
 
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
-}
-
-fn ticket(ttl: time::Duration, payload: &[u8]) -> (StateToken, Pending) {
-    let token = StateToken::generate().expect("rng");
-    let pending = Pending::Ticket {
-        expires_at: now() + ttl,
-        payload: Arc::from(payload),
-    };
-    (token, pending)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +119,7 @@ async fn the_table_holds_no_secret() {
         login_progress.clone(),
         ticket_progress.clone(),
     ]);
-    let (ticket_token, ticket) = ticket(time::Duration::minutes(15), &ticket_payload);
+    let (ticket_token, ticket) = conformance::ticket(time::Duration::minutes(15), &ticket_payload);
     secrets.push(ticket_token.as_str().into_bytes());
 
     for (token, pending) in [&pending_login, &claimed_login, &finished_login] {
@@ -246,7 +237,7 @@ async fn the_sweep_removes_what_is_past_its_deadline() {
     let code = Fingerprint::of(&["code"]);
     for i in 0..600 {
         let (token, pending) = if i % 3 == 2 {
-            ticket(short, b"t")
+            conformance::ticket(short, b"t")
         } else {
             conformance::login(short)
         };
@@ -321,7 +312,7 @@ async fn two_replicas_share_entries() {
         Err(StateError::AlreadyUsed)
     ));
 
-    let (ticket_token, ticket) = ticket(time::Duration::minutes(15), b"identity");
+    let (ticket_token, ticket) = conformance::ticket(time::Duration::minutes(15), b"identity");
     a.put(&ticket_token, ticket).await.expect("ticket on A");
     let redeemed = b
         .claim(
