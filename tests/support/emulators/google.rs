@@ -340,6 +340,12 @@ impl GoogleEmulator {
         self.shared.knobs().unknown_kid = on;
     }
 
+    /// Passes every ID token a code exchange issues through `rewrite`
+    /// (which may return anything at all); `None` stops it.
+    pub fn set_id_token_rewrite(&self, rewrite: Option<IdTokenRewrite>) {
+        *lock(&self.shared.id_token_rewrite) = rewrite;
+    }
+
     /// Makes userinfo report `email` with no `email_verified` (the ID token
     /// keeps the account's own, verified); `None` restores the account's.
     pub fn set_userinfo_email(&self, email: Option<String>) {
@@ -571,7 +577,12 @@ struct Shared {
     grants: Mutex<Grants>,
     discovery_fetches: AtomicUsize,
     jwks_fetches: AtomicUsize,
+    /// Rewrites the ID token a code exchange answers with (property tests).
+    id_token_rewrite: Mutex<Option<IdTokenRewrite>>,
 }
+
+/// See [`GoogleEmulator::set_id_token_rewrite`].
+pub type IdTokenRewrite = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 impl Shared {
     fn new() -> Shared {
@@ -585,6 +596,7 @@ impl Shared {
             grants: Mutex::new(Grants::default()),
             discovery_fetches: AtomicUsize::new(0),
             jwks_fetches: AtomicUsize::new(0),
+            id_token_rewrite: Mutex::new(None),
         }
     }
 
@@ -873,12 +885,15 @@ impl Shared {
             _ => {}
         }
         let (access, refresh) = self.mint(&grant.seed, &grant.scopes, offline);
-        let id_token = self.id_token(
+        let mut id_token = self.id_token(
             &grant.seed,
             grant.nonce.as_deref(),
             Some(&access),
             &grant.scopes,
         );
+        if let Some(rewrite) = lock(&self.id_token_rewrite).clone() {
+            id_token = rewrite(&id_token);
+        }
         self.token_response(&access, refresh.as_deref(), &grant.scopes, Some(&id_token))
     }
 
