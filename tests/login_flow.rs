@@ -625,23 +625,11 @@ fn with_shop_key(s: &mut authbroker::config::Settings) {
     s.auth.api_keys.push(shop);
 }
 
-async fn complete_as(
-    app: &TestApp,
-    key: &str,
-    state: &str,
-    code: &str,
-) -> Result<pb::CompleteLoginResponse, tonic::Status> {
-    app.client()
-        .complete_login(authed(
-            pb::CompleteLoginRequest {
-                state: state.into(),
-                code: code.into(),
-                ..Default::default()
-            },
-            key,
-        ))
-        .await
-        .map(|r| r.into_inner())
+fn sandbox() -> pb::BeginLoginRequest {
+    pb::BeginLoginRequest {
+        provider: "sandbox".into(),
+        ..Default::default()
+    }
 }
 
 /// Another key's state is answered exactly like a state never issued, and
@@ -651,14 +639,15 @@ async fn a_login_belongs_to_the_key_that_began_it() {
     let app = spawn_app(with_shop_key).await;
     let begun = app.begin_with("sandbox").await; // by `web`
     let (code, state) = app.sandbox_authorize(&begun.authorize_url, "olga").await;
-    let never_issued = complete_as(&app, LOGIN_KEY, &"A".repeat(43), &code)
+    let never_issued = app
+        .complete_as(LOGIN_KEY, &"A".repeat(43), &code)
         .await
         .unwrap_err();
     let unknown = assert_error(&never_issued, Code::NotFound, "STATE_UNKNOWN");
     for key in [SHOP_KEY, ADMIN_KEY] {
         // With the right code and with another, and twice.
         for code in [code.as_str(), "another-code", code.as_str()] {
-            let err = complete_as(&app, key, &state, code).await.unwrap_err();
+            let err = app.complete_as(key, &state, code).await.unwrap_err();
             assert_eq!(
                 assert_error(&err, Code::NotFound, "STATE_UNKNOWN"),
                 unknown,
@@ -673,37 +662,15 @@ async fn a_login_belongs_to_the_key_that_began_it() {
     assert_eq!(done.outcome(), Outcome::UserCreated);
 
     // A login begun with the admin key is the admin key's alone.
-    let begun = app
-        .client()
-        .begin_login(authed(
-            pb::BeginLoginRequest {
-                provider: "sandbox".into(),
-                ..Default::default()
-            },
-            ADMIN_KEY,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let begun = app.begin_as(ADMIN_KEY, sandbox()).await.unwrap();
     let (code, state) = app.sandbox_authorize(&begun.authorize_url, "olga").await;
     let err = app.complete(&state, &code).await.unwrap_err();
     assert_error(&err, Code::NotFound, "STATE_UNKNOWN");
-    let done = complete_as(&app, ADMIN_KEY, &state, &code).await.unwrap();
+    let done = app.complete_as(ADMIN_KEY, &state, &code).await.unwrap();
     assert_eq!(done.outcome(), Outcome::SignedIn);
 
     // CancelLogin (admin) still finds a login whichever key began it.
-    let begun = app
-        .client()
-        .begin_login(authed(
-            pb::BeginLoginRequest {
-                provider: "sandbox".into(),
-                ..Default::default()
-            },
-            SHOP_KEY,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let begun = app.begin_as(SHOP_KEY, sandbox()).await.unwrap();
     let (code, state) = app.sandbox_authorize(&begun.authorize_url, "olga").await;
     app.admin()
         .cancel_login(authed(
@@ -714,9 +681,7 @@ async fn a_login_belongs_to_the_key_that_began_it() {
         ))
         .await
         .expect("CancelLogin finds another key's login");
-    let err = complete_as(&app, SHOP_KEY, &state, &code)
-        .await
-        .unwrap_err();
+    let err = app.complete_as(SHOP_KEY, &state, &code).await.unwrap_err();
     assert_error(&err, Code::FailedPrecondition, "STATE_ALREADY_USED");
 }
 

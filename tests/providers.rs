@@ -451,17 +451,13 @@ async fn an_overflowing_token_lifetime_is_a_bad_response() {
         s.providers.insert(NAME.into(), config);
     })
     .await;
-    let begun = app.begin_with(NAME).await;
-    let query: HashMap<String, String> = nimbus
-        .approve(&begun.authorize_url, "n")
-        .expect("the emulator accepts the authorize URL")
-        .into_iter()
-        .collect();
-    let err = app
-        .complete(&begun.state, &query["code"])
-        .await
-        .unwrap_err();
-    assert_error(&err, Code::Internal, "PROVIDER_BAD_RESPONSE");
+    let suite = Suite {
+        app,
+        emu: Arc::new(nimbus),
+    };
+    suite
+        .fails("n", Code::Internal, "PROVIDER_BAD_RESPONSE")
+        .await;
+    let err = suite.login("n").await.unwrap_err();
     assert!(err.message().contains("expires_in"), "{}", err.message());
-    assert_eq!(app.store.count_users().await.unwrap(), 0);
 }

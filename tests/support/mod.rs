@@ -219,8 +219,17 @@ impl TestApp {
         &self,
         req: pb::BeginLoginRequest,
     ) -> Result<pb::BeginLoginResponse, Status> {
+        self.begin_as(LOGIN_KEY, req).await
+    }
+
+    /// BeginLogin with the API key `key`.
+    pub async fn begin_as(
+        &self,
+        key: &str,
+        req: pb::BeginLoginRequest,
+    ) -> Result<pb::BeginLoginResponse, Status> {
         self.client()
-            .begin_login(authed(req, LOGIN_KEY))
+            .begin_login(authed(req, key))
             .await
             .map(|r| r.into_inner())
     }
@@ -239,6 +248,16 @@ impl TestApp {
         state: &str,
         code: &str,
     ) -> Result<pb::CompleteLoginResponse, Status> {
+        self.complete_as(LOGIN_KEY, state, code).await
+    }
+
+    /// CompleteLogin with the API key `key`.
+    pub async fn complete_as(
+        &self,
+        key: &str,
+        state: &str,
+        code: &str,
+    ) -> Result<pb::CompleteLoginResponse, Status> {
         self.client()
             .complete_login(authed(
                 pb::CompleteLoginRequest {
@@ -246,7 +265,7 @@ impl TestApp {
                     code: code.into(),
                     ..Default::default()
                 },
-                LOGIN_KEY,
+                key,
             ))
             .await
             .map(|r| r.into_inner())
