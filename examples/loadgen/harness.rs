@@ -59,7 +59,8 @@ pub fn settings(
 /// later take their serde defaults here too.
 fn sandbox_provider() -> anyhow::Result<ProviderConfig> {
     let table = format!(
-        "kind = \"sandbox\"\nclient_id = \"loadgen\"\nredirect_uris = [\"{REDIRECT_URI}\"]\n"
+        "kind = \"sandbox\"\nallow_sandbox = true\nclient_id = \"loadgen\"\n\
+         redirect_uris = [\"{REDIRECT_URI}\"]\n"
     );
     toml::from_str(&table).context("the sandbox provider's configuration")
 }
