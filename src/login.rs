@@ -933,6 +933,15 @@ pub fn check_return_to(s: &str, origins: &[url::Origin]) -> Result<Option<String
             )),
         };
     }
+    // `https:app.example.com` parses as an absolute URL, but a browser on
+    // an https page reads it as the relative path `app.example.com`.
+    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        return Err(LoginError::ReturnToNotAllowed(
+            "must be a relative path starting with / or an absolute URL starting with \
+             http:// or https://",
+        ));
+    }
     let url = Url::parse(s).map_err(|_| {
         LoginError::ReturnToNotAllowed(
             "must be a relative path starting with / or an absolute http(s) URL",

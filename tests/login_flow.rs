@@ -412,6 +412,8 @@ async fn return_to_allows_only_safe_targets() {
         "/a\u{0}b",
         "orders",
         "ftp://app.example.com/",
+        // A browser reads this as a relative path, not as the origin.
+        "https:app.example.com/orders",
         // Dot segments and encoded separators, which a normalising app
         // turns into `//evil.example`, another host.
         "/.//evil.example",
