@@ -16,8 +16,9 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, State},
+    extract::{Path, RawQuery, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     serve::ListenerExt,
@@ -41,6 +42,12 @@ const REFRESH_TOKEN_PREFIX: &str = "sbx_rt_";
 /// Longest value accepted for any authorize parameter; bounds what one code holds.
 const MAX_PARAM_LEN: usize = 2048;
 const TEST_USERS: [&str; 3] = ["alice", "bob", "carol"];
+/// Requests served at once. The sandbox is for development, but `serve` runs
+/// it when `allow_sandbox` is set, so its listener is bounded like the gRPC
+/// one: past this a request is answered 503 at once instead of queueing.
+const MAX_CONCURRENT_REQUESTS: usize = 256;
+/// Longest a request may take; its handlers are in-memory steps.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running sandbox provider. The server task lives until the `shutdown`
 /// future given to [`SandboxServer::start`] resolves.
@@ -97,12 +104,44 @@ fn base_url_for(mut addr: SocketAddr) -> io::Result<Url> {
 }
 
 fn router(sandbox: Arc<Sandbox>) -> Router {
-    Router::new()
-        .route("/authorize", get(authorize))
-        .route("/token", axum::routing::post(token))
-        .route("/userinfo", get(userinfo).post(userinfo))
-        .route("/avatar/{file}", get(avatar))
-        .with_state(sandbox)
+    bounded(
+        Router::new()
+            .route("/authorize", get(authorize))
+            .route("/token", axum::routing::post(token))
+            .route("/userinfo", get(userinfo).post(userinfo))
+            .route("/avatar/{file}", get(avatar))
+            .with_state(sandbox),
+        MAX_CONCURRENT_REQUESTS,
+    )
+}
+
+/// `routes` with at most `slots` requests at once and `REQUEST_TIMEOUT`
+/// each (axum's default body limit, 2 MB, already bounds what is read).
+fn bounded(routes: Router, slots: usize) -> Router {
+    let slots = Arc::new(tokio::sync::Semaphore::new(slots));
+    routes.layer(middleware::from_fn_with_state(slots, limit))
+}
+
+async fn limit(
+    State(slots): State<Arc<tokio::sync::Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_slot) = slots.try_acquire() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sandbox: too many requests at once; try again",
+        )
+            .into_response();
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "sandbox: the request took too long",
+        )
+            .into_response(),
+    }
 }
 
 /// Everything the server remembers. Entries carry their own deadline because
@@ -966,6 +1005,60 @@ async fn avatar(Path(file): Path<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request past the listener's bound is answered 503 at once, and
+    /// the slot comes back when the request holding it finishes.
+    #[tokio::test]
+    async fn a_full_listener_answers_503_at_once() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let held = gate.clone();
+        let routes = Router::new()
+            .route(
+                "/slow",
+                get(move || {
+                    let held = held.clone();
+                    async move {
+                        held.notified().await;
+                        "done"
+                    }
+                }),
+            )
+            .route("/fast", get(|| async { "ok" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, bounded(routes, 1)).await });
+        let client = reqwest::Client::new();
+        let slow = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .get(format!("http://{addr}/slow"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        });
+        let fast = format!("http://{addr}/fast");
+        let mut refused = false;
+        for _ in 0..100 {
+            if client.get(&fast).send().await.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            refused,
+            "the second request was not refused while the slot was held"
+        );
+        gate.notify_one();
+        assert_eq!(slow.await.unwrap(), StatusCode::OK);
+        assert_eq!(
+            client.get(&fast).send().await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
 
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
     const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
