@@ -584,6 +584,79 @@ async fn pending_logins_are_bounded() {
     assert_error(&err, Code::ResourceExhausted, "TOO_MANY_PENDING_LOGINS");
 }
 
+/// The measurement in the replicas issue, replayed: with max_pending =
+/// 1000 held, completing, cancelling and denying 100 logins gave back no
+/// place (10 of 10 further BeginLogins were refused). Each now gives its
+/// place back at once.
+#[tokio::test]
+async fn finished_cancelled_and_denied_logins_give_their_place_back_at_once() {
+    const HELD: usize = 1000;
+    let app = spawn_app(|s| s.login.max_pending = HELD as u64).await;
+    let mut begun = Vec::new();
+    for _ in 0..HELD {
+        begun.push(app.begin_with("sandbox").await);
+    }
+    let full = app
+        .begin(pb::BeginLoginRequest {
+            provider: "sandbox".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_error(&full, Code::ResourceExhausted, "TOO_MANY_PENDING_LOGINS");
+    for (i, login) in begun.iter().take(100).enumerate() {
+        match i % 3 {
+            0 => {
+                let (code, state) = app.sandbox_authorize(&login.authorize_url, "erin").await;
+                app.complete(&state, &code).await.expect("completes");
+            }
+            1 => {
+                app.admin()
+                    .cancel_login(authed(
+                        pb::CancelLoginRequest {
+                            state: login.state.clone(),
+                        },
+                        ADMIN_KEY,
+                    ))
+                    .await
+                    .expect("cancels");
+            }
+            _ => {
+                let err = app
+                    .client()
+                    .complete_login(authed(
+                        pb::CompleteLoginRequest {
+                            state: login.state.clone(),
+                            error: "access_denied".into(),
+                            ..Default::default()
+                        },
+                        LOGIN_KEY,
+                    ))
+                    .await
+                    .unwrap_err();
+                assert_error(&err, Code::FailedPrecondition, "ACCESS_DENIED");
+            }
+        }
+    }
+    let mut accepted = 0;
+    for _ in 0..10 {
+        let r = app
+            .begin(pb::BeginLoginRequest {
+                provider: "sandbox".into(),
+                ..Default::default()
+            })
+            .await;
+        accepted += usize::from(r.is_ok());
+    }
+    assert_eq!(
+        accepted, 10,
+        "10 of 10 BeginLogins accepted after 100 logins ended"
+    );
+    // And the finished ones are still refused as used.
+    let err = app.complete(&begun[1].state, "x").await.unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "STATE_ALREADY_USED");
+}
+
 #[tokio::test]
 async fn store_outage_is_unavailable_and_not_serving() {
     use tonic_health::pb::{
