@@ -1,19 +1,22 @@
 //! Load generator for authbroker (DESIGN §8): one process, one run, against an
 //! in-process authbroker on 127.0.0.1:0 backed by a throwaway Postgres
-//! database (or SQLite with `--sqlite`) and the built-in sandbox provider,
-//! over real gRPC on a loopback socket.
+//! database (or SQLite with `--sqlite`), pending logins in the state backend
+//! `--state-backend` names, and the built-in sandbox provider, over real
+//! gRPC on a loopback socket.
 //!
 //!     cargo build --release --example loadgen
 //!     target/release/examples/loadgen [--quick] [--duration 5s] [--database-url URL]
+//!         [--state-backend memory|postgres|redis] [--state-url URL]
 //!
 //! Layout, one job per module:
 //! - `machine`: what the numbers were measured on (cores, CPU, memory, OS).
 //! - `bench_db`: creates and drops the randomly named benchmark database.
+//! - `state_backend`: the app's `[state]` section, and a Redis run's cleanup.
 //! - `harness`: settings, the running app, its gRPC channels.
 //! - `calls`: one call of each scenario, and how a failure is described.
 //! - `runner`: N concurrent callers for a fixed time; latency histograms.
 //! - `phases`: the in-process metrics recorder and where a login's time goes.
-//! - `memory`: RSS per pending login with a million held.
+//! - `memory`: RSS per pending login with a million held (memory backend).
 //! - `report`: the printed tables, ratios and target verdicts.
 //!
 //! The modules live in `examples/loadgen/`; a crate root's `mod` looks beside
@@ -35,6 +38,8 @@ mod phases;
 mod report;
 #[path = "loadgen/runner.rs"]
 mod runner;
+#[path = "loadgen/state_backend.rs"]
+mod state_backend;
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
@@ -47,6 +52,7 @@ use crate::{
     harness::RunningApp,
     phases::Breakdown,
     runner::{Interleaved, Level, Row},
+    state_backend::{Backend, StateTarget},
 };
 
 /// The default server when neither `--database-url` nor `TEST_DATABASE_URL`
@@ -87,6 +93,21 @@ struct Args {
     /// Use a temporary SQLite file instead of Postgres.
     #[arg(long)]
     sqlite: bool,
+    /// Where the app keeps pending logins and link tickets. The BeginLogin
+    /// target depends on it: 0.8 × Health/Check for memory, 0.5 for redis,
+    /// 0.2 for postgres.
+    #[arg(long, value_enum, default_value_t = Backend::Memory)]
+    state_backend: Backend,
+    /// The state backend's server. redis: default `TEST_REDIS_URL`, else
+    /// redis://127.0.0.1:6379/0; each run writes under a key prefix of its
+    /// own and deletes its keys at the end. postgres: default the benchmark
+    /// database (dropped at the end); a database given here keeps its
+    /// `pending_states` table. memory: takes none.
+    #[arg(long)]
+    state_url: Option<String>,
+    /// The postgres state backend's own pool size (default: the app's).
+    #[arg(long)]
+    state_pool_size: Option<usize>,
     /// gRPC channels (HTTP/2 connections) shared round-robin by the callers.
     #[arg(long, default_value_t = 4)]
     channels: usize,
@@ -111,7 +132,7 @@ struct Args {
     /// wide, too wide to tell a ratio of 0.82 from 0.8.
     #[arg(long, default_value_t = 80)]
     ab_rounds: usize,
-    /// Skip the memory measurement.
+    /// Skip the memory measurement (only the memory backend has one).
     #[arg(long)]
     skip_memory: bool,
     /// The app's database pool size (default: the app's own default).
@@ -187,24 +208,40 @@ fn main() -> ExitCode {
     }
 }
 
-/// Sets up the database, runs everything, and always drops the database.
-/// Returns the number of failed calls.
+/// Sets up the database, runs everything, and always drops the database
+/// and deletes a Redis run's keys. Returns the number of failed calls.
 async fn run(args: Args, snapshotter: Snapshotter) -> anyhow::Result<u64> {
     if args.verbose {
         authbroker::telemetry::init(&Default::default());
     }
+    let state = StateTarget::resolve(
+        args.state_backend,
+        args.state_url.clone(),
+        std::env::var("TEST_REDIS_URL").ok(),
+        args.state_pool_size,
+        args.sqlite,
+    )?;
     let (duration, warmup) = args.level_timing();
-    report::header(&machine::describe(), &args_summary(&args, duration, warmup));
+    report::header(
+        &machine::describe(),
+        &args_summary(&args, duration, warmup),
+        &state.describe(),
+    );
 
-    if args.sqlite {
+    let result = if args.sqlite {
         let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        return bench(&args, &url, &snapshotter).await;
-    }
-    let db = bench_db::BenchDatabase::create(&args.database_url).await?;
-    let result = bench(&args, &db.url, &snapshotter).await;
-    if let Err(e) = db.drop_database().await {
-        eprintln!("loadgen: warning: {e:#}");
+        bench(&args, &state, &url, &snapshotter).await
+    } else {
+        let db = bench_db::BenchDatabase::create(&args.database_url).await?;
+        let result = bench(&args, &state, &db.url, &snapshotter).await;
+        if let Err(e) = db.drop_database().await {
+            eprintln!("loadgen: warning: {e:#}");
+        }
+        result
+    };
+    if let Err(e) = state.clean_up().await {
+        eprintln!("loadgen: warning: this run's Redis keys were not all deleted: {e:#}");
     }
     result
 }
@@ -229,9 +266,23 @@ fn args_summary(args: &Args, duration: Duration, warmup: Duration) -> String {
 }
 
 /// Memory first, on a fresh heap (see `memory`), then the gRPC scenarios.
-async fn bench(args: &Args, database_url: &str, snapshotter: &Snapshotter) -> anyhow::Result<u64> {
-    let settings = harness::settings(database_url, args.pool_size, args.max_pending)?;
+async fn bench(
+    args: &Args,
+    state: &StateTarget,
+    database_url: &str,
+    snapshotter: &Snapshotter,
+) -> anyhow::Result<u64> {
+    let mut settings = harness::settings(database_url, args.pool_size, args.max_pending)?;
+    state.apply(&mut settings);
     let memory = if args.skip_memory {
+        None
+    } else if state.backend != Backend::Memory {
+        // Its entries live in the backend's server, not in this process;
+        // `memory` reads the moka store the memory backend alone has.
+        eprintln!(
+            "memory: skipped, the per-login figure is the memory backend's (this run: {})",
+            state.backend.name()
+        );
         None
     } else {
         eprintln!("memory: holding {} pending logins …", args.pending);
@@ -250,7 +301,8 @@ async fn bench(args: &Args, database_url: &str, snapshotter: &Snapshotter) -> an
     if let Some(m) = &memory {
         report::memory(m);
     }
-    report::verdicts(&rows, interleaved.as_ref(), memory.as_ref());
+    let target = report::Target::of(state.backend);
+    report::verdicts(&rows, target, interleaved.as_ref(), memory.as_ref());
     let interleaved_errors = interleaved.as_ref().map_or(0, |c| c.errors);
     Ok(rows.iter().map(|r| r.errors + r.warmup_errors).sum::<u64>() + interleaved_errors)
 }
