@@ -5,7 +5,6 @@
 pub mod db;
 pub mod emulators;
 pub mod faults;
-pub mod github;
 
 use std::{sync::Arc, time::Duration};
 
@@ -181,7 +180,7 @@ pub const VAULT_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// Turns on the token vault with one key.
 pub fn with_vault(s: &mut Settings) {
-    s.vault.keys = vec![authbroker::vault::VaultKeyConfig {
+    s.vault.keys = vec![authbroker::config::VaultKeyConfig {
         id: "test-1".into(),
         key: Some(VAULT_KEY.into()),
         key_file: None,

@@ -26,6 +26,9 @@ pub use super::faults::{Fault, Faults};
 /// Which of the provider's calls a fault or a logged request belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Step {
+    /// The browser's visit to the authorize page (only GitHub's emulator
+    /// serves and logs it; the others check it in [`Emulator::approve`]).
+    Authorize,
     /// The code-for-token exchange.
     Token,
     /// Every call made after the token exchange to learn who the user is
@@ -334,6 +337,12 @@ impl Core {
 
     pub fn requests(&self) -> Vec<SeenRequest> {
         lock(&self.seen).clone()
+    }
+
+    /// Forgets the request log and the violations.
+    pub fn clear_requests(&self) {
+        lock(&self.seen).clear();
+        lock(&self.violations).clear();
     }
 
     pub fn violation(&self, why: impl Into<String>) {

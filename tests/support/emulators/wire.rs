@@ -225,6 +225,8 @@ pub(super) fn derive(parts: &[&str], alphabet: &[u8], len: usize) -> String {
     out
 }
 
+/// Parameters whose values never reach the request log, in every
+/// provider's spelling (Qiita's `token`, Nimbus's camelCase ones …).
 pub(super) const SECRET_PARAMS: &[&str] = &[
     "client_secret",
     "secret",
@@ -232,7 +234,32 @@ pub(super) const SECRET_PARAMS: &[&str] = &[
     "code_verifier",
     "access_token",
     "refresh_token",
+    "token",
+    "appSecret",
+    "authCode",
+    "renewalToken",
+    "credential",
 ];
+
+/// `params` with the value of each [`SECRET_PARAMS`] one replaced by
+/// `<redacted>`, so tests still see that it was sent.
+pub(super) fn redacted(params: Vec<(String, String)>) -> Vec<(String, String)> {
+    params
+        .into_iter()
+        .map(|(k, v)| {
+            if SECRET_PARAMS.contains(&k.as_str()) {
+                (k, "<redacted>".to_owned())
+            } else {
+                (k, v)
+            }
+        })
+        .collect()
+}
+
+/// A header's value, when it is text.
+pub(super) fn header_str<K: header::AsHeaderName>(headers: &HeaderMap, name: K) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
 
 /// One request, parsed once: query, then a form body (JSON bodies are kept
 /// for the log only: QQ does not read them).
@@ -251,12 +278,7 @@ pub(super) struct Req {
 
 impl Req {
     pub(super) fn new(method: Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Req {
-        let header = |name: header::HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: header::HeaderName| header_str(headers, name).map(str::to_owned);
         let content_type = header(header::CONTENT_TYPE);
         let ct = content_type.as_deref().unwrap_or_default();
         let is_form = ct.starts_with("application/x-www-form-urlencoded");
@@ -302,20 +324,14 @@ impl Req {
     }
 
     pub(super) fn seen(&self, step: Step) -> SeenRequest {
-        let params = self
-            .query
-            .iter()
-            .chain(&self.form)
-            .chain(&self.json)
-            .map(|(k, v)| {
-                let v = if SECRET_PARAMS.contains(&k.as_str()) {
-                    "<redacted>".to_owned()
-                } else {
-                    v.clone()
-                };
-                (k.clone(), v)
-            })
-            .collect();
+        let params = redacted(
+            self.query
+                .iter()
+                .chain(&self.form)
+                .chain(&self.json)
+                .cloned()
+                .collect(),
+        );
         SeenRequest {
             step,
             method: self.method.to_string(),

@@ -1,0 +1,461 @@
+//! The provider conformance suite: the same scenarios, over real gRPC and
+//! real HTTP, against every preset's emulator, on Postgres and on SQLite.
+//! Refresh and revoke have no gRPC surface yet, so they are exercised
+//! through the library's provider API against the same emulators.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::support::{
+    emulators::{Emulator, ExpectedIdentity, Fault, Step},
+    *,
+};
+use authbroker::{
+    config::{HttpSettings, ProviderConfig, Settings},
+    grpc::pb::{self, Outcome},
+    http::HttpClient,
+    provider::{Provider, ProviderError, Registry},
+};
+use secrecy::{ExposeSecret, SecretString};
+use tonic::Code;
+
+/// The provider's name in config for every scenario.
+const NAME: &str = "p";
+/// A second provider whose every endpoint is a closed port.
+const DEAD: &str = "dead";
+
+fn configure(s: &mut Settings, config: ProviderConfig) {
+    let mut dead = config.clone();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    for url in dead.endpoints.values_mut() {
+        let path = url::Url::parse(url).unwrap().path().to_string();
+        *url = format!("{base}{path}");
+    }
+    s.providers.insert(NAME.into(), config);
+    s.providers.insert(DEAD.into(), dead);
+    s.http.timeout = Duration::from_secs(1);
+    s.http.connect_timeout = Duration::from_millis(500);
+}
+
+fn identity_of(r: &pb::CompleteLoginResponse) -> ExpectedIdentity {
+    let i = r.identity.clone().unwrap();
+    ExpectedIdentity {
+        subject: i.subject,
+        union_id: i.union_id,
+        username: i.username,
+        display_name: i.display_name,
+        avatar_url: i.avatar_url,
+        email: i.email,
+        email_verified: i.email_verified,
+    }
+}
+
+struct Suite {
+    app: TestApp,
+    emu: Arc<dyn Emulator>,
+}
+
+impl Suite {
+    /// BeginLogin, then the browser step as `seed`: (state, callback query).
+    async fn authorize(&self, seed: &str) -> (String, HashMap<String, String>) {
+        let begun = self.app.begin_with(NAME).await;
+        let query = self
+            .emu
+            .approve(&begun.authorize_url, seed)
+            .unwrap_or_else(|why| panic!("{} refused the authorize URL: {why}", self.emu.kind()));
+        let query: HashMap<String, String> = query.into_iter().collect();
+        assert_eq!(query.get("state"), Some(&begun.state), "state round-trips");
+        (begun.state, query)
+    }
+
+    async fn login(&self, seed: &str) -> Result<pb::CompleteLoginResponse, tonic::Status> {
+        let (state, query) = self.authorize(seed).await;
+        self.app.complete(&state, &query["code"]).await
+    }
+
+    async fn users(&self) -> u64 {
+        self.app.store.count_users().await.unwrap()
+    }
+
+    /// A login that must fail with `reason` and leave no user behind.
+    async fn fails(&self, seed: &str, code: Code, reason: &str) {
+        let before = self.users().await;
+        let started = Instant::now();
+        let err = self.login(seed).await.expect_err("the login must fail");
+        assert_error(&err, code, reason);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{reason} took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            self.users().await,
+            before,
+            "a failed login persists nothing"
+        );
+    }
+
+    fn provider(&self) -> Arc<dyn Provider> {
+        let http = HttpClient::new(&HttpSettings::default()).unwrap();
+        let configs = [(NAME.to_string(), self.emu.provider_config())].into();
+        let registry = Registry::build(&configs, &http, None).unwrap();
+        registry.get(NAME).unwrap().clone()
+    }
+}
+
+async fn conformance(emu: Arc<dyn Emulator>, backend: Backend) {
+    conformance_with(emu, backend, |_| {}).await;
+}
+
+async fn conformance_with(
+    emu: Arc<dyn Emulator>,
+    backend: Backend,
+    tweak: impl FnOnce(&mut ProviderConfig),
+) {
+    let kind = emu.kind();
+    let caps = emu.capabilities();
+    let mut config = emu.provider_config();
+    tweak(&mut config);
+    let app = spawn_app_on(backend, |s| configure(s, config)).await;
+    let suite = Suite { app, emu };
+
+    // Happy path: a new user, then the same user again.
+    let expected = suite.emu.add_user("ada");
+    let first = suite
+        .login("ada")
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+    assert_eq!(first.outcome(), Outcome::UserCreated, "{kind}");
+    assert_eq!(
+        identity_of(&first),
+        expected,
+        "{kind}: identity as the provider reports it"
+    );
+    let again = suite.login("ada").await.unwrap();
+    assert_eq!(again.outcome(), Outcome::SignedIn, "{kind}");
+    assert_eq!(
+        again.binding.as_ref().unwrap().user_id,
+        first.binding.as_ref().unwrap().user_id
+    );
+    let other = suite.emu.add_user("grace");
+    let second = suite.login("grace").await.unwrap();
+    assert_eq!(second.outcome(), Outcome::UserCreated);
+    assert_eq!(identity_of(&second), other);
+    assert_ne!(other.subject, expected.subject);
+    assert_eq!(suite.users().await, 2);
+
+    // PKCE exactly where the provider supports it.
+    let begun = suite.app.begin_with(NAME).await;
+    let q: HashMap<_, _> = url::Url::parse(&begun.authorize_url)
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect();
+    assert_eq!(q.contains_key("code_challenge"), caps.pkce, "{kind}: PKCE");
+    if caps.pkce {
+        assert_eq!(q["code_challenge_method"], "S256");
+        let token_calls: Vec<_> = suite
+            .emu
+            .requests()
+            .into_iter()
+            .filter(|r| r.step == Step::Token)
+            .collect();
+        assert!(!token_calls.is_empty());
+        assert!(
+            token_calls
+                .iter()
+                .all(|r| r.param("code_verifier").is_some()),
+            "{kind}: every token call carries the verifier"
+        );
+    }
+
+    // The user says no.
+    let begun = suite.app.begin_with(NAME).await;
+    let denial = suite.emu.deny(&begun.authorize_url);
+    assert_eq!(denial.is_some(), caps.deny_redirects, "{kind}");
+    let denial: HashMap<_, _> = denial
+        .unwrap_or_else(|| vec![("error".into(), "access_denied".into())])
+        .into_iter()
+        .collect();
+    let err = suite
+        .app
+        .client()
+        .complete_login(authed(
+            pb::CompleteLoginRequest {
+                state: begun.state.clone(),
+                error: denial["error"].clone(),
+                error_description: denial.get("error_description").cloned().unwrap_or_default(),
+                ..Default::default()
+            },
+            LOGIN_KEY,
+        ))
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "ACCESS_DENIED");
+
+    // A code the provider never issued, and a code used twice.
+    let before = suite.users().await;
+    let begun = suite.app.begin_with(NAME).await;
+    let err = suite
+        .app
+        .complete(&begun.state, "0000bogus0000")
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
+    if caps.errors_with_http_200 {
+        let last_token = suite
+            .emu
+            .requests()
+            .into_iter()
+            .rfind(|r| r.step == Step::Token)
+            .unwrap();
+        assert_eq!(
+            last_token.status, 200,
+            "{kind}: this provider reports errors with HTTP 200"
+        );
+    }
+    let (state, query) = suite.authorize("ada").await;
+    suite.app.complete(&state, &query["code"]).await.unwrap();
+    let begun = suite.app.begin_with(NAME).await;
+    let err = suite
+        .app
+        .complete(&begun.state, &query["code"])
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
+    assert_eq!(suite.users().await, before);
+
+    // Malformed and oversized answers, 5xx, timeouts, at each step the
+    // provider has (an OIDC provider without userinfo makes no identity call).
+    let identity_calls = suite
+        .emu
+        .requests()
+        .iter()
+        .any(|r| r.step == Step::Identity);
+    for (step, fault, code, reason) in [
+        (
+            Step::Token,
+            Fault::Garbage,
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+        (
+            Step::Token,
+            Fault::Oversized(2 << 20),
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+        (
+            Step::Token,
+            Fault::Status500,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Step::Token,
+            Fault::Hang,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Step::Identity,
+            Fault::Garbage,
+            Code::Internal,
+            "PROVIDER_BAD_RESPONSE",
+        ),
+        (
+            Step::Identity,
+            Fault::Status503,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+        (
+            Step::Identity,
+            Fault::Hang,
+            Code::Unavailable,
+            "PROVIDER_UNAVAILABLE",
+        ),
+    ] {
+        if step == Step::Identity && !identity_calls {
+            continue;
+        }
+        suite.emu.clear_faults();
+        suite.emu.set_fault(step, fault.clone());
+        suite.emu.add_user("faulty");
+        suite.fails("faulty", code, reason).await;
+    }
+    suite.emu.clear_faults();
+
+    // Unreachable: nothing listens where the dead provider points.
+    let begun = suite.app.begin(pb::BeginLoginRequest {
+        provider: DEAD.into(),
+        ..Default::default()
+    });
+    match begun.await {
+        // OIDC providers need discovery before they can build the URL.
+        Err(e) => {
+            assert_error(&e, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+        }
+        Ok(begun) => {
+            let err = suite
+                .app
+                .complete(&begun.state, "some-code")
+                .await
+                .unwrap_err();
+            assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+        }
+    }
+
+    // Numbers sent as strings change nothing.
+    suite.emu.set_numbers_as_strings(true);
+    let expected = suite.emu.add_user("lin");
+    let done = suite
+        .login("lin")
+        .await
+        .unwrap_or_else(|e| panic!("{kind} with strings: {e:?}"));
+    assert_eq!(identity_of(&done), expected, "{kind}: numbers as strings");
+    suite.emu.set_numbers_as_strings(false);
+
+    assert!(
+        suite.emu.violations().is_empty(),
+        "{kind}: requests a real provider would refuse: {:?}",
+        suite.emu.violations()
+    );
+
+    // Refresh and revoke, through the provider API.
+    let provider = suite.provider();
+    assert_eq!(
+        provider.refresher().is_some(),
+        caps.refresh,
+        "{kind}: refresh support"
+    );
+    assert_eq!(
+        provider.revoker().is_some(),
+        caps.revoke,
+        "{kind}: revoke support"
+    );
+    if let Some(refresher) = provider.refresher() {
+        let (_, refresh) = suite.emu.issue_tokens("ada");
+        let refresh = SecretString::from(refresh.expect("a refresh token"));
+        let renewed = refresher
+            .refresh(&refresh, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{kind} refresh: {e}"));
+        assert!(
+            suite
+                .emu
+                .access_token_valid(renewed.access_token.expose_secret())
+        );
+        if caps.refresh_single_use {
+            assert!(
+                renewed.refresh_token.is_some(),
+                "{kind}: a single-use refresh token comes with its successor"
+            );
+            let reused = refresher.refresh(&refresh, &[]).await.unwrap_err();
+            assert!(
+                matches!(reused, ProviderError::Rejected { .. }),
+                "{kind}: {reused:?}"
+            );
+        }
+        let bogus = refresher
+            .refresh(&SecretString::from("not-a-refresh-token"), &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(bogus, ProviderError::Rejected { .. }),
+            "{kind}: {bogus:?}"
+        );
+    }
+    if let Some(revoker) = provider.revoker() {
+        let (access, _) = suite.emu.issue_tokens("ada");
+        assert!(suite.emu.access_token_valid(&access));
+        revoker
+            .revoke(&SecretString::from(access.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{kind} revoke: {e}"));
+        assert!(!suite.emu.access_token_valid(&access), "{kind}: revoked");
+    }
+    assert!(
+        suite.emu.violations().is_empty(),
+        "{:?}",
+        suite.emu.violations()
+    );
+}
+
+/// One test per (provider, store).
+macro_rules! conformance {
+    ($($name:ident => $start:expr),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn on_postgres() {
+                    conformance(Arc::new($start.await), Backend::Postgres).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn on_sqlite() {
+                    conformance(Arc::new($start.await), Backend::Sqlite).await;
+                }
+            }
+        )*
+    };
+}
+
+use crate::support::emulators::{
+    acwing::AcwingEmulator, custom::CustomEmulator, gitee::GiteeEmulator, github::GithubEmulator,
+    google::GoogleEmulator, qiita::QiitaEmulator, qq::QqEmulator, wechat::WechatEmulator,
+    weibo::WeiboEmulator,
+};
+
+conformance!(
+    qq => QqEmulator::start(),
+    wechat => WechatEmulator::start(),
+    weibo => WeiboEmulator::start(),
+    gitee => GiteeEmulator::start(),
+    acwing => AcwingEmulator::start(),
+    qiita => QiitaEmulator::start(),
+    github => GithubEmulator::start(),
+    google => GoogleEmulator::start(),
+    custom_oauth2 => CustomEmulator::start(),
+);
+
+/// OIDC with the userinfo endpoint merged in, so identity-step faults apply.
+mod google_with_userinfo {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        let emu = Arc::new(GoogleEmulator::start().await);
+        conformance_with(emu, Backend::Postgres, |c| c.fetch_userinfo = true).await;
+    }
+}
+
+/// A provider's `expires_in` of 99999999999999 seconds once overflowed the
+/// expiry instant and panicked the call; it is a bad response.
+#[tokio::test]
+async fn an_overflowing_token_lifetime_is_a_bad_response() {
+    let nimbus = crate::support::emulators::custom::CustomEmulator::start().await;
+    nimbus.add_user("n");
+    nimbus.set_lifetime(99_999_999_999_999);
+    let mut config = nimbus.provider_config();
+    config.store_tokens = true;
+    let app = spawn_app_on(Backend::Sqlite, |s| {
+        with_vault(s);
+        s.providers.insert(NAME.into(), config);
+    })
+    .await;
+    let suite = Suite {
+        app,
+        emu: Arc::new(nimbus),
+    };
+    suite
+        .fails("n", Code::Internal, "PROVIDER_BAD_RESPONSE")
+        .await;
+    let err = suite.login("n").await.unwrap_err();
+    assert!(err.message().contains("expires_in"), "{}", err.message());
+}
