@@ -50,6 +50,10 @@
 //!   trusted roots; certificate failures told apart from outages).
 //! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
 //!   store only ever sees ciphertext.
+//! - [`reason`]: the `Reason` enum, every stable `ErrorInfo.reason` the
+//!   service sends, with its wire string and whether a retry can help;
+//!   `grpc::status` gives each its gRPC code, and a test holds the README's
+//!   error table to both.
 
 pub mod admin;
 pub mod app;
@@ -59,6 +63,7 @@ pub mod grpc;
 pub mod http;
 pub mod login;
 pub mod provider;
+pub mod reason;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -17,7 +17,7 @@ use governor::{
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::{
-    Code, Status,
+    Status,
     body::Body,
     codegen::{
         Service,
@@ -25,13 +25,14 @@ use tonic::{
     },
     server::NamedService,
 };
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic_types::StatusExt;
 
 use super::{
     socket::PeerInfo,
-    status::{DOMAIN, error_status},
+    status::{code, error_details, error_status},
 };
 use crate::config::{ApiKeyConfig, ClientCertConfig, Rate, Role};
+use crate::reason::Reason;
 
 /// Who is calling, once authenticated.
 #[derive(Clone, Debug)]
@@ -172,8 +173,7 @@ impl ApiKeys {
                     .and_then(|k| self.find(k))
                     .ok_or_else(|| {
                         error_status(
-                            Code::Unauthenticated,
-                            "API_KEY_INVALID",
+                            Reason::ApiKeyInvalid,
                             "the API key in `authorization: Bearer …` is not one this service knows",
                         )
                     })?
@@ -188,8 +188,7 @@ impl ApiKeys {
         };
         if needed == Role::Admin && credential.role != Role::Admin {
             return Err(error_status(
-                Code::PermissionDenied,
-                "ROLE_NOT_ALLOWED",
+                Reason::RoleNotAllowed,
                 "this caller's role may not call this service; it needs role \"admin\"",
             ));
         }
@@ -215,7 +214,7 @@ fn missing(client_cn: Option<&str>) -> Status {
         ),
         None => "send the header `authorization: Bearer <api key>`".to_string(),
     };
-    error_status(Code::Unauthenticated, "API_KEY_MISSING", message)
+    error_status(Reason::ApiKeyMissing, message)
 }
 
 /// RESOURCE_EXHAUSTED with `RATE_LIMITED` and a `RetryInfo` saying when
@@ -224,14 +223,13 @@ fn rate_limited(limit: &str, wait: Duration) -> Status {
     // Whole milliseconds, rounded up, so a client that waits exactly this
     // long is let through.
     let wait = Duration::from_millis(wait.as_nanos().div_ceil(1_000_000) as u64);
-    let mut details = ErrorDetails::with_error_info(
-        "RATE_LIMITED",
-        DOMAIN,
+    let mut details = error_details(
+        Reason::RateLimited,
         HashMap::from([("limit".to_string(), limit.to_string())]),
     );
     details.set_retry_info(Some(wait));
     Status::with_error_details(
-        Code::ResourceExhausted,
+        code(Reason::RateLimited),
         format!(
             "this caller is over its rate of {limit}; retry in {} ms",
             wait.as_millis()

@@ -15,6 +15,7 @@ use tonic::{
 };
 
 use super::status::error_status;
+use crate::reason::Reason;
 
 /// What tonic writes for a message longer than `max_decoding_message_size`.
 const TOO_LARGE: &str = "Error, decoded message length too large: ";
@@ -75,18 +76,16 @@ fn rewrite(response: http::Response<Body>) -> http::Response<Body> {
 
 fn replacement(status: &Status) -> Option<Status> {
     let message = status.message();
-    let (code, reason, text) = if status.code() == Code::OutOfRange
+    let (reason, text) = if status.code() == Code::OutOfRange
         && let Some(sizes) = message.strip_prefix(TOO_LARGE)
     {
         (
-            Code::ResourceExhausted,
-            "MESSAGE_TOO_LARGE",
+            Reason::MessageTooLarge,
             format!("the request is larger than this service accepts ({sizes})"),
         )
     } else if status.code() == Code::Internal && message.starts_with(UNDECODABLE) {
         (
-            Code::InvalidArgument,
-            "MALFORMED_REQUEST",
+            Reason::MalformedRequest,
             format!(
                 "the request is not a valid message for this method \
                  (are its text fields UTF-8?): {message}"
@@ -95,8 +94,11 @@ fn replacement(status: &Status) -> Option<Status> {
     } else {
         return None;
     };
-    tracing::info!(reason, "call refused before it reached a handler");
-    Some(error_status(code, reason, text))
+    tracing::info!(
+        reason = reason.as_str(),
+        "call refused before it reached a handler"
+    );
+    Some(error_status(reason, text))
 }
 
 #[cfg(test)]

@@ -28,13 +28,14 @@ use tokio::{
     time::{Instant, Sleep},
 };
 use tonic::{
-    Code, Status,
+    Status,
     body::Body,
     codegen::{Service, http},
     server::NamedService,
 };
 
 use super::status::error_status;
+use crate::reason::Reason;
 
 /// The bound shared by every service and connection it is given to.
 #[derive(Clone)]
@@ -150,8 +151,7 @@ where
                     "call abandoned: it ran longer than server.request_timeout"
                 );
                 Poll::Ready(Ok(error_status(
-                    Code::DeadlineExceeded,
-                    "REQUEST_TIMEOUT",
+                    Reason::RequestTimeout,
                     format!(
                         "the call took longer than the server's limit of {} s",
                         timeout.as_secs_f64()
@@ -166,8 +166,7 @@ where
 
 fn overloaded(max_calls: usize) -> Status {
     error_status(
-        Code::Unavailable,
-        "SERVER_OVERLOADED",
+        Reason::ServerOverloaded,
         format!("the server is at its limit of {max_calls} calls in progress; retry with backoff"),
     )
 }

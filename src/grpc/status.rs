@@ -1,85 +1,83 @@
 //! The one mapping from domain errors to `tonic::Status`. Every error has a
-//! stable reason; `REASONS` gives each its gRPC code. The status carries a
-//! `google.rpc.ErrorInfo` (domain `authbroker`, the reason, and for provider
-//! failures the provider and its own short error code) and, for bad input, a
-//! `BadRequest` field violation. This is also where failures are logged,
-//! with their full cause chain.
+//! stable [`Reason`]; [`code`] gives each its gRPC code. The status carries
+//! a `google.rpc.ErrorInfo` (domain `authbroker`, the reason, and for
+//! provider failures the provider and its own short error code) and, for
+//! bad input, a `BadRequest` field violation. This is also where failures
+//! are logged, with their full cause chain.
 
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{admin::AdminError, login::LoginError, provider::ProviderError, tokens::TokenError};
+use crate::{
+    admin::AdminError, login::LoginError, provider::ProviderError, reason::Reason,
+    tokens::TokenError,
+};
 
 pub const DOMAIN: &str = "authbroker";
 
-/// Every `ErrorInfo.reason` this service sends, with its gRPC code. The
-/// README's error table must list each with the same code; a test checks.
-pub const REASONS: &[(&str, Code)] = &[
-    ("MISSING_FIELD", Code::InvalidArgument),
-    ("FIELD_TOO_LONG", Code::InvalidArgument),
-    ("INVALID_FIELD", Code::InvalidArgument),
-    ("INVALID_PAGE_TOKEN", Code::InvalidArgument),
-    ("MALFORMED_REQUEST", Code::InvalidArgument),
-    ("MESSAGE_TOO_LARGE", Code::ResourceExhausted),
-    ("UNKNOWN_PROVIDER", Code::InvalidArgument),
-    ("REDIRECT_URI_NOT_ALLOWED", Code::InvalidArgument),
-    ("SCOPE_NOT_ALLOWED", Code::InvalidArgument),
-    ("RETURN_TO_NOT_ALLOWED", Code::InvalidArgument),
-    ("PROVIDER_DISABLED", Code::FailedPrecondition),
-    ("STATE_UNKNOWN", Code::NotFound),
-    ("STATE_EXPIRED", Code::FailedPrecondition),
-    ("STATE_ALREADY_USED", Code::FailedPrecondition),
-    ("TOO_MANY_PENDING_LOGINS", Code::ResourceExhausted),
-    ("LOGIN_IN_PROGRESS", Code::Aborted),
-    ("ACCESS_DENIED", Code::FailedPrecondition),
-    ("PROVIDER_AUTHORIZE_ERROR", Code::FailedPrecondition),
-    ("PROVIDER_REJECTED", Code::FailedPrecondition),
-    ("PROVIDER_UNAVAILABLE", Code::Unavailable),
-    ("PROVIDER_BAD_RESPONSE", Code::Internal),
-    ("PROVIDER_TLS_ERROR", Code::FailedPrecondition),
-    ("ID_TOKEN_INVALID", Code::FailedPrecondition),
-    ("LINK_TICKET_UNKNOWN", Code::NotFound),
-    ("LINK_TICKET_EXPIRED", Code::FailedPrecondition),
-    ("LINK_TICKET_ALREADY_USED", Code::FailedPrecondition),
-    ("IDENTITY_LINKED_ELSEWHERE", Code::FailedPrecondition),
-    ("PROVIDER_ALREADY_LINKED", Code::FailedPrecondition),
-    ("USER_NOT_FOUND", Code::NotFound),
-    ("IDENTITY_NOT_FOUND", Code::NotFound),
-    ("LAST_IDENTITY", Code::FailedPrecondition),
-    ("TOKEN_NOT_STORED", Code::NotFound),
-    ("TOKEN_EXPIRED", Code::FailedPrecondition),
-    ("TOKEN_UNUSABLE", Code::FailedPrecondition),
-    ("REFRESH_TOKEN_REJECTED", Code::FailedPrecondition),
-    ("VAULT_KEY_MISSING", Code::Internal),
-    ("CONCURRENT_UPDATE", Code::Aborted),
-    ("STATE_STORE_UNAVAILABLE", Code::Unavailable),
-    ("STORE_UNAVAILABLE", Code::Unavailable),
-    ("INTERNAL", Code::Internal),
-    ("API_KEY_MISSING", Code::Unauthenticated),
-    ("API_KEY_INVALID", Code::Unauthenticated),
-    ("ROLE_NOT_ALLOWED", Code::PermissionDenied),
-    ("RATE_LIMITED", Code::ResourceExhausted),
-    ("SERVER_OVERLOADED", Code::Unavailable),
-    ("REQUEST_TIMEOUT", Code::DeadlineExceeded),
-];
-
-/// The code for a reason; an unlisted reason is a bug, reported as INTERNAL.
-pub fn code_of(reason: &str) -> Code {
-    REASONS
-        .iter()
-        .find(|(r, _)| *r == reason)
-        .map(|(_, c)| *c)
-        .unwrap_or(Code::Internal)
+/// The gRPC code each reason is sent with. The README's error table must
+/// give each the same code; a test checks. No wildcard arm: a new reason
+/// does not compile until it has a code here.
+pub const fn code(reason: Reason) -> Code {
+    match reason {
+        Reason::MissingField
+        | Reason::FieldTooLong
+        | Reason::InvalidField
+        | Reason::InvalidPageToken
+        | Reason::MalformedRequest
+        | Reason::UnknownProvider
+        | Reason::RedirectUriNotAllowed
+        | Reason::ScopeNotAllowed
+        | Reason::ReturnToNotAllowed => Code::InvalidArgument,
+        Reason::ProviderDisabled
+        | Reason::StateExpired
+        | Reason::StateAlreadyUsed
+        | Reason::AccessDenied
+        | Reason::ProviderAuthorizeError
+        | Reason::ProviderRejected
+        | Reason::ProviderTlsError
+        | Reason::IdTokenInvalid
+        | Reason::LinkTicketExpired
+        | Reason::LinkTicketAlreadyUsed
+        | Reason::IdentityLinkedElsewhere
+        | Reason::ProviderAlreadyLinked
+        | Reason::LastIdentity
+        | Reason::TokenExpired
+        | Reason::TokenUnusable
+        | Reason::RefreshTokenRejected => Code::FailedPrecondition,
+        Reason::StateUnknown
+        | Reason::LinkTicketUnknown
+        | Reason::UserNotFound
+        | Reason::IdentityNotFound
+        | Reason::TokenNotStored => Code::NotFound,
+        Reason::MessageTooLarge | Reason::TooManyPendingLogins | Reason::RateLimited => {
+            Code::ResourceExhausted
+        }
+        Reason::LoginInProgress | Reason::ConcurrentUpdate => Code::Aborted,
+        Reason::ProviderUnavailable
+        | Reason::StateStoreUnavailable
+        | Reason::StoreUnavailable
+        | Reason::ServerOverloaded => Code::Unavailable,
+        Reason::ProviderBadResponse | Reason::VaultKeyMissing | Reason::Internal => Code::Internal,
+        Reason::ApiKeyMissing | Reason::ApiKeyInvalid => Code::Unauthenticated,
+        Reason::RoleNotAllowed => Code::PermissionDenied,
+        Reason::RequestTimeout => Code::DeadlineExceeded,
+    }
 }
 
-pub fn error_status(code: Code, reason: &str, message: impl Into<String>) -> Status {
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(reason, DOMAIN, HashMap::<String, String>::new()),
-    )
+/// A refusal made at the edge, before any domain error exists (caller
+/// authentication, limits, undecodable requests): the reason's code and an
+/// `ErrorInfo`.
+pub fn error_status(reason: Reason, message: impl Into<String>) -> Status {
+    Status::with_error_details(code(reason), message, error_details(reason, HashMap::new()))
+}
+
+/// The `ErrorInfo` for a reason, to which a caller may add further details
+/// (such as `RetryInfo`).
+pub fn error_details(reason: Reason, metadata: HashMap<String, String>) -> ErrorDetails {
+    ErrorDetails::with_error_info(reason.as_str(), DOMAIN, metadata)
 }
 
 /// `ErrorInfo.metadata` for a provider failure: which provider, and its own
@@ -102,26 +100,26 @@ fn provider_metadata(p: &ProviderError) -> HashMap<String, String> {
 /// Builds the status; logs routine refusals at info and our own or the
 /// provider's failures at warn, with the cause chain.
 fn status(
-    reason: &'static str,
+    reason: Reason,
     error: &dyn std::error::Error,
     field: Option<&'static str>,
     metadata: HashMap<String, String>,
 ) -> Status {
-    let code = code_of(reason);
+    let code = code(reason);
     let chain = crate::telemetry::cause_chain(error);
     match code {
         Code::Internal | Code::Unavailable | Code::Aborted => {
-            tracing::warn!(reason, error = %chain, "call failed")
+            tracing::warn!(reason = reason.as_str(), error = %chain, "call failed")
         }
-        _ => tracing::info!(reason, error = %chain, "call refused"),
+        _ => tracing::info!(reason = reason.as_str(), error = %chain, "call refused"),
     }
     // Details of our own failures stay in the log.
-    let message = if reason == "INTERNAL" {
+    let message = if reason == Reason::Internal {
         "internal error; see the service log".to_string()
     } else {
         error.to_string()
     };
-    let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+    let mut details = error_details(reason, metadata);
     if let Some(field) = field {
         details.add_bad_request_violation(field, message.clone());
     }
@@ -231,16 +229,12 @@ mod tests {
     }
 
     #[test]
-    fn every_reason_is_declared_and_carried() {
-        let check = |reason: &str, status: Status| {
-            assert!(
-                REASONS.iter().any(|(r, _)| *r == reason),
-                "{reason} missing from REASONS"
-            );
+    fn every_reason_is_carried_with_its_code() {
+        let check = |reason: Reason, status: Status| {
             let info = status.get_details_error_info().unwrap();
-            assert_eq!(info.reason, reason);
+            assert_eq!(info.reason, reason.as_str());
             assert_eq!(info.domain, DOMAIN);
-            assert_eq!(status.code(), code_of(reason));
+            assert_eq!(status.code(), code(reason));
         };
         for e in every_login_error() {
             check(e.reason(), login_error(e));
@@ -248,41 +242,59 @@ mod tests {
         for e in every_admin_error() {
             check(e.reason(), admin_error(e));
         }
+        for &reason in Reason::ALL {
+            check(reason, error_status(reason, "m"));
+        }
+    }
+
+    /// `Code::FailedPrecondition` as the README writes it: FAILED_PRECONDITION.
+    fn upper_snake(code: Code) -> String {
+        format!("{code:?}").chars().fold(String::new(), |mut s, c| {
+            if c.is_ascii_uppercase() && !s.is_empty() {
+                s.push('_');
+            }
+            s.push(c.to_ascii_uppercase());
+            s
+        })
     }
 
     #[test]
     fn readme_error_table_matches_the_code() {
         let readme = include_str!("../../README.md");
-        let rows: Vec<(&str, &str)> = readme
+        // | `REASON` | CODE | when | retry? |
+        let rows: Vec<(&str, &str, &str)> = readme
             .lines()
             .filter_map(|l| l.strip_prefix("| `"))
             .filter_map(|l| {
                 let mut cells = l.split('|');
                 let reason = cells.next()?.trim().trim_end_matches('`');
                 let code = cells.next()?.trim();
+                let retry = cells.nth(1)?.trim();
                 reason
                     .chars()
                     .all(|c| c.is_ascii_uppercase() || c == '_')
-                    .then_some((reason, code))
+                    .then_some((reason, code, retry))
             })
             .collect();
-        for (reason, code) in REASONS {
-            let row = rows.iter().find(|(r, _)| r == reason);
-            let Some((_, listed)) = row else {
+        for &reason in Reason::ALL {
+            let row = rows.iter().find(|(r, ..)| *r == reason.as_str());
+            let Some((_, listed, retry)) = row else {
                 panic!("README error table lacks {reason}");
             };
-            let expected = format!("{code:?}").chars().fold(String::new(), |mut s, c| {
-                if c.is_ascii_uppercase() && !s.is_empty() {
-                    s.push('_');
-                }
-                s.push(c.to_ascii_uppercase());
-                s
-            });
-            assert_eq!(*listed, expected, "README gives {reason} the wrong code");
+            assert_eq!(
+                *listed,
+                upper_snake(code(reason)),
+                "README gives {reason} the wrong code"
+            );
+            assert_eq!(
+                retry.starts_with("yes"),
+                reason.retryable(),
+                "README's retry column for {reason} says {retry:?}"
+            );
         }
-        for (reason, _) in &rows {
+        for (reason, ..) in &rows {
             assert!(
-                REASONS.iter().any(|(r, _)| r == reason),
+                Reason::from_wire(reason).is_some(),
                 "README lists {reason}, which the code never sends"
             );
         }
