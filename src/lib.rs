@@ -63,6 +63,7 @@ pub mod grpc;
 pub mod http;
 pub mod login;
 pub mod provider;
+pub mod sandbox;
 pub mod reason;
 pub mod state;
 pub mod store;

@@ -1,13 +1,12 @@
 //! Identity providers. `Provider` is the seam; almost every provider is the
 //! one spec-driven OAuth2 engine ([`engine`]) fed a [`spec::ProviderSpec`]
 //! from a preset data file under `providers/`. Code exists only for what data
-//! cannot say (the in-process [`sandbox`] server).
+//! cannot say: OpenID Connect's discovery and ID-token checks ([`oidc`]).
 
 pub mod body;
 pub mod engine;
 pub mod oidc;
 pub mod registry;
-pub mod sandbox;
 pub mod spec;
 
 pub use registry::Registry;
