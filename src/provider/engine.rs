@@ -739,17 +739,17 @@ mod tests {
 
     #[test]
     fn templated_authorize_urls_match_the_url_crate() {
-        let mut specs: Vec<(String, SpecProvider)> = crate::provider::spec::PRESETS
+        let mut specs: Vec<(String, SpecProvider)> = crate::provider::presets::PRESETS
             .iter()
             .map(|(name, _)| {
-                let spec = crate::provider::spec::preset(name).unwrap().unwrap();
+                let spec = crate::provider::presets::preset(name).unwrap().unwrap();
                 (name.to_string(), provider(spec, None, false))
             })
             .collect();
         // Everything a config-defined provider may add: fixed extras that
         // need escaping, a fragment, an endpoint with its own query and
         // fragment, an OIDC nonce.
-        let mut custom = crate::provider::spec::preset("github").unwrap().unwrap();
+        let mut custom = crate::provider::presets::preset("github").unwrap().unwrap();
         custom
             .authorize
             .params

@@ -1,11 +1,17 @@
 //! Identity providers. `Provider` is the seam; almost every provider is the
 //! one spec-driven OAuth2 engine ([`engine`]) fed a [`spec::ProviderSpec`]
-//! from a preset data file under `providers/`. Code exists only for what data
-//! cannot say: OpenID Connect's discovery and ID-token checks ([`oidc`]).
+//! from a preset data file under `providers/` ([`presets`]). Code exists
+//! only for what data cannot say: OpenID Connect's discovery and ID-token
+//! checks ([`oidc`]).
+//!
+//! Imports run one way: `spec` and `body` know nothing else here; `engine`
+//! reads specs; `oidc` builds engines; `presets` parses the files into
+//! either schema; `registry` builds providers from presets and config.
 
 pub mod body;
 pub mod engine;
 pub mod oidc;
+pub mod presets;
 pub mod registry;
 pub mod spec;
 

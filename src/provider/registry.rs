@@ -15,7 +15,8 @@ use super::{
     Provider, ProviderInfo,
     engine::{SpecParts, SpecProvider},
     oidc::{self, OidcConfig, OidcProvider},
-    spec::{self, ProviderSpec},
+    presets,
+    spec::ProviderSpec,
 };
 use crate::{config::ProviderConfig, http::HttpClient};
 
@@ -122,7 +123,7 @@ fn build_one(
             "{at}.allow_sandbox: only kind = \"sandbox\" takes this option"
         ));
     }
-    let is_oidc = cfg.kind == "oidc" || spec::oidc_preset(&cfg.kind).is_some();
+    let is_oidc = cfg.kind == "oidc" || presets::oidc_preset(&cfg.kind).is_some();
     let built = if is_oidc {
         build_oidc(&at, name, cfg, http, &mut problems)
     } else {
@@ -237,7 +238,7 @@ fn build_oidc(
     http: &HttpClient,
     problems: &mut Vec<String>,
 ) -> Option<Make> {
-    let preset = match spec::oidc_preset(&cfg.kind) {
+    let preset = match presets::oidc_preset(&cfg.kind) {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => {
             problems.push(format!(
@@ -437,7 +438,7 @@ fn spec_for(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) -> Optio
             "{at}.spec: only kind = \"oauth2\" takes a spec; presets are configured with endpoints"
         ));
     }
-    match spec::preset(&cfg.kind) {
+    match presets::preset(&cfg.kind) {
         Some(Ok(spec)) => Some(spec),
         Some(Err(e)) => {
             problems.push(format!(
@@ -447,9 +448,9 @@ fn spec_for(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) -> Optio
             None
         }
         None => {
-            let mut known: Vec<&str> = spec::PRESETS
+            let mut known: Vec<&str> = presets::PRESETS
                 .iter()
-                .chain(spec::OIDC_PRESETS)
+                .chain(presets::OIDC_PRESETS)
                 .map(|(n, _)| *n)
                 .collect();
             known.extend(["oauth2", "oidc"]);
@@ -565,8 +566,8 @@ mod readme {
 
     #[test]
     fn provider_table_matches_the_presets() {
-        for (kind, _) in spec::PRESETS {
-            let spec = spec::preset(kind).unwrap().unwrap();
+        for (kind, _) in presets::PRESETS {
+            let spec = presets::preset(kind).unwrap().unwrap();
             let cells = row(kind);
             // cells: "", kind, subject, PKCE, refresh, revoke, union id, email, endpoints, ""
             assert_eq!(
@@ -595,7 +596,7 @@ mod readme {
                 assert_eq!(listed, spec.endpoints.len(), "{kind}: endpoint keys");
             }
         }
-        for (kind, _) in spec::OIDC_PRESETS {
+        for (kind, _) in presets::OIDC_PRESETS {
             let cells = row(kind);
             for key in oidc::ENDPOINT_KEYS {
                 assert!(
