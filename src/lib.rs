@@ -30,8 +30,15 @@
 //!   values sealed under the token), their conformance suite
 //!   (`state::conformance`), and the pool of OS randomness that states, PKCE
 //!   verifiers and nonces are drawn from (`state::entropy`).
-//! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine, the
-//!   built-in presets (data files under `providers/`) and the sandbox.
+//! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine
+//!   (`provider::spec` is the data schema, `provider::engine` runs it), the
+//!   built-in presets (data files under `providers/`, `provider::presets`),
+//!   OpenID Connect discovery and ID-token checks (`provider::oidc`), and the
+//!   registry that builds providers from config. Each preset's wire format is
+//!   in `docs/providers.md`.
+//! - [`sandbox`]: the development OAuth2 server that `authbroker dev` runs
+//!   in-process (authorize page, token, userinfo); to `provider` it is just
+//!   the `sandbox` preset pointed at its address.
 //! - [`store`]: the `Store` seam with Postgres and SQLite implementations,
 //!   their shared conformance suite, and `store::interposed`, a forwarding
 //!   store that tests use to inject faults around the real one.

@@ -2,7 +2,8 @@
 //! one spec-driven OAuth2 engine ([`engine`]) fed a [`spec::ProviderSpec`]
 //! from a preset data file under `providers/` ([`presets`]). Code exists
 //! only for what data cannot say: OpenID Connect's discovery and ID-token
-//! checks ([`oidc`]).
+//! checks ([`oidc`]). Each preset's wire format is described in
+//! `docs/providers.md`, one section per preset.
 //!
 //! Imports run one way: `spec` and `body` know nothing else here; `engine`
 //! reads specs; `oidc` builds engines; `presets` parses the files into

@@ -3,6 +3,7 @@
 //! verified against the issuer's JWKS (cached for its `max-age`, refetched
 //! once, rate-limited, on an unknown `kid`); the code exchange, userinfo and
 //! refresh then run through the same spec engine as every other provider.
+//! Wire format and known gaps: docs/providers.md#oidc.
 
 use std::{
     collections::BTreeMap,
