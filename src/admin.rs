@@ -12,9 +12,8 @@ use crate::{
     domain::{AuditEvent, AuditKind, User, now_micros},
     login::{LoginError, check_user_id},
     provider::Registry,
-    reason::Reason,
     state::{Kind, StateError, StateStore, StateToken},
-    store::{AuditQuery, AuditRecord, Conflict, Store, StoreError, UserQuery},
+    store::{AuditLog, AuditQuery, AuditRecord, Conflict, StoreError, UserDirectory, UserQuery},
     tokens::{FreshToken, TokenError, TokenService},
 };
 
@@ -144,7 +143,8 @@ pub struct AuditFilter {
 }
 
 pub struct AdminService {
-    store: Arc<dyn Store>,
+    users: Arc<dyn UserDirectory>,
+    audit: Arc<dyn AuditLog>,
     providers: Registry,
     summaries: Vec<ProviderSummary>,
     states: Arc<dyn StateStore>,
@@ -160,7 +160,8 @@ pub struct Actor<'a>(pub Option<&'a str>);
 
 impl AdminService {
     pub fn new(
-        store: Arc<dyn Store>,
+        users: Arc<dyn UserDirectory>,
+        audit: Arc<dyn AuditLog>,
         providers: Registry,
         summaries: Vec<ProviderSummary>,
         states: Arc<dyn StateStore>,
@@ -171,7 +172,8 @@ impl AdminService {
             .chain(api_keys.iter().map(|k| Some(k.name.clone())))
             .collect();
         AdminService {
-            store,
+            users,
+            audit,
             providers,
             summaries,
             states,
@@ -201,7 +203,7 @@ impl AdminService {
             .filter(|u| !u.is_empty() && check_user_id(u).is_ok())
             .map(str::to_string);
         event.reason = result.as_ref().err().map(|e| e.reason().to_string());
-        if let Err(e) = self.store.record_audit(&event).await {
+        if let Err(e) = self.audit.record_audit(&event).await {
             tracing::warn!(error = %crate::telemetry::cause_chain(&e), rpc, "could not record an admin call");
         }
         result
@@ -218,7 +220,7 @@ impl AdminService {
     pub async fn get_user(&self, actor: Actor<'_>, user_id: &str) -> Result<User, AdminError> {
         let result = async {
             check_user_id(user_id).map_err(AdminError::Input)?;
-            self.store
+            self.users
                 .get_user(user_id)
                 .await?
                 .ok_or(AdminError::UserNotFound)
@@ -237,7 +239,7 @@ impl AdminService {
         let result = async {
             required("provider", provider)?;
             required("subject", subject)?;
-            self.store
+            self.users
                 .find_user_by_identity(provider, subject)
                 .await?
                 .ok_or(AdminError::IdentityNotFound)
@@ -270,7 +272,7 @@ impl AdminService {
                 Some(decode_user_cursor(&filter.page_token)?)
             };
             let mut users = self
-                .store
+                .users
                 .list_users(&UserQuery {
                     provider: filter.provider.clone(),
                     created_after,
@@ -306,13 +308,13 @@ impl AdminService {
             check_user_id(user_id).map_err(AdminError::Input)?;
             required("provider", provider)?;
             match self
-                .store
+                .users
                 .unlink_identity(user_id, provider, force, actor.0, now_micros())
                 .await
             {
                 Err(StoreError::NotFound) => {
                     // Say which: no user, or no identity there.
-                    if self.store.get_user(user_id).await?.is_none() {
+                    if self.users.get_user(user_id).await?.is_none() {
                         Err(AdminError::UserNotFound)
                     } else {
                         Err(AdminError::NotLinked)
@@ -343,7 +345,7 @@ impl AdminService {
         let result = async {
             check_user_id(user_id).map_err(AdminError::Input)?;
             let user = self
-                .store
+                .users
                 .get_user(user_id)
                 .await?
                 .ok_or(AdminError::UserNotFound)?;
@@ -366,7 +368,7 @@ impl AdminService {
                         event.subject = Some(linked.identity.subject.clone());
                         event.user_id = Some(user_id.to_string());
                         event.detail = Some("at_provider".into());
-                        if let Err(e) = self.store.record_audit(&event).await {
+                        if let Err(e) = self.audit.record_audit(&event).await {
                             tracing::warn!(error = %crate::telemetry::cause_chain(&e), "could not record a revocation");
                         }
                     }
@@ -378,7 +380,7 @@ impl AdminService {
                     ),
                 }
             }
-            match self.store.delete_user(user_id, actor.0, now_micros()).await {
+            match self.users.delete_user(user_id, actor.0, now_micros()).await {
                 Err(StoreError::NotFound) => Err(AdminError::UserNotFound),
                 other => other.map_err(AdminError::from).map(|()| revoked),
             }
@@ -463,7 +465,7 @@ impl AdminService {
                 Some(decode_audit_cursor(&filter.page_token)?)
             };
             let mut events = self
-                .store
+                .audit
                 .list_audit_events(&AuditQuery {
                     provider: filter.provider.clone(),
                     user_id: filter.user_id.clone(),
@@ -523,23 +525,23 @@ impl AdminService {
 }
 
 impl AdminError {
-    pub fn reason(&self) -> Reason {
+    pub fn reason(&self) -> &'static str {
         match self {
             AdminError::Input(e) => e.reason(),
-            AdminError::InvalidPageToken => Reason::InvalidPageToken,
-            AdminError::InvalidPageSize => Reason::InvalidField,
-            AdminError::UserNotFound => Reason::UserNotFound,
-            AdminError::IdentityNotFound | AdminError::NotLinked => Reason::IdentityNotFound,
-            AdminError::LastIdentity => Reason::LastIdentity,
+            AdminError::InvalidPageToken => "INVALID_PAGE_TOKEN",
+            AdminError::InvalidPageSize => "INVALID_FIELD",
+            AdminError::UserNotFound => "USER_NOT_FOUND",
+            AdminError::IdentityNotFound | AdminError::NotLinked => "IDENTITY_NOT_FOUND",
+            AdminError::LastIdentity => "LAST_IDENTITY",
             AdminError::Token(e) => match e {
-                TokenError::UnknownProvider => Reason::UnknownProvider,
-                TokenError::UserNotFound => Reason::UserNotFound,
-                TokenError::IdentityNotFound => Reason::IdentityNotFound,
-                TokenError::NotStored => Reason::TokenNotStored,
-                TokenError::Unusable => Reason::TokenUnusable,
-                TokenError::Expired => Reason::TokenExpired,
-                TokenError::RefreshRejected(_) => Reason::RefreshTokenRejected,
-                TokenError::Vault(_) => Reason::VaultKeyMissing,
+                TokenError::UnknownProvider => "UNKNOWN_PROVIDER",
+                TokenError::UserNotFound => "USER_NOT_FOUND",
+                TokenError::IdentityNotFound => "IDENTITY_NOT_FOUND",
+                TokenError::NotStored => "TOKEN_NOT_STORED",
+                TokenError::Unusable => "TOKEN_UNUSABLE",
+                TokenError::Expired => "TOKEN_EXPIRED",
+                TokenError::RefreshRejected(_) => "REFRESH_TOKEN_REJECTED",
+                TokenError::Vault(_) => "VAULT_KEY_MISSING",
                 TokenError::Provider(p) => crate::login::provider_reason(p),
                 TokenError::Store(e) => store_reason(e),
             },
@@ -548,11 +550,11 @@ impl AdminError {
     }
 }
 
-fn store_reason(e: &StoreError) -> Reason {
+fn store_reason(e: &StoreError) -> &'static str {
     match e {
-        StoreError::Unavailable(_) => Reason::StoreUnavailable,
-        StoreError::Conflict(Conflict::StaleToken) => Reason::ConcurrentUpdate,
-        _ => Reason::Internal,
+        StoreError::Unavailable(_) => "STORE_UNAVAILABLE",
+        StoreError::Conflict(Conflict::StaleToken) => "CONCURRENT_UPDATE",
+        _ => "INTERNAL",
     }
 }
 
@@ -569,7 +571,7 @@ impl AdminError {
 
     /// Only store failures carry details worth hiding from callers.
     pub fn is_internal(&self) -> bool {
-        self.reason() == Reason::Internal
+        self.reason() == "INTERNAL"
     }
 }
 

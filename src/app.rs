@@ -36,8 +36,7 @@ use crate::{
     },
     http::HttpClient,
     login::{LoginParts, LoginService, bind_policies},
-    provider::Registry,
-    sandbox::SandboxServer,
+    provider::{Registry, sandbox::SandboxServer},
     state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateStore},
     store::{self, Store},
     telemetry::cause_chain,
@@ -199,12 +198,14 @@ impl Application {
         let login = Arc::new(LoginService::new(LoginParts {
             providers: registry.clone(),
             states: states.clone(),
-            store: store.clone(),
+            bindings: store.clone(),
+            audit: store.clone(),
             tokens: tokens.clone(),
             policies,
             settings: settings.login.clone(),
         }));
         let admin = Arc::new(AdminService::new(
+            store.clone(),
             store.clone(),
             registry,
             summaries,

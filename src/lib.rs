@@ -17,8 +17,11 @@
 //! - [`domain`]: value types (identity, binding, audit event) shared by the
 //!   layers below; no protobuf, no SQL.
 //! - [`login`]: the use cases — begin and complete a login (resuming a
-//!   retried one where it failed), apply the binding policy, link an
-//!   identity with a link ticket.
+//!   retried one where it failed), link an identity with a link ticket — and
+//!   the binding policy itself: `login::binding::decide`, a pure function
+//!   from an identity, its provider's `BindPolicy` and the facts a store
+//!   read to the user it binds to (existing, linked by union id or verified
+//!   email, created, or link required) and the audit events to write.
 //! - [`tokens`]: provider tokens for the app — sealed at login, refreshed
 //!   once per identity however many ask (single flight), revoked.
 //! - [`admin`]: the operator use cases behind `AdminService`, each audited.
@@ -30,18 +33,17 @@
 //!   values sealed under the token), their conformance suite
 //!   (`state::conformance`), and the pool of OS randomness that states, PKCE
 //!   verifiers and nonces are drawn from (`state::entropy`).
-//! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine
-//!   (`provider::spec` is the data schema, `provider::engine` runs it), the
-//!   built-in presets (data files under `providers/`, `provider::presets`),
-//!   OpenID Connect discovery and ID-token checks (`provider::oidc`), and the
-//!   registry that builds providers from config. Each preset's wire format is
-//!   in `docs/providers.md`.
-//! - [`sandbox`]: the development OAuth2 server that `authbroker dev` runs
-//!   in-process (authorize page, token, userinfo); to `provider` it is just
-//!   the `sandbox` preset pointed at its address.
-//! - [`store`]: the `Store` seam with Postgres and SQLite implementations,
-//!   their shared conformance suite, and `store::interposed`, a forwarding
-//!   store that tests use to inject faults around the real one.
+//! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine, the
+//!   built-in presets (data files under `providers/`) and the sandbox.
+//! - [`store`]: persistence behind one seam per capability —
+//!   `BindingStore` (logins and links), `TokenStore` (sealed provider
+//!   tokens), `AuditLog`, `UserDirectory` (operators' users), `Database`
+//!   (migrate, ping) — summed up by `Store`; Postgres and SQLite implement
+//!   them all. `bind_login` gathers the facts under the backend's locks,
+//!   calls `login::binding::decide` and applies its decision in the same
+//!   transaction. Both pass one conformance suite (`store::conformance`, a
+//!   file per capability plus `concurrency`); `store::interposed` is a
+//!   forwarding store that tests use to inject faults around the real one.
 //!   `store::postgres::tls` reads a Postgres URL's `sslmode` and
 //!   `sslrootcert` for both Postgres pools (the store's, the state backend's).
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
@@ -57,10 +59,6 @@
 //!   trusted roots; certificate failures told apart from outages).
 //! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
 //!   store only ever sees ciphertext.
-//! - [`reason`]: the `Reason` enum, every stable `ErrorInfo.reason` the
-//!   service sends, with its wire string and whether a retry can help;
-//!   `grpc::status` gives each its gRPC code, and a test holds the README's
-//!   error table to both.
 
 pub mod admin;
 pub mod app;
@@ -70,8 +68,6 @@ pub mod grpc;
 pub mod http;
 pub mod login;
 pub mod provider;
-pub mod sandbox;
-pub mod reason;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -1,5 +1,9 @@
 //! The use cases: begin a login, complete it. No protobuf, no SQL: this layer
-//! speaks `Provider`, `StateStore` and `Store`.
+//! speaks `Provider`, `StateStore` and the store's `BindingStore` and
+//! `AuditLog`. Which user a login binds to is `binding::decide`, which the
+//! store applies inside its transaction.
+
+pub mod binding;
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
@@ -8,15 +12,15 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use url::Url;
 
+use self::binding::BindPolicy;
 use crate::{
     config::{LoginSettings, Policy, Settings, parse_origin},
     domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
     provider::{Provider, ProviderError, Registry, StoredTokenSet, TokenSet, registry::Lookup},
-    reason::Reason,
     state::{
         Claimed, Fingerprint, Kind, Pending, PendingLogin, StateError, StateStore, StateToken,
     },
-    store::{BindPolicy, BindResult, Conflict, LoginKey, Store, StoreError},
+    store::{AuditLog, BindResult, BindingStore, Conflict, LoginKey, StoreError},
     tokens::TokenService,
     vault::VaultError,
 };
@@ -235,33 +239,33 @@ pub enum LoginError {
 }
 
 impl LoginError {
-    pub fn reason(&self) -> Reason {
+    pub fn reason(&self) -> &'static str {
         match self {
-            LoginError::InvalidField { .. } => Reason::InvalidField,
-            LoginError::MissingField { .. } => Reason::MissingField,
-            LoginError::FieldTooLong { .. } => Reason::FieldTooLong,
-            LoginError::UnknownProvider { .. } => Reason::UnknownProvider,
-            LoginError::ProviderDisabled => Reason::ProviderDisabled,
-            LoginError::RedirectUriNotAllowed => Reason::RedirectUriNotAllowed,
-            LoginError::ScopeNotAllowed { .. } => Reason::ScopeNotAllowed,
-            LoginError::ReturnToNotAllowed(_) => Reason::ReturnToNotAllowed,
-            LoginError::StateUnknown => Reason::StateUnknown,
-            LoginError::StateExpired => Reason::StateExpired,
-            LoginError::StateAlreadyUsed => Reason::StateAlreadyUsed,
-            LoginError::TooManyPendingLogins => Reason::TooManyPendingLogins,
-            LoginError::LoginInProgress => Reason::LoginInProgress,
-            LoginError::LinkTicketUnknown => Reason::LinkTicketUnknown,
-            LoginError::LinkTicketExpired => Reason::LinkTicketExpired,
-            LoginError::LinkTicketUsed => Reason::LinkTicketAlreadyUsed,
-            LoginError::IdentityLinkedElsewhere => Reason::IdentityLinkedElsewhere,
-            LoginError::ProviderAlreadyLinked => Reason::ProviderAlreadyLinked,
-            LoginError::Vault(_) => Reason::Internal,
-            LoginError::AccessDenied => Reason::AccessDenied,
-            LoginError::ProviderAuthorizeError { .. } => Reason::ProviderAuthorizeError,
+            LoginError::InvalidField { .. } => "INVALID_FIELD",
+            LoginError::MissingField { .. } => "MISSING_FIELD",
+            LoginError::FieldTooLong { .. } => "FIELD_TOO_LONG",
+            LoginError::UnknownProvider { .. } => "UNKNOWN_PROVIDER",
+            LoginError::ProviderDisabled => "PROVIDER_DISABLED",
+            LoginError::RedirectUriNotAllowed => "REDIRECT_URI_NOT_ALLOWED",
+            LoginError::ScopeNotAllowed { .. } => "SCOPE_NOT_ALLOWED",
+            LoginError::ReturnToNotAllowed(_) => "RETURN_TO_NOT_ALLOWED",
+            LoginError::StateUnknown => "STATE_UNKNOWN",
+            LoginError::StateExpired => "STATE_EXPIRED",
+            LoginError::StateAlreadyUsed => "STATE_ALREADY_USED",
+            LoginError::TooManyPendingLogins => "TOO_MANY_PENDING_LOGINS",
+            LoginError::LoginInProgress => "LOGIN_IN_PROGRESS",
+            LoginError::LinkTicketUnknown => "LINK_TICKET_UNKNOWN",
+            LoginError::LinkTicketExpired => "LINK_TICKET_EXPIRED",
+            LoginError::LinkTicketUsed => "LINK_TICKET_ALREADY_USED",
+            LoginError::IdentityLinkedElsewhere => "IDENTITY_LINKED_ELSEWHERE",
+            LoginError::ProviderAlreadyLinked => "PROVIDER_ALREADY_LINKED",
+            LoginError::Vault(_) => "INTERNAL",
+            LoginError::AccessDenied => "ACCESS_DENIED",
+            LoginError::ProviderAuthorizeError { .. } => "PROVIDER_AUTHORIZE_ERROR",
             LoginError::Provider(p) => provider_reason(p),
-            LoginError::StateUnavailable(_) => Reason::StateStoreUnavailable,
-            LoginError::Store(StoreError::Unavailable(_)) => Reason::StoreUnavailable,
-            LoginError::Store(_) => Reason::Internal,
+            LoginError::StateUnavailable(_) => "STATE_STORE_UNAVAILABLE",
+            LoginError::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
+            LoginError::Store(_) => "INTERNAL",
         }
     }
 
@@ -306,13 +310,13 @@ impl LoginError {
 }
 
 /// The reason for a provider failure, wherever it surfaces.
-pub fn provider_reason(e: &ProviderError) -> Reason {
+pub fn provider_reason(e: &ProviderError) -> &'static str {
     match e {
-        ProviderError::Rejected { .. } => Reason::ProviderRejected,
-        ProviderError::Unavailable { .. } => Reason::ProviderUnavailable,
-        ProviderError::BadResponse { .. } => Reason::ProviderBadResponse,
-        ProviderError::Tls { .. } => Reason::ProviderTlsError,
-        ProviderError::InvalidIdToken { .. } => Reason::IdTokenInvalid,
+        ProviderError::Rejected { .. } => "PROVIDER_REJECTED",
+        ProviderError::Unavailable { .. } => "PROVIDER_UNAVAILABLE",
+        ProviderError::BadResponse { .. } => "PROVIDER_BAD_RESPONSE",
+        ProviderError::Tls { .. } => "PROVIDER_TLS_ERROR",
+        ProviderError::InvalidIdToken { .. } => "ID_TOKEN_INVALID",
     }
 }
 
@@ -332,7 +336,8 @@ impl From<StateError> for LoginError {
 pub struct LoginService {
     providers: Registry,
     states: Arc<dyn StateStore>,
-    store: Arc<dyn Store>,
+    bindings: Arc<dyn BindingStore>,
+    audit: Arc<dyn AuditLog>,
     tokens: Arc<TokenService>,
     policies: HashMap<String, BindPolicy>,
     settings: LoginSettings,
@@ -343,7 +348,8 @@ pub struct LoginService {
 pub struct LoginParts {
     pub providers: Registry,
     pub states: Arc<dyn StateStore>,
-    pub store: Arc<dyn Store>,
+    pub bindings: Arc<dyn BindingStore>,
+    pub audit: Arc<dyn AuditLog>,
     pub tokens: Arc<TokenService>,
     pub policies: HashMap<String, BindPolicy>,
     pub settings: LoginSettings,
@@ -375,7 +381,8 @@ impl LoginService {
         LoginService {
             providers: parts.providers,
             states: parts.states,
-            store: parts.store,
+            bindings: parts.bindings,
+            audit: parts.audit,
             tokens: parts.tokens,
             policies: parts.policies,
             settings,
@@ -617,7 +624,7 @@ impl LoginService {
         event.actor = actor.map(str::to_string);
         event.provider = provider.map(str::to_string);
         event.reason = Some(e.reason().to_string());
-        if let Err(audit_err) = self.store.record_audit(&event).await {
+        if let Err(audit_err) = self.audit.record_audit(&event).await {
             tracing::warn!(
                 error = %crate::telemetry::cause_chain(&audit_err),
                 "could not record a failed login"
@@ -693,7 +700,7 @@ impl LoginService {
         let login_id = login_id(state);
         let started = Instant::now();
         let bound = self
-            .store
+            .bindings
             .bind_login(
                 &identity,
                 policy,
@@ -879,7 +886,7 @@ impl LoginService {
             None => None,
         };
         let binding = self
-            .store
+            .bindings
             .link_identity(user_id, &identity, sealed.as_ref(), actor, now_micros())
             .await
             .map_err(|e| match e {

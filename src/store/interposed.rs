@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, LoginKey, Store, StoreError, TokenRow,
-    UserQuery,
+    AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, Database, LoginKey,
+    Store, StoreError, TokenRow, TokenStore, UserDirectory, UserQuery,
 };
 use crate::domain::{AuditEvent, Binding, Identity, SealedToken, User};
 
@@ -55,13 +55,18 @@ impl Interposed {
 }
 
 #[async_trait]
-impl Store for Interposed {
+impl Database for Interposed {
     async fn migrate(&self) -> Result<(), StoreError> {
         self.inner.migrate().await
     }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+}
+
+#[async_trait]
+impl BindingStore for Interposed {
     async fn bind_login(
         &self,
         identity: &Identity,
@@ -78,6 +83,7 @@ impl Store for Interposed {
             .await;
         self.hooks.after_bind(result).await
     }
+
     async fn link_identity(
         &self,
         user_id: &str,
@@ -90,50 +96,22 @@ impl Store for Interposed {
             .link_identity(user_id, identity, tokens, actor, now)
             .await
     }
-    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        self.inner.record_audit(event).await
-    }
+
     async fn find_binding(&self, p: &str, s: &str) -> Result<Option<Binding>, StoreError> {
         self.inner.find_binding(p, s).await
     }
+
     async fn find_identity(&self, p: &str, s: &str) -> Result<Option<Identity>, StoreError> {
         self.inner.find_identity(p, s).await
     }
-    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
-        self.inner.get_user(user_id).await
-    }
-    async fn find_user_by_identity(&self, p: &str, s: &str) -> Result<Option<User>, StoreError> {
-        self.inner.find_user_by_identity(p, s).await
-    }
-    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
-        self.inner.list_users(query).await
-    }
-    async fn unlink_identity(
-        &self,
-        user_id: &str,
-        provider: &str,
-        force: bool,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-    ) -> Result<User, StoreError> {
-        self.inner
-            .unlink_identity(user_id, provider, force, actor, now)
-            .await
-    }
-    async fn delete_user(
-        &self,
-        user_id: &str,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        self.inner.delete_user(user_id, actor, now).await
-    }
-    async fn count_users(&self) -> Result<u64, StoreError> {
-        self.inner.count_users().await
-    }
+}
+
+#[async_trait]
+impl TokenStore for Interposed {
     async fn get_token(&self, p: &str, s: &str) -> Result<Option<SealedToken>, StoreError> {
         self.inner.get_token(p, s).await
     }
+
     async fn put_token(
         &self,
         p: &str,
@@ -146,12 +124,15 @@ impl Store for Interposed {
             .await?;
         self.inner.put_token(p, s, token, expected_version).await
     }
+
     async fn mark_token_unusable(&self, p: &str, s: &str, v: i64) -> Result<(), StoreError> {
         self.inner.mark_token_unusable(p, s, v).await
     }
+
     async fn delete_token(&self, p: &str, s: &str) -> Result<bool, StoreError> {
         self.inner.delete_token(p, s).await
     }
+
     async fn list_tokens(
         &self,
         after: Option<(&str, &str)>,
@@ -159,7 +140,56 @@ impl Store for Interposed {
     ) -> Result<Vec<TokenRow>, StoreError> {
         self.inner.list_tokens(after, limit).await
     }
+}
+
+#[async_trait]
+impl AuditLog for Interposed {
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        self.inner.record_audit(event).await
+    }
+
     async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.inner.list_audit_events(query).await
+    }
+}
+
+#[async_trait]
+impl UserDirectory for Interposed {
+    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        self.inner.get_user(user_id).await
+    }
+
+    async fn find_user_by_identity(&self, p: &str, s: &str) -> Result<Option<User>, StoreError> {
+        self.inner.find_user_by_identity(p, s).await
+    }
+
+    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
+        self.inner.list_users(query).await
+    }
+
+    async fn unlink_identity(
+        &self,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<User, StoreError> {
+        self.inner
+            .unlink_identity(user_id, provider, force, actor, now)
+            .await
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_user(user_id, actor, now).await
+    }
+
+    async fn count_users(&self) -> Result<u64, StoreError> {
+        self.inner.count_users().await
     }
 }

@@ -1,6 +1,13 @@
-//! Persistence: users, identities bound to them, and audit events, behind the
-//! `Store` seam. Postgres for production, SQLite as the embedded default; one
-//! conformance suite (`conformance`, feature `test-util`) runs against both.
+//! Persistence: users, identities bound to them, provider tokens and audit
+//! events, behind one seam per capability (`BindingStore`, `TokenStore`,
+//! `AuditLog`, `UserDirectory`, and `Database` for schema and health) that
+//! `Store` sums up. Postgres for production, SQLite as the embedded default;
+//! one conformance suite (`conformance`, feature `test-util`) runs against
+//! both.
+//!
+//! A login's binding is decided by `login::binding::decide`, not here: each
+//! backend gathers its `Facts` under its locks, calls it, and applies the
+//! `Decision` in the same transaction.
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -19,6 +26,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, SealedToken, User};
+pub use crate::login::binding::BindPolicy;
+use crate::login::binding::{Decision, Rule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -56,26 +65,6 @@ pub enum Conflict {
     StaleToken,
 }
 
-/// How a first login of an unbound identity may be resolved, in the order
-/// tried: union id, verified email, then create or ask the app to link.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BindPolicy {
-    /// `auto_create`: make a user when no rule links the identity. False is
-    /// `link_required`: nothing is written and the app must link.
-    pub create_user: bool,
-    /// Providers sharing the login provider's `union_group` (itself
-    /// included). An identity of one of them with the same union id binds
-    /// the new identity to its user. Empty: off.
-    pub union_group: Vec<String>,
-    /// Providers trusted for email linking (`link_by_verified_email`), the
-    /// login's own included. A verified email of this login binds it to the
-    /// user of an identity with the same verified email at one of these
-    /// providers, and only these: an untrusted provider's "verified" email
-    /// must never become a way into another user. Empty: off (always empty
-    /// when the login's own provider is not trusted).
-    pub verified_email_providers: Vec<String>,
-}
-
 /// What `bind_login` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BindResult {
@@ -83,7 +72,7 @@ pub enum BindResult {
         outcome: Outcome,
         binding: Binding,
         /// The rule that bound a new identity to an existing user:
-        /// `"union_id"` or `"verified_email"`.
+        /// `"union_id"` or `"verified_email"` (`Rule::linked_by`).
         linked_by: Option<&'static str>,
     },
     /// The identity is not bound and the policy did not bind it; nothing
@@ -130,11 +119,11 @@ pub(crate) struct CommittedLogin {
 
 impl CommittedLogin {
     pub fn into_result(self) -> BindResult {
-        let linked_by = match self.linked_by.as_deref() {
-            Some(LINKED_BY_UNION_ID) => Some(LINKED_BY_UNION_ID),
-            Some(LINKED_BY_VERIFIED_EMAIL) => Some(LINKED_BY_VERIFIED_EMAIL),
-            _ => None,
-        };
+        let linked_by = self
+            .linked_by
+            .as_deref()
+            .and_then(Rule::from_linked_by)
+            .and_then(Rule::linked_by);
         BindResult::Bound {
             outcome: if self.user_created {
                 Outcome::UserCreated
@@ -154,9 +143,15 @@ impl CommittedLogin {
     }
 }
 
-/// `BindResult::Bound::linked_by` values (and the `identity_linked` detail).
-pub(crate) const LINKED_BY_UNION_ID: &str = "union_id";
-pub(crate) const LINKED_BY_VERIFIED_EMAIL: &str = "verified_email";
+/// What a store answers once it has applied a binding `decision`, leaving
+/// the identity bound as `binding`.
+pub(crate) fn applied(decision: &Decision, binding: Binding) -> BindResult {
+    BindResult::Bound {
+        outcome: decision.outcome(),
+        binding,
+        linked_by: decision.linked_by(),
+    }
+}
 
 /// Filter and page for `list_users` (newest first).
 #[derive(Clone, Debug, Default)]
@@ -202,24 +197,30 @@ pub struct TokenRow {
     pub token: SealedToken,
 }
 
+/// The database behind every capability: its schema and its liveness.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Database: Send + Sync + 'static {
     /// Brings the schema up to date (refinery migrations). Idempotent.
     async fn migrate(&self) -> Result<(), StoreError>;
 
     /// Cheap round trip to the database, for health checks.
     async fn ping(&self) -> Result<(), StoreError>;
+}
 
-    /// A login, in one transaction. If `(provider, subject)` is bound:
-    /// refresh its profile and `last_login_at` → `SignedIn`. Otherwise apply
-    /// `policy` (union id, then verified email → `SignedIn` with
-    /// `linked_by`; else create a user → `UserCreated`; else
-    /// `LinkRequired`, writing nothing). `tokens`, when given, replace the
+/// Identities bound to users, as logins and links write and read them.
+#[async_trait]
+pub trait BindingStore: Send + Sync + 'static {
+    /// A login, in one transaction: reads the `Facts` (the identity's
+    /// binding; for an unbound one, the candidates of `policy`'s lookups),
+    /// asks `login::binding::decide`, and applies its `Decision`. Bound:
+    /// the profile and `last_login_at` are refreshed → `SignedIn`. Linked
+    /// by a rule → `SignedIn` with `linked_by`; created → `UserCreated`;
+    /// `LinkRequired` writes nothing. `tokens`, when given, replace the
     /// identity's stored token. Concurrent first logins of one identity make
-    /// exactly one user and all return it. Records `user_created`,
-    /// `identity_linked` and `login_succeeded` as they apply, each with
-    /// `login`'s id; a `login` whose id already has a committed
-    /// `login_succeeded` is answered with that result (see `LoginKey`).
+    /// exactly one user and all return it. Writes the decision's audit
+    /// events, each with `login`'s id; a `login` whose id already has a
+    /// committed `login_succeeded` is answered with that result (see
+    /// `LoginKey`).
     async fn bind_login(
         &self,
         identity: &Identity,
@@ -245,9 +246,6 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
     ) -> Result<Binding, StoreError>;
 
-    /// Appends one audit event (e.g. a failed login, an admin call).
-    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
-
     async fn find_binding(
         &self,
         provider: &str,
@@ -260,40 +258,12 @@ pub trait Store: Send + Sync + 'static {
         provider: &str,
         subject: &str,
     ) -> Result<Option<Identity>, StoreError>;
+}
 
-    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError>;
-
-    async fn find_user_by_identity(
-        &self,
-        provider: &str,
-        subject: &str,
-    ) -> Result<Option<User>, StoreError>;
-
-    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError>;
-
-    /// Removes the user's identity at `provider` (and its token).
-    /// `NotFound` if the user has none there; `Conflict::LastIdentity` if
-    /// it is their last and `force` is false. Records `identity_unlinked`.
-    async fn unlink_identity(
-        &self,
-        user_id: &str,
-        provider: &str,
-        force: bool,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-    ) -> Result<User, StoreError>;
-
-    /// Deletes the user with their identities and tokens. `NotFound` if
-    /// there is no such user. Records `user_deleted`.
-    async fn delete_user(
-        &self,
-        user_id: &str,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError>;
-
-    async fn count_users(&self) -> Result<u64, StoreError>;
-
+/// Provider tokens as the vault sealed them, one per identity, versioned
+/// so that concurrent refreshes and key rotation never overwrite each other.
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
     async fn get_token(
         &self,
         provider: &str,
@@ -331,9 +301,61 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(&str, &str)>,
         limit: u32,
     ) -> Result<Vec<TokenRow>, StoreError>;
+}
+
+/// The audit trail: appended to by every layer, read by operators.
+#[async_trait]
+pub trait AuditLog: Send + Sync + 'static {
+    /// Appends one audit event (e.g. a failed login, an admin call).
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
     async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 }
+
+/// Users as operators see them: lookup, listing, unlinking and deletion.
+#[async_trait]
+pub trait UserDirectory: Send + Sync + 'static {
+    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError>;
+
+    async fn find_user_by_identity(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<User>, StoreError>;
+
+    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError>;
+
+    /// Removes the user's identity at `provider` (and its token).
+    /// `NotFound` if the user has none there; `Conflict::LastIdentity` if
+    /// it is their last and `force` is false. Records `identity_unlinked`.
+    async fn unlink_identity(
+        &self,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<User, StoreError>;
+
+    /// Deletes the user with their identities and tokens. `NotFound` if
+    /// there is no such user. Records `user_deleted`.
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    async fn count_users(&self) -> Result<u64, StoreError>;
+}
+
+/// Every capability at once: what a backend implements and what the
+/// application wires, while each user holds only the capabilities it needs
+/// (an `Arc<dyn Store>` coerces to any of them).
+pub trait Store: Database + BindingStore + TokenStore + AuditLog + UserDirectory {}
+
+impl<T> Store for T where T: Database + BindingStore + TokenStore + AuditLog + UserDirectory + ?Sized
+{}
 
 /// Opens the store named by `[database] url`: `postgres://…`/`postgresql://…`,
 /// `sqlite://PATH` or `sqlite::memory:`.

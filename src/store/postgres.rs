@@ -25,12 +25,15 @@ use tokio_postgres::types::ToSql;
 use super::filter;
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, COMMITTED_LOGIN_SQL, CommittedLogin, Conflict,
-    LINKED_BY_UNION_ID, LINKED_BY_VERIFIED_EMAIL, LoginKey, Store, StoreError, TokenRow, UserQuery,
+    AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, COMMITTED_LOGIN_SQL,
+    CommittedLogin, Conflict, Database, LoginKey, StoreError, TokenRow, TokenStore, UserDirectory,
+    UserQuery,
 };
-use crate::domain::{
-    AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
-};
+use tracing::Instrument;
+
+use crate::domain::{AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, SealedToken, User};
+use crate::login::binding::{self, Candidate, Facts, UserChoice};
+use crate::telemetry::trace::store_span;
 
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");
@@ -92,17 +95,6 @@ impl std::fmt::Debug for PostgresStore {
 enum Step<T> {
     Done(T),
     Retry,
-}
-
-/// What a linking rule found when it looked at its candidate user.
-enum Claim {
-    /// The user has no identity at the login's provider: link to them.
-    Free,
-    /// The user already has another identity there: the rule does not apply.
-    Taken,
-    /// A concurrent transaction changed what we read (bound this identity,
-    /// or deleted the user): start over.
-    Raced,
 }
 
 /// A pool that makes its connections lazily, so building it succeeds while
@@ -654,7 +646,7 @@ impl PostgresStore {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl Database for PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let runner = embedded::migrations::runner();
         migrate_locked(&self.pool, &runner, "running postgres migrations").await
@@ -669,7 +661,10 @@ impl Store for PostgresStore {
         .await
         .map_err(|e| e.into_store_error("pinging postgres"))
     }
+}
 
+#[async_trait]
+impl BindingStore for PostgresStore {
     async fn bind_login(
         &self,
         identity: &Identity,
@@ -680,6 +675,7 @@ impl Store for PostgresStore {
         login: Option<LoginKey<'_>>,
     ) -> Result<BindResult, StoreError> {
         self.bind_login_inner(identity, policy, tokens, actor, now, login)
+            .instrument(store_span("binding a login"))
             .await
             .map_err(|e| e.into_store_error("binding a login"))
     }
@@ -693,17 +689,9 @@ impl Store for PostgresStore {
         now: OffsetDateTime,
     ) -> Result<Binding, StoreError> {
         self.link_identity_inner(user_id, identity, tokens, actor, now)
+            .instrument(store_span("linking an identity"))
             .await
             .map_err(|e| e.into_store_error("linking an identity"))
-    }
-
-    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        async {
-            let client = self.client().await?;
-            insert_audit(&client, event).await
-        }
-        .await
-        .map_err(|e| e.into_store_error("recording an audit event"))
     }
 
     async fn find_binding(
@@ -712,6 +700,7 @@ impl Store for PostgresStore {
         subject: &str,
     ) -> Result<Option<Binding>, StoreError> {
         self.find_binding_inner(provider, subject)
+            .instrument(store_span("finding a binding"))
             .await
             .map_err(|e| e.into_store_error("finding a binding"))
     }
@@ -722,15 +711,97 @@ impl Store for PostgresStore {
         subject: &str,
     ) -> Result<Option<Identity>, StoreError> {
         self.find_identity_inner(provider, subject)
+            .instrument(store_span("finding an identity"))
             .await
             .map_err(|e| e.into_store_error("finding an identity"))
     }
+}
 
+#[async_trait]
+impl TokenStore for PostgresStore {
+    async fn get_token(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<SealedToken>, StoreError> {
+        self.get_token_inner(provider, subject)
+            .instrument(store_span("reading a token"))
+            .await
+            .map_err(|e| e.into_store_error("reading a token"))
+    }
+
+    async fn put_token(
+        &self,
+        provider: &str,
+        subject: &str,
+        token: &SealedToken,
+        expected_version: Option<i64>,
+    ) -> Result<i64, StoreError> {
+        self.put_token_inner(provider, subject, token, expected_version)
+            .instrument(store_span("writing a token"))
+            .await
+            .map_err(|e| e.into_store_error("writing a token"))
+    }
+
+    async fn mark_token_unusable(
+        &self,
+        provider: &str,
+        subject: &str,
+        expected_version: i64,
+    ) -> Result<(), StoreError> {
+        self.mark_token_unusable_inner(provider, subject, expected_version)
+            .instrument(store_span("marking a token unusable"))
+            .await
+            .map_err(|e| e.into_store_error("marking a token unusable"))
+    }
+
+    async fn delete_token(&self, provider: &str, subject: &str) -> Result<bool, StoreError> {
+        self.delete_token_inner(provider, subject)
+            .instrument(store_span("deleting a token"))
+            .await
+            .map_err(|e| e.into_store_error("deleting a token"))
+    }
+
+    async fn list_tokens(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<TokenRow>, StoreError> {
+        self.list_tokens_inner(after, limit)
+            .instrument(store_span("listing tokens"))
+            .await
+            .map_err(|e| e.into_store_error("listing tokens"))
+    }
+}
+
+#[async_trait]
+impl AuditLog for PostgresStore {
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        async {
+            let client = self.client().await?;
+            insert_audit(&client, event).await
+        }
+        .instrument(store_span("recording an audit event"))
+        .await
+        .map_err(|e| e.into_store_error("recording an audit event"))
+    }
+
+    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.list_audit_events_inner(query)
+            .instrument(store_span("listing audit events"))
+            .await
+            .map_err(|e| e.into_store_error("listing audit events"))
+    }
+}
+
+#[async_trait]
+impl UserDirectory for PostgresStore {
     async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
         async {
             let client = self.client().await?;
             load_user(&client, user_id).await
         }
+        .instrument(store_span("reading a user"))
         .await
         .map_err(|e| e.into_store_error("reading a user"))
     }
@@ -741,12 +812,14 @@ impl Store for PostgresStore {
         subject: &str,
     ) -> Result<Option<User>, StoreError> {
         self.find_user_by_identity_inner(provider, subject)
+            .instrument(store_span("finding a user by identity"))
             .await
             .map_err(|e| e.into_store_error("finding a user by identity"))
     }
 
     async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
         self.list_users_inner(query)
+            .instrument(store_span("listing users"))
             .await
             .map_err(|e| e.into_store_error("listing users"))
     }
@@ -760,6 +833,7 @@ impl Store for PostgresStore {
         now: OffsetDateTime,
     ) -> Result<User, StoreError> {
         self.unlink_identity_inner(user_id, provider, force, actor, now)
+            .instrument(store_span("unlinking an identity"))
             .await
             .map_err(|e| e.into_store_error("unlinking an identity"))
     }
@@ -771,75 +845,28 @@ impl Store for PostgresStore {
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
         self.delete_user_inner(user_id, actor, now)
+            .instrument(store_span("deleting a user"))
             .await
             .map_err(|e| e.into_store_error("deleting a user"))
     }
 
     async fn count_users(&self) -> Result<u64, StoreError> {
         self.count_users_inner()
+            .instrument(store_span("counting users"))
             .await
             .map_err(|e| e.into_store_error("counting users"))
     }
-
-    async fn get_token(
-        &self,
-        provider: &str,
-        subject: &str,
-    ) -> Result<Option<SealedToken>, StoreError> {
-        self.get_token_inner(provider, subject)
-            .await
-            .map_err(|e| e.into_store_error("reading a token"))
-    }
-
-    async fn put_token(
-        &self,
-        provider: &str,
-        subject: &str,
-        token: &SealedToken,
-        expected_version: Option<i64>,
-    ) -> Result<i64, StoreError> {
-        self.put_token_inner(provider, subject, token, expected_version)
-            .await
-            .map_err(|e| e.into_store_error("writing a token"))
-    }
-
-    async fn mark_token_unusable(
-        &self,
-        provider: &str,
-        subject: &str,
-        expected_version: i64,
-    ) -> Result<(), StoreError> {
-        self.mark_token_unusable_inner(provider, subject, expected_version)
-            .await
-            .map_err(|e| e.into_store_error("marking a token unusable"))
-    }
-
-    async fn delete_token(&self, provider: &str, subject: &str) -> Result<bool, StoreError> {
-        self.delete_token_inner(provider, subject)
-            .await
-            .map_err(|e| e.into_store_error("deleting a token"))
-    }
-
-    async fn list_tokens(
-        &self,
-        after: Option<(&str, &str)>,
-        limit: u32,
-    ) -> Result<Vec<TokenRow>, StoreError> {
-        self.list_tokens_inner(after, limit)
-            .await
-            .map_err(|e| e.into_store_error("listing tokens"))
-    }
-
-    async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-        self.list_audit_events_inner(query)
-            .await
-            .map_err(|e| e.into_store_error("listing audit events"))
-    }
 }
 
-/// One try at `bind_login` inside `tx`. `Retry` means a concurrent
-/// transaction bound this identity (or deleted the user we meant to link to)
-/// after we looked.
+/// What `gather` read, with when the identity was bound if it is.
+struct Gathered {
+    facts: Facts,
+    bound_since: Option<OffsetDateTime>,
+}
+
+/// One try at `bind_login` inside `tx`: gather the facts, decide, apply.
+/// `Retry` means a concurrent transaction bound this identity (or deleted a
+/// candidate user) after we looked.
 async fn bind_attempt<C: GenericClient>(
     tx: &C,
     identity: &Identity,
@@ -849,55 +876,22 @@ async fn bind_attempt<C: GenericClient>(
     now: OffsetDateTime,
     login_id: Option<&str>,
 ) -> Result<Step<BindResult>, Failure> {
-    // FOR UPDATE serialises concurrent returning logins of one identity, so
-    // profile and token updates do not interleave.
-    let select = tx
-        .prepare_cached(
-            "SELECT user_id, created_at FROM identities \
-             WHERE provider = $1 AND subject = $2 FOR UPDATE",
-        )
-        .await?;
-    if let Some(row) = tx
-        .query_opt(&select, &[&identity.provider, &identity.subject])
-        .await?
-    {
-        let binding = Binding {
-            user_id: row.try_get(0)?,
-            provider: identity.provider.clone(),
-            subject: identity.subject.clone(),
-            created_at: row.try_get(1)?,
-            last_login_at: now,
-        };
-        update_profile(tx, identity, Some(now)).await?;
-        if let Some(token) = tokens {
-            store_token(tx, identity, token).await?;
-        }
-        insert_audit_for(
-            tx,
-            &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
-            login_id,
-        )
-        .await?;
-        return Ok(Step::Done(BindResult::Bound {
-            outcome: Outcome::SignedIn,
-            binding,
-            linked_by: None,
-        }));
-    }
-
-    let (user_id, outcome, linked_by) = match link_target(tx, identity, policy).await? {
-        Step::Retry => return Ok(Step::Retry),
-        Step::Done(Some((user_id, rule))) => (user_id, Outcome::SignedIn, Some(rule)),
-        Step::Done(None) if policy.create_user => {
+    let Step::Done(gathered) = gather(tx, identity, policy).await? else {
+        return Ok(Step::Retry);
+    };
+    let decision = binding::decide(identity, policy, &gathered.facts);
+    let user_id = match &decision.user {
+        UserChoice::Existing(user_id) => user_id.clone(),
+        UserChoice::New => {
             // Time-ordered ids keep the users primary key append-mostly.
             let user_id = uuid::Uuid::now_v7().to_string();
             let insert_user = tx
                 .prepare_cached("INSERT INTO users (id, created_at) VALUES ($1, $2)")
                 .await?;
             tx.execute(&insert_user, &[&user_id, &now]).await?;
-            (user_id, Outcome::UserCreated, None)
+            user_id
         }
-        Step::Done(None) => {
+        UserChoice::LinkRequired => {
             // A concurrent login may have bound the identity since our first
             // look (e.g. by the rule whose candidate we then found taken by
             // that very binding); it is then a returning login.
@@ -910,134 +904,141 @@ async fn bind_attempt<C: GenericClient>(
             );
         }
     };
-
-    // A concurrent first login may have inserted this identity since our
-    // SELECT found nothing. ON CONFLICT waits for that transaction and, if it
-    // committed, inserts nothing: we roll back (dropping any user we made) and
-    // go round again to find its binding.
-    if !insert_identity(tx, &user_id, identity, now).await? {
+    if !decision.binds_identity() {
+        update_profile(tx, identity, Some(now)).await?;
+    } else if !insert_identity(tx, &user_id, identity, now).await? {
+        // A concurrent first login inserted this identity since our SELECT
+        // found nothing. ON CONFLICT waited for that transaction and, as it
+        // committed, inserted nothing: we roll back (dropping any user we
+        // made) and go round again to find its binding.
         return Ok(Step::Retry);
     }
-    let binding = Binding {
-        user_id,
-        provider: identity.provider.clone(),
-        subject: identity.subject.clone(),
-        created_at: now,
-        last_login_at: now,
-    };
+    let binding = binding::binding_after(identity, user_id, gathered.bound_since, now);
     if let Some(token) = tokens {
         store_token(tx, identity, token).await?;
     }
-    if outcome == Outcome::UserCreated {
-        insert_audit_for(
-            tx,
-            &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
-            login_id,
-        )
-        .await?;
+    for event in decision.audit_events(&binding, actor) {
+        insert_audit_for(tx, &event, login_id).await?;
     }
-    if let Some(rule) = linked_by {
-        insert_audit_for(
-            tx,
-            &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
-            login_id,
-        )
-        .await?;
-    }
-    insert_audit_for(
-        tx,
-        &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
-        login_id,
-    )
-    .await?;
-    Ok(Step::Done(BindResult::Bound {
-        outcome,
-        binding,
-        linked_by,
-    }))
+    Ok(Step::Done(super::applied(&decision, binding)))
 }
 
-/// The user an unbound identity links to under `policy`, with the rule that
-/// found them; `None` when no rule applies. Each rule considers only its
-/// oldest matching binding, and applies only if that user has no identity at
-/// the login's provider yet. The chosen user stays locked until commit.
-async fn link_target<C: GenericClient>(
+/// Reads what `decide` needs and locks what it rests on until commit: the
+/// identity row (`FOR UPDATE`, so concurrent returning logins of one
+/// identity do not interleave their profile and token updates) or, for an
+/// unbound identity, each candidate's user row. Every path that adds an
+/// identity to an existing user takes that lock first, so a candidate's
+/// "has an identity at this provider" stays true until we commit.
+async fn gather<C: GenericClient>(
     tx: &C,
     identity: &Identity,
     policy: &BindPolicy,
-) -> Result<Step<Option<(String, &'static str)>>, Failure> {
-    if let Some(union_id) = identity
-        .union_id
-        .as_ref()
-        .filter(|_| !policy.union_group.is_empty())
+) -> Result<Step<Gathered>, Failure> {
+    let select = tx
+        .prepare_cached(
+            "SELECT user_id, created_at FROM identities \
+             WHERE provider = $1 AND subject = $2 FOR UPDATE",
+        )
+        .await?;
+    if let Some(row) = tx
+        .query_opt(&select, &[&identity.provider, &identity.subject])
+        .await?
     {
-        let stmt = tx
-            .prepare_cached(
-                "SELECT user_id FROM identities WHERE provider = ANY($1) AND union_id = $2 \
-                 ORDER BY created_at, provider, subject LIMIT 1",
-            )
-            .await?;
-        if let Some(row) = tx
-            .query_opt(&stmt, &[&policy.union_group, union_id])
-            .await?
-        {
-            let user_id: String = row.try_get(0)?;
-            match claim_user(tx, &user_id, identity).await? {
-                Claim::Free => return Ok(Step::Done(Some((user_id, LINKED_BY_UNION_ID)))),
-                Claim::Raced => return Ok(Step::Retry),
-                Claim::Taken => {}
-            }
+        return Ok(Step::Done(Gathered {
+            facts: Facts {
+                bound_to: Some(row.try_get(0)?),
+                ..Facts::default()
+            },
+            bound_since: Some(row.try_get(1)?),
+        }));
+    }
+    let union = match policy.union_lookup(identity) {
+        Some(lookup) => {
+            let sql = "SELECT user_id, provider FROM identities \
+                       WHERE provider = ANY($1) AND union_id = $2 \
+                       ORDER BY created_at, provider, subject LIMIT 1";
+            find_candidate(tx, sql, &[&lookup.providers, &lookup.value]).await?
+        }
+        None => None,
+    };
+    let email = match policy.email_lookup(identity) {
+        Some(lookup) => {
+            // Expression and predicate as in identities_verified_email_idx.
+            let sql = "SELECT user_id, provider FROM identities \
+                       WHERE email_verified AND lower(email) = lower($1) \
+                       AND provider = ANY($2) ORDER BY created_at, provider, subject LIMIT 1";
+            find_candidate(tx, sql, &[&lookup.value, &lookup.providers]).await?
+        }
+        None => None,
+    };
+    // Locked in one order, by user id, so that two logins locking the same
+    // two users never wait for each other.
+    let mut users: Vec<&str> = union
+        .iter()
+        .chain(&email)
+        .map(|(user_id, _)| user_id.as_str())
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    for user_id in users {
+        if !lock_user(tx, user_id).await? {
+            // Deleted since the lookup found them.
+            return Ok(Step::Retry);
         }
     }
-    if let Some(email) = identity
-        .email
-        .as_ref()
-        .filter(|_| !policy.verified_email_providers.is_empty() && identity.email_verified)
-    {
-        // Expression and predicate as in identities_verified_email_idx; only
-        // identities of trusted providers are candidates.
-        let stmt = tx
-            .prepare_cached(
-                "SELECT user_id FROM identities WHERE email_verified AND lower(email) = lower($1) \
-                 AND provider = ANY($2) ORDER BY created_at, provider, subject LIMIT 1",
-            )
-            .await?;
-        if let Some(row) = tx
-            .query_opt(&stmt, &[email, &policy.verified_email_providers])
-            .await?
-        {
-            let user_id: String = row.try_get(0)?;
-            match claim_user(tx, &user_id, identity).await? {
-                Claim::Free => return Ok(Step::Done(Some((user_id, LINKED_BY_VERIFIED_EMAIL)))),
-                Claim::Raced => return Ok(Step::Retry),
-                Claim::Taken => {}
-            }
-        }
-    }
-    Ok(Step::Done(None))
+    let (Step::Done(union_candidate), Step::Done(email_candidate)) = (
+        candidate(tx, union, identity).await?,
+        candidate(tx, email, identity).await?,
+    ) else {
+        return Ok(Step::Retry);
+    };
+    Ok(Step::Done(Gathered {
+        facts: Facts {
+            bound_to: None,
+            union_candidate,
+            email_candidate,
+        },
+        bound_since: None,
+    }))
 }
 
-/// Locks the candidate user and checks they have no identity at the login's
-/// provider. The lock holds until commit, and every path that adds an
-/// identity to an existing user takes it first, so the check stays true.
-async fn claim_user<C: GenericClient>(
+/// The `(user_id, provider)` of the identity a lookup's `sql` finds.
+async fn find_candidate<C: GenericClient>(
     tx: &C,
-    user_id: &str,
-    identity: &Identity,
-) -> Result<Claim, Failure> {
-    if !lock_user(tx, user_id).await? {
-        return Ok(Claim::Raced);
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<(String, String)>, Failure> {
+    let stmt = tx.prepare_cached(sql).await?;
+    match tx.query_opt(&stmt, params).await? {
+        Some(row) => Ok(Some((row.try_get(0)?, row.try_get(1)?))),
+        None => Ok(None),
     }
+}
+
+/// A found (and locked) user as a `Candidate`. `Retry` if their identity at
+/// the login's provider is the login's own: a concurrent login bound it
+/// after our first look.
+async fn candidate<C: GenericClient>(
+    tx: &C,
+    found: Option<(String, String)>,
+    identity: &Identity,
+) -> Result<Step<Option<Candidate>>, Failure> {
+    let Some((user_id, provider)) = found else {
+        return Ok(Step::Done(None));
+    };
     let stmt = tx
         .prepare_cached("SELECT subject FROM identities WHERE user_id = $1 AND provider = $2")
         .await?;
-    Ok(
-        match tx.query_opt(&stmt, &[&user_id, &identity.provider]).await? {
-            None => Claim::Free,
-            Some(row) if row.try_get::<_, String>(0)? == identity.subject => Claim::Raced,
-            Some(_) => Claim::Taken,
-        },
-    )
+    let has_provider_identity = match tx.query_opt(&stmt, &[&user_id, &identity.provider]).await? {
+        None => false,
+        Some(row) if row.try_get::<_, String>(0)? == identity.subject => return Ok(Step::Retry),
+        Some(_) => true,
+    };
+    Ok(Step::Done(Some(Candidate {
+        user_id,
+        provider,
+        has_provider_identity,
+    })))
 }
 
 /// One try at `link_identity` inside `tx`. Conflicts are errors (the caller

@@ -19,14 +19,15 @@ use rusqlite::{
     params_from_iter,
 };
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, COMMITTED_LOGIN_SQL, CommittedLogin, Conflict,
-    LINKED_BY_UNION_ID, LINKED_BY_VERIFIED_EMAIL, LoginKey, Store, StoreError, TokenRow, UserQuery,
+    AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, COMMITTED_LOGIN_SQL,
+    CommittedLogin, Conflict, Database, LoginKey, StoreError, TokenRow, TokenStore, UserDirectory,
+    UserQuery,
 };
-use crate::domain::{
-    AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
-};
+use crate::domain::{AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, SealedToken, User};
+use crate::login::binding::{self, Candidate, Facts, Lookup, UserChoice};
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -122,6 +123,7 @@ impl SqliteStore {
             let mut conn = conn.lock().map_err(|_| Failure::Poisoned)?;
             f(&mut conn)
         })
+        .instrument(crate::telemetry::trace::store_span(doing))
         .await;
         match joined {
             Ok(result) => result.map_err(|e| e.into_store_error(doing)),
@@ -133,7 +135,7 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Database for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         self.run("running sqlite migrations", |conn| {
             embedded::migrations::runner().run(conn)?;
@@ -149,7 +151,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl BindingStore for SqliteStore {
     async fn bind_login(
         &self,
         identity: &Identity,
@@ -201,14 +206,6 @@ impl Store for SqliteStore {
                 actor.as_deref(),
                 now,
             )
-        })
-        .await
-    }
-
-    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        let event = event.clone();
-        self.run("recording an audit event", move |conn| {
-            insert_audit(conn, &event)
         })
         .await
     }
@@ -269,103 +266,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
-    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
-        let user_id = user_id.to_owned();
-        self.run("reading a user", move |conn| load_user(conn, &user_id))
-            .await
-    }
-
-    async fn find_user_by_identity(
-        &self,
-        provider: &str,
-        subject: &str,
-    ) -> Result<Option<User>, StoreError> {
-        let (provider, subject) = (provider.to_owned(), subject.to_owned());
-        self.run("finding a user by identity", move |conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {USER_COLUMNS} FROM users u {USER_JOINS} \
-                 WHERE u.id = (SELECT user_id FROM identities \
-                               WHERE provider = ?1 AND subject = ?2) \
-                 ORDER BY i.provider"
-            ))?;
-            let users = fold_users(stmt.query(params![provider, subject])?)?;
-            Ok(users.into_iter().next())
-        })
-        .await
-    }
-
-    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
-        let query = query.clone();
-        self.run("listing users", move |conn| list_users(conn, &query))
-            .await
-    }
-
-    async fn unlink_identity(
-        &self,
-        user_id: &str,
-        provider: &str,
-        force: bool,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-    ) -> Result<User, StoreError> {
-        let (user_id, provider) = (user_id.to_owned(), provider.to_owned());
-        let actor = actor.map(str::to_owned);
-        self.run("unlinking an identity", move |conn| {
-            unlink_identity(conn, &user_id, &provider, force, actor.as_deref(), now)
-        })
-        .await
-    }
-
-    async fn delete_user(
-        &self,
-        user_id: &str,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let user_id = user_id.to_owned();
-        let actor = actor.map(str::to_owned);
-        self.run("deleting a user", move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // Identities and their tokens go through the cascade; audit rows
-            // have no foreign key and stay.
-            if tx
-                .prepare_cached("DELETE FROM users WHERE id = ?1")?
-                .execute(params![user_id])?
-                == 0
-            {
-                return Err(Failure::NotFound);
-            }
-            insert_audit(
-                &tx,
-                &AuditEvent {
-                    at: now,
-                    kind: AuditKind::UserDeleted,
-                    actor,
-                    provider: None,
-                    subject: None,
-                    user_id: Some(user_id),
-                    reason: None,
-                    detail: None,
-                },
-            )?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn count_users(&self) -> Result<u64, StoreError> {
-        self.run("counting users", |conn| {
-            let count: i64 = conn
-                .prepare_cached("SELECT count(*) FROM users")?
-                .query_row([], |row| row.get(0))?;
-            u64::try_from(count)
-                .map_err(|_| Failure::Corrupt(format!("negative user count {count}")))
-        })
-        .await
-    }
-
+#[async_trait]
+impl TokenStore for SqliteStore {
     async fn get_token(
         &self,
         provider: &str,
@@ -482,6 +386,17 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl AuditLog for SqliteStore {
+    async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
+        let event = event.clone();
+        self.run("recording an audit event", move |conn| {
+            insert_audit(conn, &event)
+        })
+        .await
+    }
 
     async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         let query = query.clone();
@@ -492,14 +407,107 @@ impl Store for SqliteStore {
     }
 }
 
-/// What a linking rule found when it looked at its candidate user.
-enum Claim {
-    /// The user has no identity at the login's provider: link to them.
-    Free,
-    /// The user already has another identity there: the rule does not apply.
-    Taken,
+#[async_trait]
+impl UserDirectory for SqliteStore {
+    async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        let user_id = user_id.to_owned();
+        self.run("reading a user", move |conn| load_user(conn, &user_id))
+            .await
+    }
+
+    async fn find_user_by_identity(
+        &self,
+        provider: &str,
+        subject: &str,
+    ) -> Result<Option<User>, StoreError> {
+        let (provider, subject) = (provider.to_owned(), subject.to_owned());
+        self.run("finding a user by identity", move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {USER_COLUMNS} FROM users u {USER_JOINS} \
+                 WHERE u.id = (SELECT user_id FROM identities \
+                               WHERE provider = ?1 AND subject = ?2) \
+                 ORDER BY i.provider"
+            ))?;
+            let users = fold_users(stmt.query(params![provider, subject])?)?;
+            Ok(users.into_iter().next())
+        })
+        .await
+    }
+
+    async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
+        let query = query.clone();
+        self.run("listing users", move |conn| list_users(conn, &query))
+            .await
+    }
+
+    async fn unlink_identity(
+        &self,
+        user_id: &str,
+        provider: &str,
+        force: bool,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<User, StoreError> {
+        let (user_id, provider) = (user_id.to_owned(), provider.to_owned());
+        let actor = actor.map(str::to_owned);
+        self.run("unlinking an identity", move |conn| {
+            unlink_identity(conn, &user_id, &provider, force, actor.as_deref(), now)
+        })
+        .await
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        actor: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let user_id = user_id.to_owned();
+        let actor = actor.map(str::to_owned);
+        self.run("deleting a user", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Identities and their tokens go through the cascade; audit rows
+            // have no foreign key and stay.
+            if tx
+                .prepare_cached("DELETE FROM users WHERE id = ?1")?
+                .execute(params![user_id])?
+                == 0
+            {
+                return Err(Failure::NotFound);
+            }
+            insert_audit(
+                &tx,
+                &AuditEvent {
+                    at: now,
+                    kind: AuditKind::UserDeleted,
+                    actor,
+                    provider: None,
+                    subject: None,
+                    user_id: Some(user_id),
+                    reason: None,
+                    detail: None,
+                },
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn count_users(&self) -> Result<u64, StoreError> {
+        self.run("counting users", |conn| {
+            let count: i64 = conn
+                .prepare_cached("SELECT count(*) FROM users")?
+                .query_row([], |row| row.get(0))?;
+            u64::try_from(count)
+                .map_err(|_| Failure::Corrupt(format!("negative user count {count}")))
+        })
+        .await
+    }
 }
 
+/// One `bind_login`: gather the facts, decide, apply, all in one IMMEDIATE
+/// transaction.
 fn bind_login(
     conn: &mut Connection,
     identity: &Identity,
@@ -525,7 +533,47 @@ fn bind_login(
         return Ok(done);
     }
     let login_id = login.map(|k| k.id);
-    let existing = tx
+    let (facts, bound_since) = gather(&tx, identity, policy)?;
+    let decision = binding::decide(identity, policy, &facts);
+    let user_id = match &decision.user {
+        UserChoice::Existing(user_id) => user_id.clone(),
+        UserChoice::New => {
+            // Time-ordered ids keep the users primary key append-mostly.
+            let user_id = uuid::Uuid::now_v7().to_string();
+            tx.prepare_cached("INSERT INTO users (id, created_at) VALUES (?1, ?2)")?
+                .execute(params![user_id, now_us])?;
+            user_id
+        }
+        // Dropping `tx` rolls back; nothing was written anyway.
+        UserChoice::LinkRequired => return Ok(BindResult::LinkRequired),
+    };
+    if decision.binds_identity() {
+        // The write lock is ours, so the identity cannot have appeared since
+        // `gather`: a conflict here is a real error.
+        insert_identity(&tx, &user_id, identity, now_us)?;
+    } else {
+        update_profile(&tx, identity, Some(now_us))?;
+    }
+    let binding = binding::binding_after(identity, user_id, bound_since, now);
+    if let Some(token) = tokens {
+        store_token(&tx, identity, token)?;
+    }
+    for event in decision.audit_events(&binding, actor) {
+        insert_audit_for(&tx, &event, login_id)?;
+    }
+    tx.commit()?;
+    Ok(super::applied(&decision, binding))
+}
+
+/// Reads what `decide` needs, with when the identity was bound if it is.
+/// The caller holds the write lock, so nothing read here can change before
+/// it commits.
+fn gather(
+    conn: &Connection,
+    identity: &Identity,
+    policy: &BindPolicy,
+) -> Result<(Facts, Option<OffsetDateTime>), Failure> {
+    let existing = conn
         .prepare_cached(
             "SELECT user_id, created_at FROM identities WHERE provider = ?1 AND subject = ?2",
         )?
@@ -533,161 +581,81 @@ fn bind_login(
             Ok((row.get::<_, String>(0)?, time_column(row, 1)?))
         })
         .optional()?;
-
     if let Some((user_id, created_at)) = existing {
-        update_profile(&tx, identity, Some(now_us))?;
-        let binding = Binding {
-            user_id,
-            provider: identity.provider.clone(),
-            subject: identity.subject.clone(),
-            created_at,
-            last_login_at: now,
+        let facts = Facts {
+            bound_to: Some(user_id),
+            ..Facts::default()
         };
-        if let Some(token) = tokens {
-            store_token(&tx, identity, token)?;
-        }
-        insert_audit_for(
-            &tx,
-            &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
-            login_id,
-        )?;
-        tx.commit()?;
-        return Ok(BindResult::Bound {
-            outcome: Outcome::SignedIn,
-            binding,
-            linked_by: None,
-        });
+        return Ok((facts, Some(created_at)));
     }
-
-    let (user_id, outcome, linked_by) = match link_target(&tx, identity, policy)? {
-        Some((user_id, rule)) => (user_id, Outcome::SignedIn, Some(rule)),
-        None if policy.create_user => {
-            // Time-ordered ids keep the users primary key append-mostly.
-            let user_id = uuid::Uuid::now_v7().to_string();
-            tx.prepare_cached("INSERT INTO users (id, created_at) VALUES (?1, ?2)")?
-                .execute(params![user_id, now_us])?;
-            (user_id, Outcome::UserCreated, None)
-        }
-        // Dropping `tx` rolls back; nothing was written anyway.
-        None => return Ok(BindResult::LinkRequired),
+    let union_candidate = match policy.union_lookup(identity) {
+        Some(lookup) => find_candidate(
+            conn,
+            "union_id = ?1 AND provider IN ({providers})",
+            lookup,
+            identity,
+        )?,
+        None => None,
     };
-    // The write lock is ours, so the identity cannot have appeared since the
-    // SELECT: a conflict here is a real error.
-    insert_identity(&tx, &user_id, identity, now_us)?;
-    let binding = Binding {
-        user_id,
-        provider: identity.provider.clone(),
-        subject: identity.subject.clone(),
-        created_at: now,
-        last_login_at: now,
-    };
-    if let Some(token) = tokens {
-        store_token(&tx, identity, token)?;
-    }
-    if outcome == Outcome::UserCreated {
-        insert_audit_for(
-            &tx,
-            &AuditEvent::about(AuditKind::UserCreated, &binding, actor, None),
-            login_id,
-        )?;
-    }
-    if let Some(rule) = linked_by {
-        insert_audit_for(
-            &tx,
-            &AuditEvent::about(AuditKind::IdentityLinked, &binding, actor, Some(rule)),
-            login_id,
-        )?;
-    }
-    insert_audit_for(
-        &tx,
-        &AuditEvent::about(AuditKind::LoginSucceeded, &binding, actor, None),
-        login_id,
-    )?;
-    tx.commit()?;
-    Ok(BindResult::Bound {
-        outcome,
-        binding,
-        linked_by,
-    })
-}
-
-/// The user an unbound identity links to under `policy`, with the rule that
-/// found them; `None` when no rule applies. Each rule considers only its
-/// oldest matching binding, and applies only if that user has no identity at
-/// the login's provider yet.
-fn link_target(
-    conn: &Connection,
-    identity: &Identity,
-    policy: &BindPolicy,
-) -> Result<Option<(String, &'static str)>, Failure> {
-    if let Some(union_id) = identity
-        .union_id
-        .as_ref()
-        .filter(|_| !policy.union_group.is_empty())
-    {
-        // ?1 is the union id; the group's providers follow as ?2, ?3, …
-        let placeholders = (2..policy.union_group.len() + 2)
-            .map(|i| format!("?{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut values: Vec<&dyn ToSql> = vec![union_id];
-        values.extend(policy.union_group.iter().map(|p| p as &dyn ToSql));
-        let candidate: Option<String> = conn
-            .prepare_cached(&format!(
-                "SELECT user_id FROM identities \
-                 WHERE union_id = ?1 AND provider IN ({placeholders}) \
-                 ORDER BY created_at, provider, subject LIMIT 1"
-            ))?
-            .query_row(params_from_iter(values), |row| row.get(0))
-            .optional()?;
-        if let Some(user_id) = candidate
-            && let Claim::Free = claim_user(conn, &user_id, identity)?
-        {
-            return Ok(Some((user_id, LINKED_BY_UNION_ID)));
-        }
-    }
-    if let Some(email) = identity
-        .email
-        .as_ref()
-        .filter(|_| !policy.verified_email_providers.is_empty() && identity.email_verified)
-    {
-        // Expression and predicate as in identities_verified_email_idx;
-        // only identities of trusted providers (?2, ?3, …) are candidates.
+    let email_candidate = match policy.email_lookup(identity) {
+        // Expression and predicate as in identities_verified_email_idx.
         // SQLite's lower() folds ASCII letters only.
-        let placeholders = (2..policy.verified_email_providers.len() + 2)
-            .map(|i| format!("?{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut values: Vec<&dyn ToSql> = vec![email];
-        values.extend(
-            policy
-                .verified_email_providers
-                .iter()
-                .map(|p| p as &dyn ToSql),
-        );
-        let candidate: Option<String> = conn
-            .prepare_cached(&format!(
-                "SELECT user_id FROM identities \
-                 WHERE email_verified = 1 AND lower(email) = lower(?1) \
-                 AND provider IN ({placeholders}) \
-                 ORDER BY created_at, provider, subject LIMIT 1"
-            ))?
-            .query_row(params_from_iter(values), |row| row.get(0))
-            .optional()?;
-        if let Some(user_id) = candidate
-            && let Claim::Free = claim_user(conn, &user_id, identity)?
-        {
-            return Ok(Some((user_id, LINKED_BY_VERIFIED_EMAIL)));
-        }
-    }
-    Ok(None)
+        Some(lookup) => find_candidate(
+            conn,
+            "email_verified = 1 AND lower(email) = lower(?1) AND provider IN ({providers})",
+            lookup,
+            identity,
+        )?,
+        None => None,
+    };
+    let facts = Facts {
+        bound_to: None,
+        union_candidate,
+        email_candidate,
+    };
+    Ok((facts, None))
 }
 
-fn claim_user(conn: &Connection, user_id: &str, identity: &Identity) -> Result<Claim, Failure> {
-    let taken = conn
+/// The user of the oldest identity matching `condition`, where `?1` is the
+/// lookup's value and `{providers}` its providers (bound as ?2, ?3, …).
+fn find_candidate(
+    conn: &Connection,
+    condition: &str,
+    lookup: Lookup<'_>,
+    identity: &Identity,
+) -> Result<Option<Candidate>, Failure> {
+    let placeholders = (2..lookup.providers.len() + 2)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut values: Vec<&dyn ToSql> = vec![&lookup.value];
+    values.extend(lookup.providers.iter().map(|p| p as &dyn ToSql));
+    let found: Option<(String, String)> = conn
+        .prepare_cached(&format!(
+            "SELECT user_id, provider FROM identities WHERE {} \
+             ORDER BY created_at, provider, subject LIMIT 1",
+            condition.replace("{providers}", &placeholders)
+        ))?
+        .query_row(params_from_iter(values), |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    let Some((user_id, provider)) = found else {
+        return Ok(None);
+    };
+    let has_provider_identity = has_identity_at(conn, &user_id, &identity.provider)?;
+    Ok(Some(Candidate {
+        user_id,
+        provider,
+        has_provider_identity,
+    }))
+}
+
+/// The user already has an identity at `provider`.
+fn has_identity_at(conn: &Connection, user_id: &str, provider: &str) -> Result<bool, Failure> {
+    Ok(conn
         .prepare_cached("SELECT 1 FROM identities WHERE user_id = ?1 AND provider = ?2")?
-        .exists(params![user_id, identity.provider])?;
-    Ok(if taken { Claim::Taken } else { Claim::Free })
+        .exists(params![user_id, provider])?)
 }
 
 fn link_identity(
@@ -742,7 +710,7 @@ fn link_identity(
             last_login_at,
         });
     }
-    if let Claim::Taken = claim_user(&tx, user_id, identity)? {
+    if has_identity_at(&tx, user_id, &identity.provider)? {
         return Err(Failure::Conflict(Conflict::ProviderAlreadyLinked));
     }
     // Cannot collide under the write lock after the checks above; if it did,
