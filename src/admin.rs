@@ -12,6 +12,7 @@ use crate::{
     domain::{AuditEvent, AuditKind, User, now_micros},
     login::{LoginError, check_user_id},
     provider::Registry,
+    reason::Reason,
     state::{Kind, StateError, StateStore, StateToken},
     store::{AuditLog, AuditQuery, AuditRecord, Conflict, StoreError, UserDirectory, UserQuery},
     tokens::{FreshToken, TokenError, TokenService},
@@ -525,23 +526,23 @@ impl AdminService {
 }
 
 impl AdminError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
             AdminError::Input(e) => e.reason(),
-            AdminError::InvalidPageToken => "INVALID_PAGE_TOKEN",
-            AdminError::InvalidPageSize => "INVALID_FIELD",
-            AdminError::UserNotFound => "USER_NOT_FOUND",
-            AdminError::IdentityNotFound | AdminError::NotLinked => "IDENTITY_NOT_FOUND",
-            AdminError::LastIdentity => "LAST_IDENTITY",
+            AdminError::InvalidPageToken => Reason::InvalidPageToken,
+            AdminError::InvalidPageSize => Reason::InvalidField,
+            AdminError::UserNotFound => Reason::UserNotFound,
+            AdminError::IdentityNotFound | AdminError::NotLinked => Reason::IdentityNotFound,
+            AdminError::LastIdentity => Reason::LastIdentity,
             AdminError::Token(e) => match e {
-                TokenError::UnknownProvider => "UNKNOWN_PROVIDER",
-                TokenError::UserNotFound => "USER_NOT_FOUND",
-                TokenError::IdentityNotFound => "IDENTITY_NOT_FOUND",
-                TokenError::NotStored => "TOKEN_NOT_STORED",
-                TokenError::Unusable => "TOKEN_UNUSABLE",
-                TokenError::Expired => "TOKEN_EXPIRED",
-                TokenError::RefreshRejected(_) => "REFRESH_TOKEN_REJECTED",
-                TokenError::Vault(_) => "VAULT_KEY_MISSING",
+                TokenError::UnknownProvider => Reason::UnknownProvider,
+                TokenError::UserNotFound => Reason::UserNotFound,
+                TokenError::IdentityNotFound => Reason::IdentityNotFound,
+                TokenError::NotStored => Reason::TokenNotStored,
+                TokenError::Unusable => Reason::TokenUnusable,
+                TokenError::Expired => Reason::TokenExpired,
+                TokenError::RefreshRejected(_) => Reason::RefreshTokenRejected,
+                TokenError::Vault(_) => Reason::VaultKeyMissing,
                 TokenError::Provider(p) => crate::login::provider_reason(p),
                 TokenError::Store(e) => store_reason(e),
             },
@@ -550,11 +551,11 @@ impl AdminError {
     }
 }
 
-fn store_reason(e: &StoreError) -> &'static str {
+fn store_reason(e: &StoreError) -> Reason {
     match e {
-        StoreError::Unavailable(_) => "STORE_UNAVAILABLE",
-        StoreError::Conflict(Conflict::StaleToken) => "CONCURRENT_UPDATE",
-        _ => "INTERNAL",
+        StoreError::Unavailable(_) => Reason::StoreUnavailable,
+        StoreError::Conflict(Conflict::StaleToken) => Reason::ConcurrentUpdate,
+        _ => Reason::Internal,
     }
 }
 
@@ -571,7 +572,7 @@ impl AdminError {
 
     /// Only store failures carry details worth hiding from callers.
     pub fn is_internal(&self) -> bool {
-        self.reason() == "INTERNAL"
+        self.reason() == Reason::Internal
     }
 }
 

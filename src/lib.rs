@@ -33,8 +33,15 @@
 //!   values sealed under the token), their conformance suite
 //!   (`state::conformance`), and the pool of OS randomness that states, PKCE
 //!   verifiers and nonces are drawn from (`state::entropy`).
-//! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine, the
-//!   built-in presets (data files under `providers/`) and the sandbox.
+//! - [`provider`]: the `Provider` seam, the spec-driven OAuth2 engine
+//!   (`provider::spec` is the data schema, `provider::engine` runs it), the
+//!   built-in presets (data files under `providers/`, `provider::presets`),
+//!   OpenID Connect discovery and ID-token checks (`provider::oidc`), and the
+//!   registry that builds providers from config. Each preset's wire format is
+//!   in `docs/providers.md`.
+//! - [`sandbox`]: the development OAuth2 server that `authbroker dev` runs
+//!   in-process (authorize page, token, userinfo); to `provider` it is just
+//!   the `sandbox` preset pointed at its address.
 //! - [`store`]: persistence behind one seam per capability —
 //!   `BindingStore` (logins and links), `TokenStore` (sealed provider
 //!   tokens), `AuditLog`, `UserDirectory` (operators' users), `Database`
@@ -59,6 +66,10 @@
 //!   trusted roots; certificate failures told apart from outages).
 //! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
 //!   store only ever sees ciphertext.
+//! - [`reason`]: the `Reason` enum, every stable `ErrorInfo.reason` the
+//!   service sends, with its wire string and whether a retry can help;
+//!   `grpc::status` gives each its gRPC code, and a test holds the README's
+//!   error table to both.
 
 pub mod admin;
 pub mod app;
@@ -68,6 +79,8 @@ pub mod grpc;
 pub mod http;
 pub mod login;
 pub mod provider;
+pub mod sandbox;
+pub mod reason;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -17,6 +17,7 @@ use crate::{
     config::{LoginSettings, Policy, Settings, parse_origin},
     domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
     provider::{Provider, ProviderError, Registry, StoredTokenSet, TokenSet, registry::Lookup},
+    reason::Reason,
     state::{
         Claimed, Fingerprint, Kind, Pending, PendingLogin, StateError, StateStore, StateToken,
     },
@@ -239,33 +240,33 @@ pub enum LoginError {
 }
 
 impl LoginError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            LoginError::InvalidField { .. } => "INVALID_FIELD",
-            LoginError::MissingField { .. } => "MISSING_FIELD",
-            LoginError::FieldTooLong { .. } => "FIELD_TOO_LONG",
-            LoginError::UnknownProvider { .. } => "UNKNOWN_PROVIDER",
-            LoginError::ProviderDisabled => "PROVIDER_DISABLED",
-            LoginError::RedirectUriNotAllowed => "REDIRECT_URI_NOT_ALLOWED",
-            LoginError::ScopeNotAllowed { .. } => "SCOPE_NOT_ALLOWED",
-            LoginError::ReturnToNotAllowed(_) => "RETURN_TO_NOT_ALLOWED",
-            LoginError::StateUnknown => "STATE_UNKNOWN",
-            LoginError::StateExpired => "STATE_EXPIRED",
-            LoginError::StateAlreadyUsed => "STATE_ALREADY_USED",
-            LoginError::TooManyPendingLogins => "TOO_MANY_PENDING_LOGINS",
-            LoginError::LoginInProgress => "LOGIN_IN_PROGRESS",
-            LoginError::LinkTicketUnknown => "LINK_TICKET_UNKNOWN",
-            LoginError::LinkTicketExpired => "LINK_TICKET_EXPIRED",
-            LoginError::LinkTicketUsed => "LINK_TICKET_ALREADY_USED",
-            LoginError::IdentityLinkedElsewhere => "IDENTITY_LINKED_ELSEWHERE",
-            LoginError::ProviderAlreadyLinked => "PROVIDER_ALREADY_LINKED",
-            LoginError::Vault(_) => "INTERNAL",
-            LoginError::AccessDenied => "ACCESS_DENIED",
-            LoginError::ProviderAuthorizeError { .. } => "PROVIDER_AUTHORIZE_ERROR",
+            LoginError::InvalidField { .. } => Reason::InvalidField,
+            LoginError::MissingField { .. } => Reason::MissingField,
+            LoginError::FieldTooLong { .. } => Reason::FieldTooLong,
+            LoginError::UnknownProvider { .. } => Reason::UnknownProvider,
+            LoginError::ProviderDisabled => Reason::ProviderDisabled,
+            LoginError::RedirectUriNotAllowed => Reason::RedirectUriNotAllowed,
+            LoginError::ScopeNotAllowed { .. } => Reason::ScopeNotAllowed,
+            LoginError::ReturnToNotAllowed(_) => Reason::ReturnToNotAllowed,
+            LoginError::StateUnknown => Reason::StateUnknown,
+            LoginError::StateExpired => Reason::StateExpired,
+            LoginError::StateAlreadyUsed => Reason::StateAlreadyUsed,
+            LoginError::TooManyPendingLogins => Reason::TooManyPendingLogins,
+            LoginError::LoginInProgress => Reason::LoginInProgress,
+            LoginError::LinkTicketUnknown => Reason::LinkTicketUnknown,
+            LoginError::LinkTicketExpired => Reason::LinkTicketExpired,
+            LoginError::LinkTicketUsed => Reason::LinkTicketAlreadyUsed,
+            LoginError::IdentityLinkedElsewhere => Reason::IdentityLinkedElsewhere,
+            LoginError::ProviderAlreadyLinked => Reason::ProviderAlreadyLinked,
+            LoginError::Vault(_) => Reason::Internal,
+            LoginError::AccessDenied => Reason::AccessDenied,
+            LoginError::ProviderAuthorizeError { .. } => Reason::ProviderAuthorizeError,
             LoginError::Provider(p) => provider_reason(p),
-            LoginError::StateUnavailable(_) => "STATE_STORE_UNAVAILABLE",
-            LoginError::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
-            LoginError::Store(_) => "INTERNAL",
+            LoginError::StateUnavailable(_) => Reason::StateStoreUnavailable,
+            LoginError::Store(StoreError::Unavailable(_)) => Reason::StoreUnavailable,
+            LoginError::Store(_) => Reason::Internal,
         }
     }
 
@@ -310,13 +311,13 @@ impl LoginError {
 }
 
 /// The reason for a provider failure, wherever it surfaces.
-pub fn provider_reason(e: &ProviderError) -> &'static str {
+pub fn provider_reason(e: &ProviderError) -> Reason {
     match e {
-        ProviderError::Rejected { .. } => "PROVIDER_REJECTED",
-        ProviderError::Unavailable { .. } => "PROVIDER_UNAVAILABLE",
-        ProviderError::BadResponse { .. } => "PROVIDER_BAD_RESPONSE",
-        ProviderError::Tls { .. } => "PROVIDER_TLS_ERROR",
-        ProviderError::InvalidIdToken { .. } => "ID_TOKEN_INVALID",
+        ProviderError::Rejected { .. } => Reason::ProviderRejected,
+        ProviderError::Unavailable { .. } => Reason::ProviderUnavailable,
+        ProviderError::BadResponse { .. } => Reason::ProviderBadResponse,
+        ProviderError::Tls { .. } => Reason::ProviderTlsError,
+        ProviderError::InvalidIdToken { .. } => Reason::IdTokenInvalid,
     }
 }
 
