@@ -189,6 +189,8 @@ impl Application {
             .collect();
         let tokens = Arc::new(TokenService::new(
             store.clone(),
+            store.clone(),
+            store.clone(),
             vault,
             registry.clone(),
             store_tokens,

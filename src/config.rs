@@ -10,6 +10,9 @@ use figment::{
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
+mod vault;
+pub use vault::{KeyMaterial, VAULT_KEY_LEN, VaultKeyConfig, VaultSettings};
+
 /// Root of the configuration file.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,7 +25,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub sandbox: SandboxSettings,
     pub log: LogSettings,
-    pub vault: crate::vault::VaultSettings,
+    pub vault: VaultSettings,
     pub providers: BTreeMap<String, ProviderConfig>,
 }
 

@@ -9,7 +9,8 @@
 //!
 //! Layout, one job per module:
 //! - [`config`]: typed settings (TOML file + `AUTHBROKER__` env overrides) and
-//!   `validate()`, which lists every problem at once.
+//!   `validate()`, which lists every problem at once; the vault's keys are
+//!   read (inline, file or environment) and checked here too.
 //! - [`telemetry`]: the tracing subscriber (text or JSON). Nothing secret is
 //!   ever logged.
 //! - [`app`]: `Application::build(settings)` wires everything onto a bound
@@ -23,7 +24,8 @@
 //!   read to the user it binds to (existing, linked by union id or verified
 //!   email, created, or link required) and the audit events to write.
 //! - [`tokens`]: provider tokens for the app — sealed at login, refreshed
-//!   once per identity however many ask (single flight), revoked.
+//!   once per identity however many ask (single flight), revoked, and
+//!   re-sealed under the newest key by `rotate-keys` (`tokens::rotation`).
 //! - [`admin`]: the operator use cases behind `AdminService`, each audited.
 //! - [`state`]: pending logins and link tickets between the calls that
 //!   issue and redeem them: the `StateStore` seam (pending → claimed →
@@ -64,8 +66,9 @@
 //!   they change; client certificate names; the healthcheck's TLS client.
 //! - [`http`]: the one outbound HTTP client (timeouts, body cap, no redirects,
 //!   trusted roots; certificate failures told apart from outages).
-//! - [`vault`]: provider tokens sealed with AEAD under rotating keys; the
-//!   store only ever sees ciphertext.
+//! - [`vault`]: the key ring and AEAD that seal provider tokens; the store
+//!   only ever sees ciphertext, and the vault never sees the store. Its keys
+//!   come decoded from `config`.
 //! - [`reason`]: the `Reason` enum, every stable `ErrorInfo.reason` the
 //!   service sends, with its wire string and whether a retry can help;
 //!   `grpc::status` gives each its gRPC code, and a test holds the README's

@@ -134,7 +134,7 @@ async fn rotate_keys(settings: Settings) -> anyhow::Result<()> {
         .await
         .context("cannot open the database")?;
     store.migrate().await.context("migration failed")?;
-    let report = authbroker::vault::rotate(&*store, &vault)
+    let report = authbroker::tokens::rotation::rotate(&*store, &vault)
         .await
         .context("rotation failed")?;
     println!(

@@ -1,7 +1,11 @@
 //! Provider tokens kept for the app: sealed at login when the provider has
 //! `store_tokens`, handed out fresh by `GetProviderToken` (refreshed with the
-//! provider when expired or about to be), revoked on request. No protobuf,
-//! no SQL: this layer speaks `Store`, `Vault` and `Provider`.
+//! provider when expired or about to be), revoked on request, and re-sealed
+//! under the newest key by `rotate-keys` ([`rotation`]). No protobuf, no
+//! SQL: this layer speaks the store's token, user and audit capabilities,
+//! `Vault` and `Provider`.
+
+pub mod rotation;
 
 use std::{
     collections::HashSet,
@@ -17,7 +21,8 @@ use tokio::sync::Mutex;
 use crate::{
     domain::{AuditEvent, AuditKind, SealedToken, now_micros},
     provider::{Provider, ProviderError, Registry, TokenSet, registry::Lookup},
-    store::{Conflict, Store, StoreError},
+    reason::Reason,
+    store::{AuditLog, Conflict, StoreError, TokenStore, UserDirectory},
     vault::{Vault, VaultError, VaultTokens},
 };
 
@@ -63,7 +68,10 @@ pub struct FreshToken {
 }
 
 pub struct TokenService {
-    store: Arc<dyn Store>,
+    tokens: Arc<dyn TokenStore>,
+    /// To find a user's identity at a provider.
+    users: Arc<dyn UserDirectory>,
+    audit: Arc<dyn AuditLog>,
     vault: Option<Arc<Vault>>,
     providers: Registry,
     store_tokens: HashSet<String>,
@@ -75,14 +83,18 @@ pub struct TokenService {
 
 impl TokenService {
     pub fn new(
-        store: Arc<dyn Store>,
+        tokens: Arc<dyn TokenStore>,
+        users: Arc<dyn UserDirectory>,
+        audit: Arc<dyn AuditLog>,
         vault: Option<Arc<Vault>>,
         providers: Registry,
         store_tokens: HashSet<String>,
         skew: Duration,
     ) -> Self {
         TokenService {
-            store,
+            tokens,
+            users,
+            audit,
             vault,
             providers,
             store_tokens,
@@ -128,7 +140,7 @@ impl TokenService {
     /// The subject of the user's identity at `provider`.
     async fn subject_of(&self, user_id: &str, provider: &str) -> Result<String, TokenError> {
         let user = self
-            .store
+            .users
             .get_user(user_id)
             .await?
             .ok_or(TokenError::UserNotFound)?;
@@ -149,7 +161,7 @@ impl TokenService {
         subject: &str,
     ) -> Result<(SealedToken, VaultTokens), TokenError> {
         let sealed = self
-            .store
+            .tokens
             .get_token(provider, subject)
             .await?
             .ok_or(TokenError::NotStored)?;
@@ -237,19 +249,19 @@ impl TokenService {
             Err(e @ ProviderError::Rejected { .. }) => {
                 // The refresh token is dead; say so once, for every caller.
                 match self
-                    .store
+                    .tokens
                     .mark_token_unusable(&name, subject, sealed.version)
                     .await
                 {
                     Ok(()) | Err(StoreError::Conflict(Conflict::StaleToken)) => {}
                     Err(other) => return Err(other.into()),
                 }
-                event.reason = Some("REFRESH_TOKEN_REJECTED".into());
+                event.reason = Some(Reason::RefreshTokenRejected.as_str().into());
                 self.audit(&event).await;
                 return Err(TokenError::RefreshRejected(e));
             }
             Err(e) => {
-                event.reason = Some("PROVIDER_UNAVAILABLE".into());
+                event.reason = Some(Reason::ProviderUnavailable.as_str().into());
                 self.audit(&event).await;
                 return Err(TokenError::Provider(e));
             }
@@ -262,7 +274,7 @@ impl TokenService {
             .vault()?
             .seal(&name, subject, &tokens, now)
             .map_err(TokenError::Vault)?;
-        self.store
+        self.tokens
             .put_token(&name, subject, &new_sealed, Some(sealed.version))
             .await?;
         self.audit(&event).await;
@@ -281,7 +293,7 @@ impl TokenService {
         let provider = self.provider(provider_name)?.clone();
         let subject = self.subject_of(user_id, provider_name).await?;
         let revoked = self.revoke_subject(&*provider, &subject).await?;
-        self.store.delete_token(provider_name, &subject).await?;
+        self.tokens.delete_token(provider_name, &subject).await?;
         let mut event = AuditEvent::new(AuditKind::TokenRevoked);
         event.actor = actor.map(str::to_string);
         event.provider = Some(provider_name.to_string());
@@ -301,7 +313,7 @@ impl TokenService {
     ) -> Result<bool, TokenError> {
         let name = provider.info().name.to_string();
         let sealed = self
-            .store
+            .tokens
             .get_token(&name, subject)
             .await?
             .ok_or(TokenError::NotStored)?;
@@ -320,7 +332,7 @@ impl TokenService {
     }
 
     async fn audit(&self, event: &AuditEvent) {
-        if let Err(e) = self.store.record_audit(event).await {
+        if let Err(e) = self.audit.record_audit(event).await {
             tracing::warn!(error = %crate::telemetry::cause_chain(&e), kind = event.kind.as_str(), "could not record an audit event");
         }
     }
