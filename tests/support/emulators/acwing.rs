@@ -28,12 +28,12 @@ use axum::{
     routing::any,
 };
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use url::{Url, form_urlencoded};
+use url::Url;
 
+use super::wire::{digest, hex_lower, param, provider_config, query_params, seen};
 use super::{
-    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, SeenRequest, Step,
-    lock, query_of, random_token, serve,
+    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Step, lock, query_of,
+    random_token, serve,
 };
 
 /// AcWing app ids are small integers.
@@ -44,7 +44,7 @@ pub const TOKEN_PATH: &str = "/third_party/api/oauth2/access_token/";
 pub const REFRESH_PATH: &str = "/third_party/api/oauth2/refresh_token/";
 pub const GETINFO_PATH: &str = "/third_party/api/meta/identity/getinfo/";
 /// The one callback registered for the test app.
-pub const REDIRECT_URI: &str = "https://app.example.com/oauth/callback";
+pub const REDIRECT_URI: &str = super::wire::REDIRECT_URI;
 /// Access tokens live two hours (`"expires_in": 7200`).
 pub const ACCESS_TTL: Duration = Duration::from_secs(7200);
 /// The only scope AcWing has.
@@ -77,11 +77,11 @@ impl AcwingUser {
         let n = 10_000 + u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) % 900_000;
         AcwingUser {
             // AcWing's openid format is unverified: 32 hex characters here.
-            openid: hex(&d[8..24]),
+            openid: hex_lower(&d[8..24]),
             username: format!("yxc_{seed}"),
             photo: format!(
                 "https://cdn.acwing.com/media/user/profile/photo/{n}_lg_{}.jpg",
-                hex(&d[24..29])
+                hex_lower(&d[24..29])
             ),
         }
     }
@@ -180,22 +180,17 @@ impl Emulator for AcwingEmulator {
     }
 
     fn provider_config(&self) -> ProviderConfig {
-        ProviderConfig {
-            kind: "acwing".into(),
-            client_id: APPID.into(),
-            client_secret: Some(SECRET.into()),
-            redirect_uris: vec![REDIRECT_URI.into()],
-            endpoints: [
-                ("authorize_url", AUTHORIZE_PATH),
-                ("token_url", TOKEN_PATH),
-                ("refresh_url", REFRESH_PATH),
-                ("userinfo_url", GETINFO_PATH),
-            ]
-            .into_iter()
-            .map(|(k, path)| (k.to_string(), self.url(path)))
-            .collect(),
-            ..Default::default()
-        }
+        provider_config(
+            "acwing",
+            APPID,
+            SECRET,
+            &[
+                ("authorize_url", self.url(AUTHORIZE_PATH)),
+                ("token_url", self.url(TOKEN_PATH)),
+                ("refresh_url", self.url(REFRESH_PATH)),
+                ("userinfo_url", self.url(GETINFO_PATH)),
+            ],
+        )
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -372,33 +367,6 @@ impl Shared {
         ])
     }
 
-    /// Faults first (a fault answers instead of AcWing), then `normal`. The
-    /// request is logged with the status it got; a fault that never answers
-    /// (hang, dropped connection) is logged first, with status 0.
-    async fn answer(
-        &self,
-        step: Step,
-        mut seen: SeenRequest,
-        normal: impl FnOnce() -> Response,
-    ) -> Response {
-        let silent = matches!(
-            self.core.faults.get(step),
-            Some(Fault::Hang | Fault::CloseConnection)
-        );
-        if silent {
-            self.core.record(seen.clone());
-        }
-        let response = match self.core.faults.apply(step).await {
-            Some(r) => r,
-            None => normal(),
-        };
-        if !silent {
-            seen.status = response.status().as_u16();
-            self.core.record(seen);
-        }
-        response
-    }
-
     /// Django views read `request.GET`: a POST body is simply not seen.
     fn shape(&self, what: &str, method: &Method, body: &[u8], allowed: &[&str], query: &Params) {
         if method != Method::GET {
@@ -524,8 +492,9 @@ async fn access_token(
     body: Bytes,
 ) -> Response {
     let query = query_params(&uri);
-    let seen = seen(Step::Token, &method, &uri, &headers, &query, &body);
+    let seen = seen(Step::Token, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Token, seen, || {
             shared.exchange(&method, &query, &body)
         })
@@ -540,8 +509,9 @@ async fn refresh_token(
     body: Bytes,
 ) -> Response {
     let query = query_params(&uri);
-    let seen = seen(Step::Refresh, &method, &uri, &headers, &query, &body);
+    let seen = seen(Step::Refresh, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Refresh, seen, || {
             shared.refresh(&method, &query, &body)
         })
@@ -556,8 +526,9 @@ async fn getinfo(
     body: Bytes,
 ) -> Response {
     let query = query_params(&uri);
-    let seen = seen(Step::Identity, &method, &uri, &headers, &query, &body);
+    let seen = seen(Step::Identity, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Identity, seen, || {
             shared.getinfo(&method, &query, &headers)
         })
@@ -586,7 +557,7 @@ async fn append_slash(
         location.push('?');
         location.push_str(q);
     }
-    let mut seen = seen(step, &method, &uri, &headers, &query_params(&uri), &body);
+    let mut seen = seen(step, &method, &uri, &headers, &body);
     seen.status = 301;
     shared.core.record(seen);
     shared.core.violation(format!(
@@ -692,83 +663,3 @@ fn django_response(fields: &[(&str, Value)]) -> Response {
 
 // ---------------------------------------------------------------------------
 // Recording
-
-const SECRET_PARAMS: [&str; 5] = [
-    "secret",
-    "code",
-    "access_token",
-    "refresh_token",
-    "client_secret",
-];
-
-fn seen(
-    step: Step,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    query: &Params,
-    body: &[u8],
-) -> SeenRequest {
-    let content_type = header_str(headers, header::CONTENT_TYPE);
-    let mut params = query.clone();
-    if content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
-        params.extend(form_urlencoded::parse(body).into_owned());
-    } else if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) {
-        params.extend(map.into_iter().map(|(k, v)| match v {
-            Value::String(s) => (k, s),
-            other => (k, other.to_string()),
-        }));
-    }
-    SeenRequest {
-        step,
-        method: method.to_string(),
-        path: uri.path().into(),
-        params: params
-            .into_iter()
-            .map(|(k, v)| {
-                let v = if SECRET_PARAMS.contains(&k.as_str()) {
-                    "<redacted>".into()
-                } else {
-                    v
-                };
-                (k, v)
-            })
-            .collect(),
-        content_type: content_type.map(str::to_owned),
-        accept: header_str(headers, header::ACCEPT).map(str::to_owned),
-        user_agent: header_str(headers, header::USER_AGENT).map(str::to_owned),
-        authorization: header_str(headers, header::AUTHORIZATION)
-            .map(|v| v.split(' ').next().unwrap_or_default().to_owned()),
-        status: 0,
-    }
-}
-
-fn query_params(uri: &Uri) -> Params {
-    uri.query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
-}
-
-fn param<'a>(params: &'a Params, name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
-fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn digest(parts: &[&str]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0]);
-    }
-    h.finalize().into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

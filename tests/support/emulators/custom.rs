@@ -36,10 +36,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use url::{Url, form_urlencoded};
 
-use super::wire::state_of;
+use super::wire::{header_str, provider_config, seen, state_of};
 use super::{
-    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, SeenRequest, Step,
-    lock, query_of, random_token, serve,
+    ALNUM, Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Step, lock, query_of,
+    random_token, serve,
 };
 
 /// The provider, in the schema of the preset files under `providers/`.
@@ -120,7 +120,7 @@ pub const TOKEN_PATH: &str = "/v3/oauth/token.json";
 pub const REFRESH_PATH: &str = "/v3/oauth/renew.json";
 pub const PROFILE_PATH: &str = "/v3/me";
 pub const REVOKE_PATH: &str = "/v3/oauth/revoke.json";
-pub const REDIRECT_URI: &str = "https://app.example.com/oauth/callback";
+pub const REDIRECT_URI: &str = super::wire::REDIRECT_URI;
 pub const API_VERSION: &str = "2024-05-01";
 pub const SCOPES: [&str; 3] = ["profile.basic", "profile.email", "profile.avatar"];
 /// Seconds an access token lives.
@@ -249,24 +249,20 @@ impl Emulator for CustomEmulator {
     }
 
     fn provider_config(&self) -> ProviderConfig {
-        ProviderConfig {
-            kind: "oauth2".into(),
-            client_id: CLIENT_ID.into(),
-            client_secret: Some(CLIENT_SECRET.into()),
-            redirect_uris: vec![REDIRECT_URI.into()],
-            endpoints: [
-                ("authorize_url", AUTHORIZE_PATH),
-                ("token_url", TOKEN_PATH),
-                ("refresh_url", REFRESH_PATH),
-                ("profile_url", PROFILE_PATH),
-                ("revoke_url", REVOKE_PATH),
-            ]
-            .into_iter()
-            .map(|(k, path)| (k.to_string(), self.url(path)))
-            .collect(),
-            spec: Some(Self::spec_table()),
-            ..Default::default()
-        }
+        let mut config = provider_config(
+            "oauth2",
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &[
+                ("authorize_url", self.url(AUTHORIZE_PATH)),
+                ("token_url", self.url(TOKEN_PATH)),
+                ("refresh_url", self.url(REFRESH_PATH)),
+                ("profile_url", self.url(PROFILE_PATH)),
+                ("revoke_url", self.url(REVOKE_PATH)),
+            ],
+        );
+        config.spec = Some(Self::spec_table());
+        config
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -468,33 +464,6 @@ impl Shared {
         json_response(StatusCode::OK, body)
     }
 
-    /// Faults first (a fault answers instead of Nimbus), then `normal`. The
-    /// request is logged with the status it got; a fault that never answers
-    /// (hang, dropped connection) is logged first, with status 0.
-    async fn answer(
-        &self,
-        step: Step,
-        mut seen: SeenRequest,
-        normal: impl FnOnce() -> Response,
-    ) -> Response {
-        let silent = matches!(
-            self.core.faults.get(step),
-            Some(Fault::Hang | Fault::CloseConnection)
-        );
-        if silent {
-            self.core.record(seen.clone());
-        }
-        let response = match self.core.faults.apply(step).await {
-            Some(r) => r,
-            None => normal(),
-        };
-        if !silent {
-            seen.status = response.status().as_u16();
-            self.core.record(seen);
-        }
-        response
-    }
-
     /// A JSON POST whose keys are exactly `required` (all strings); `Err`
     /// is the HTTP 400 answer, with the violation recorded (boxed only to
     /// keep the `Result` small).
@@ -517,7 +486,7 @@ impl Shared {
         if uri.query().is_some() {
             return Err(bad("parameters in the query string".into()));
         }
-        let content_type = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
+        let content_type = header_str(headers, header::CONTENT_TYPE).unwrap_or_default();
         if !content_type.starts_with("application/json") {
             return Err(bad(format!(
                 "the body must be application/json, not {content_type:?}"
@@ -649,7 +618,7 @@ impl Shared {
             ));
             return fail(StatusCode::BAD_REQUEST, codes::REQUEST, "query");
         }
-        let token = header_str(headers, header::AUTHORIZATION.as_str())
+        let token = header_str(headers, header::AUTHORIZATION)
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, t)| t.trim());
@@ -682,7 +651,7 @@ impl Shared {
     /// `{"status":"ok"}` (revoking an unknown token changes nothing).
     fn revoke(&self, method: &Method, headers: &HeaderMap, body: &[u8]) -> Response {
         let core = &self.core;
-        let content_type = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
+        let content_type = header_str(headers, header::CONTENT_TYPE).unwrap_or_default();
         if method != Method::POST || !content_type.starts_with("application/x-www-form-urlencoded")
         {
             core.violation(format!(
@@ -716,6 +685,7 @@ async fn token(
 ) -> Response {
     let seen = seen(Step::Token, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Token, seen, || {
             shared.exchange(&method, &uri, &headers, &body)
         })
@@ -731,6 +701,7 @@ async fn renew(
 ) -> Response {
     let seen = seen(Step::Refresh, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Refresh, seen, || {
             shared.renew(&method, &uri, &headers, &body)
         })
@@ -746,6 +717,7 @@ async fn profile(
 ) -> Response {
     let seen = seen(Step::Identity, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Identity, seen, || {
             shared.profile(&method, &uri, &headers)
         })
@@ -761,6 +733,7 @@ async fn revoke(
 ) -> Response {
     let seen = seen(Step::Revoke, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Revoke, seen, || {
             shared.revoke(&method, &headers, &body)
         })
@@ -769,54 +742,3 @@ async fn revoke(
 
 // ---------------------------------------------------------------------------
 // Recording
-
-const SECRET_PARAMS: [&str; 6] = [
-    "appSecret",
-    "authCode",
-    "code_verifier",
-    "renewalToken",
-    "credential",
-    "access_token",
-];
-
-fn seen(step: Step, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> SeenRequest {
-    let content_type = header_str(headers, header::CONTENT_TYPE.as_str());
-    let mut params: Vec<(String, String)> = uri
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    if content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
-        params.extend(form_urlencoded::parse(body).into_owned());
-    } else if let Ok(Value::Object(map)) = serde_json::from_slice(body) {
-        params.extend(map.into_iter().map(|(k, v)| match v {
-            Value::String(s) => (k, s),
-            other => (k, other.to_string()),
-        }));
-    }
-    SeenRequest {
-        step,
-        method: method.to_string(),
-        path: uri.path().into(),
-        params: params
-            .into_iter()
-            .map(|(k, v)| {
-                let v = if SECRET_PARAMS.contains(&k.as_str()) {
-                    "<redacted>".into()
-                } else {
-                    v
-                };
-                (k, v)
-            })
-            .collect(),
-        content_type: content_type.map(str::to_owned),
-        accept: header_str(headers, header::ACCEPT.as_str()).map(str::to_owned),
-        user_agent: header_str(headers, header::USER_AGENT.as_str()).map(str::to_owned),
-        authorization: header_str(headers, header::AUTHORIZATION.as_str())
-            .map(|v| v.split(' ').next().unwrap_or_default().to_owned()),
-        status: 0,
-    }
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}

@@ -32,7 +32,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use url::{Url, form_urlencoded};
 
-use super::wire::{Log, Req, header_str, provider_config, redacted, state_of};
+use super::wire::{Req, basic_credentials, header_str, provider_config, redacted, state_of};
 use super::{
     Capabilities, Core, Emulator, ExpectedIdentity, Fault, Faults, SeenRequest, Step, lock, serve,
 };
@@ -542,37 +542,24 @@ struct TokenGrant {
 }
 
 impl Shared {
-    /// Logs a request, with the shape violation a real GitHub would refuse
-    /// it for, under its endpoint's step.
-    fn log<'a>(&'a self, endpoint: Endpoint, req: &Req, violation: Option<&str>) -> Log<'a> {
+    /// Logs a request under its endpoint's step, with the shape violation
+    /// a real GitHub would refuse it for; then the endpoint's armed fault,
+    /// if any, answers instead of `normal`.
+    async fn answer(
+        &self,
+        endpoint: Endpoint,
+        req: &Req,
+        violation: Option<&str>,
+        normal: impl FnOnce() -> Response,
+    ) -> Response {
         if let Some(why) = violation {
             self.core
                 .violation(format!("{} {}: {why}", req.method, req.path));
         }
-        Log::new(&self.core, req.seen(endpoint.step()))
-    }
-
-    /// The endpoint's armed fault, if any, answers instead. One that never
-    /// answers (hang, dropped connection) is logged with status 0.
-    async fn fault<'a>(&self, endpoint: Endpoint, log: Log<'a>) -> Result<Log<'a>, Response> {
-        let silent = matches!(
-            self.faults.get(endpoint),
-            Some(Fault::Hang | Fault::CloseConnection)
-        );
-        let log = if silent {
-            // Dropping a log records its request unanswered.
-            drop(log);
-            None
-        } else {
-            Some(log)
-        };
-        match (self.faults.apply(endpoint).await, log) {
-            (Some(response), Some(log)) => Err(log.answer(response)),
-            (Some(response), None) => Err(response),
-            (None, Some(log)) => Ok(log),
-            // Only a hang that outlived its hour gets here.
-            (None, None) => Err(StatusCode::GATEWAY_TIMEOUT.into_response()),
-        }
+        let seen = req.seen(endpoint.step());
+        self.core
+            .answer_with(&self.faults, endpoint, seen, normal)
+            .await
     }
 
     fn issue_code(
@@ -768,11 +755,11 @@ async fn browser_authorize(
     headers: HeaderMap,
 ) -> Response {
     let req = Req::new(method, &uri, &headers, &[]);
-    let log = shared.log(Endpoint::Authorize, &req, None);
-    match shared.fault(Endpoint::Authorize, log).await {
-        Ok(log) => log.answer(shared.browser_consent(&req.query)),
-        Err(response) => response,
-    }
+    shared
+        .answer(Endpoint::Authorize, &req, None, || {
+            shared.browser_consent(&req.query)
+        })
+        .await
 }
 
 impl Shared {
@@ -956,46 +943,43 @@ async fn access_token(
     } else {
         None
     };
-    let log = shared.log(Endpoint::Token, &req, violation.as_deref());
-    let log = match shared.fault(Endpoint::Token, log).await {
-        Ok(log) => log,
-        Err(response) => return response,
-    };
-    if let Some(violation) = violation {
-        return log.answer(text(StatusCode::BAD_REQUEST, violation));
-    }
-    let format = Format::negotiate(&headers);
-    let answer = match shared.exchange(&req.form, basic_credentials(&headers)) {
-        Ok((token, scopes)) => {
-            // Granted scopes come back comma-separated.
-            let scope = scopes.join(",");
-            let fields = match format {
-                Format::Json => [
-                    ("access_token", token.as_str()),
-                    ("token_type", "bearer"),
-                    ("scope", scope.as_str()),
-                ],
-                Format::Form | Format::Xml => [
-                    ("access_token", token.as_str()),
-                    ("scope", scope.as_str()),
-                    ("token_type", "bearer"),
-                ],
-            };
-            format.render(&fields)
-        }
-        Err(e) => format.render(&e.fields()),
-    };
-    log.answer(answer)
+    shared
+        .answer(
+            Endpoint::Token,
+            &req,
+            violation.as_deref(),
+            || match &violation {
+                Some(violation) => text(StatusCode::BAD_REQUEST, violation.clone()),
+                None => shared.token_answer(&req.form, &headers),
+            },
+        )
+        .await
 }
 
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let (scheme, credentials) = header_str(headers, header::AUTHORIZATION)?.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
+impl Shared {
+    fn token_answer(&self, form: &[(String, String)], headers: &HeaderMap) -> Response {
+        let format = Format::negotiate(headers);
+        match self.exchange(form, basic_credentials(headers)) {
+            Ok((token, scopes)) => {
+                // Granted scopes come back comma-separated.
+                let scope = scopes.join(",");
+                let fields = match format {
+                    Format::Json => [
+                        ("access_token", token.as_str()),
+                        ("token_type", "bearer"),
+                        ("scope", scope.as_str()),
+                    ],
+                    Format::Form | Format::Xml => [
+                        ("access_token", token.as_str()),
+                        ("scope", scope.as_str()),
+                        ("token_type", "bearer"),
+                    ],
+                };
+                format.render(&fields)
+            }
+            Err(e) => format.render(&e.fields()),
+        }
     }
-    let decoded = String::from_utf8(STANDARD.decode(credentials.trim()).ok()?).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
-    Some((id.to_owned(), secret.to_owned()))
 }
 
 // ---------------------------------------------------------------------------
@@ -1136,28 +1120,29 @@ async fn user(
 ) -> Response {
     let violation = api_violation(&method, &uri, &headers);
     let req = Req::new(method, &uri, &headers, &[]);
-    let log = shared.log(Endpoint::User, &req, violation.as_deref());
-    let log = match shared.fault(Endpoint::User, log).await {
-        Ok(log) => log,
-        Err(response) => return response,
-    };
-    let caller = match api_caller(
-        &shared,
-        &headers,
-        "https://docs.github.com/rest/users/users#get-the-authenticated-user",
-    ) {
-        Ok(caller) => caller,
-        Err(response) => return log.answer(*response),
-    };
-    let Some(account) = lock(&shared.users).get(&caller.login).cloned() else {
-        return log.answer(json(
-            StatusCode::UNAUTHORIZED,
-            BAD_CREDENTIALS_BODY.into(),
-            None,
-        ));
-    };
-    let body = serde_json::to_string(&UserJson::of(&account)).unwrap_or_default();
-    log.answer(json(StatusCode::OK, body, Some((&caller.scopes, ""))))
+    shared
+        .answer(Endpoint::User, &req, violation.as_deref(), || {
+            shared.user_answer(&headers)
+        })
+        .await
+}
+
+impl Shared {
+    fn user_answer(&self, headers: &HeaderMap) -> Response {
+        let caller = match api_caller(
+            self,
+            headers,
+            "https://docs.github.com/rest/users/users#get-the-authenticated-user",
+        ) {
+            Ok(caller) => caller,
+            Err(response) => return *response,
+        };
+        let Some(account) = lock(&self.users).get(&caller.login).cloned() else {
+            return json(StatusCode::UNAUTHORIZED, BAD_CREDENTIALS_BODY.into(), None);
+        };
+        let body = serde_json::to_string(&UserJson::of(&account)).unwrap_or_default();
+        json(StatusCode::OK, body, Some((&caller.scopes, "")))
+    }
 }
 
 async fn emails(
@@ -1168,40 +1153,41 @@ async fn emails(
 ) -> Response {
     let violation = api_violation(&method, &uri, &headers);
     let req = Req::new(method, &uri, &headers, &[]);
-    let log = shared.log(Endpoint::Emails, &req, violation.as_deref());
-    let log = match shared.fault(Endpoint::Emails, log).await {
-        Ok(log) => log,
-        Err(response) => return response,
-    };
-    let caller = match api_caller(
-        &shared,
-        &headers,
-        "https://docs.github.com/rest/users/emails#list-email-addresses-for-the-authenticated-user",
-    ) {
-        Ok(caller) => caller,
-        Err(response) => return log.answer(*response),
-    };
-    let accepted = "user, user:email";
-    if !caller
-        .scopes
-        .iter()
-        .any(|s| s == "user" || s == "user:email")
-    {
-        return log.answer(json(
-            StatusCode::NOT_FOUND,
-            EMAILS_NOT_FOUND_BODY.into(),
-            Some((&caller.scopes, accepted)),
-        ));
+    shared
+        .answer(Endpoint::Emails, &req, violation.as_deref(), || {
+            shared.emails_answer(&headers)
+        })
+        .await
+}
+
+impl Shared {
+    fn emails_answer(&self, headers: &HeaderMap) -> Response {
+        let caller = match api_caller(
+            self,
+            headers,
+            "https://docs.github.com/rest/users/emails#list-email-addresses-for-the-authenticated-user",
+        ) {
+            Ok(caller) => caller,
+            Err(response) => return *response,
+        };
+        let accepted = "user, user:email";
+        if !caller
+            .scopes
+            .iter()
+            .any(|s| s == "user" || s == "user:email")
+        {
+            return json(
+                StatusCode::NOT_FOUND,
+                EMAILS_NOT_FOUND_BODY.into(),
+                Some((&caller.scopes, accepted)),
+            );
+        }
+        let Some(account) = lock(&self.users).get(&caller.login).cloned() else {
+            return json(StatusCode::UNAUTHORIZED, BAD_CREDENTIALS_BODY.into(), None);
+        };
+        let body = serde_json::to_string(&account.emails).unwrap_or_default();
+        json(StatusCode::OK, body, Some((&caller.scopes, accepted)))
     }
-    let Some(account) = lock(&shared.users).get(&caller.login).cloned() else {
-        return log.answer(json(
-            StatusCode::UNAUTHORIZED,
-            BAD_CREDENTIALS_BODY.into(),
-            None,
-        ));
-    };
-    let body = serde_json::to_string(&account.emails).unwrap_or_default();
-    log.answer(json(StatusCode::OK, body, Some((&caller.scopes, accepted))))
 }
 
 /// A REST answer, with GitHub's scope headers when the caller is known.

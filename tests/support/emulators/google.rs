@@ -26,16 +26,14 @@ use axum::{
     response::{IntoResponse, Response},
     routing::any,
 };
-use base64::{
-    Engine,
-    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
-};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use url::{Url, form_urlencoded};
 
 use super::https::{self, ServerCert};
+use super::wire::{basic_credentials, header_str, provider_config, query_params, seen_with};
 use super::{
     Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, SeenRequest, Step, lock,
     random_token,
@@ -46,7 +44,7 @@ pub const CLIENT_ID: &str = "1234987819200-abc.apps.googleusercontent.com";
 /// Google's secrets start with `GOCSPX-`.
 pub const CLIENT_SECRET: &str = "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";
 /// The one redirect URI registered for [`CLIENT_ID`].
-pub const REDIRECT_URI: &str = "https://app.example.com/oauth/callback";
+pub const REDIRECT_URI: &str = super::wire::REDIRECT_URI;
 /// Another application's client id: the audience of stolen tokens.
 pub const OTHER_CLIENT_ID: &str = "407408718192-other.apps.googleusercontent.com";
 /// The issuer Google's older ID tokens carry; valid next to the URL form.
@@ -99,16 +97,6 @@ const AUTHORIZE_PARAMS: [&str; 19] = [
     "max_age",
     "ui_locales",
 ];
-const SECRET_PARAMS: [&str; 7] = [
-    "client_secret",
-    "code",
-    "code_verifier",
-    "access_token",
-    "refresh_token",
-    "id_token",
-    "token",
-];
-
 /// The key family ID tokens are signed with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Alg {
@@ -453,16 +441,12 @@ impl Emulator for GoogleEmulator {
     }
 
     fn provider_config(&self) -> ProviderConfig {
-        ProviderConfig {
-            kind: "google".into(),
-            client_id: CLIENT_ID.into(),
-            client_secret: Some(CLIENT_SECRET.into()),
-            redirect_uris: vec![REDIRECT_URI.into()],
-            endpoints: [("issuer".to_owned(), self.base_url.clone())]
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        }
+        provider_config(
+            "google",
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &[("issuer", self.base_url.clone())],
+        )
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -1265,7 +1249,7 @@ async fn discovery(
     headers: HeaderMap,
 ) -> Response {
     shared.discovery_fetches.fetch_add(1, Ordering::SeqCst);
-    let seen = seen(Step::Discovery, &method, &uri, &headers, &[]);
+    let seen = seen_with(Step::Discovery, &method, uri.path(), &headers, Vec::new());
     if method != Method::GET {
         shared
             .core
@@ -1284,7 +1268,7 @@ async fn jwks(
     headers: HeaderMap,
 ) -> Response {
     shared.jwks_fetches.fetch_add(1, Ordering::SeqCst);
-    let seen = seen(Step::Discovery, &method, &uri, &headers, &[]);
+    let seen = seen_with(Step::Discovery, &method, uri.path(), &headers, Vec::new());
     if method != Method::GET {
         shared
             .core
@@ -1322,8 +1306,13 @@ async fn token(
     } else {
         Step::Token
     };
-    let mut seen = seen(step, &method, &uri, &headers, &form.0);
-    seen.params = redact(&query).into_iter().chain(seen.params).collect();
+    let seen = seen_with(
+        step,
+        &method,
+        uri.path(),
+        &headers,
+        query.iter().chain(&form.0).cloned().collect(),
+    );
 
     let refusal = if method != Method::POST {
         Some(format!("{TOKEN_PATH} takes POST, not {method}"))
@@ -1371,7 +1360,7 @@ async fn userinfo(
     headers: HeaderMap,
 ) -> Response {
     let query = query_params(&uri);
-    let seen = seen(Step::Identity, &method, &uri, &headers, &query);
+    let seen = seen_with(Step::Identity, &method, uri.path(), &headers, query.clone());
     if method != Method::GET && method != Method::POST {
         shared
             .core
@@ -1441,7 +1430,13 @@ async fn revoke(
         ));
     }
     let params = Params(params);
-    let seen = seen(Step::Revoke, &method, &uri, &headers, &params.0);
+    let seen = seen_with(
+        Step::Revoke,
+        &method,
+        uri.path(),
+        &headers,
+        params.0.clone(),
+    );
     if method != Method::POST {
         shared
             .core
@@ -1593,67 +1588,4 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or_default()
-}
-
-/// RFC 6749 §2.3.1: id and secret are form-encoded inside Basic.
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let (scheme, credentials) = header_str(headers, header::AUTHORIZATION)?.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = String::from_utf8(STANDARD.decode(credentials.trim()).ok()?).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
-    let unescape = |s: &str| {
-        form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    Some((unescape(id), unescape(secret)))
-}
-
-fn redact(params: &[(String, String)]) -> Vec<(String, String)> {
-    params
-        .iter()
-        .map(|(k, v)| {
-            let v = if SECRET_PARAMS.contains(&k.as_str()) {
-                "<redacted>".to_owned()
-            } else {
-                v.clone()
-            };
-            (k.clone(), v)
-        })
-        .collect()
-}
-
-/// The log entry for a request, status still 0.
-fn seen(
-    step: Step,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    params: &[(String, String)],
-) -> SeenRequest {
-    SeenRequest {
-        step,
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-        params: redact(params),
-        content_type: header_str(headers, header::CONTENT_TYPE).map(str::to_owned),
-        accept: header_str(headers, header::ACCEPT).map(str::to_owned),
-        user_agent: header_str(headers, header::USER_AGENT).map(str::to_owned),
-        authorization: header_str(headers, header::AUTHORIZATION)
-            .map(|v| v.split(' ').next().unwrap_or_default().to_owned()),
-        status: 0,
-    }
-}
-
-fn query_params(uri: &Uri) -> Vec<(String, String)> {
-    uri.query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
-}
-
-fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
 }

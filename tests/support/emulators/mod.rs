@@ -9,6 +9,7 @@
 
 use std::{
     collections::HashMap,
+    hash::Hash,
     sync::{
         Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -17,6 +18,7 @@ use std::{
 };
 
 use authbroker::config::ProviderConfig;
+use axum::response::Response;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -337,6 +339,43 @@ impl Core {
 
     pub fn requests(&self) -> Vec<SeenRequest> {
         lock(&self.seen).clone()
+    }
+
+    /// Faults armed for `step` first (a fault answers instead of the
+    /// provider), then `normal`; the request is logged with the status it
+    /// got.
+    pub async fn answer(
+        &self,
+        step: Step,
+        seen: SeenRequest,
+        normal: impl FnOnce() -> Response,
+    ) -> Response {
+        self.answer_with(&self.faults, step, seen, normal).await
+    }
+
+    /// [`answer`](Self::answer) with faults keyed by the emulator's own
+    /// endpoints. A fault that never answers (hang, dropped connection) is
+    /// logged first, with status 0.
+    pub async fn answer_with<E: Copy + Eq + Hash>(
+        &self,
+        faults: &Faults<E>,
+        key: E,
+        mut seen: SeenRequest,
+        normal: impl FnOnce() -> Response,
+    ) -> Response {
+        let silent = matches!(faults.get(key), Some(Fault::Hang | Fault::CloseConnection));
+        if silent {
+            self.record(seen.clone());
+        }
+        let response = match faults.apply(key).await {
+            Some(r) => r,
+            None => normal(),
+        };
+        if !silent {
+            seen.status = response.status().as_u16();
+            self.record(seen);
+        }
+        response
     }
 
     /// Forgets the request log and the violations.

@@ -29,12 +29,12 @@ use axum::{
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use url::{Url, form_urlencoded};
+use url::Url;
 
-use super::wire::state_of;
+use super::wire::{header_str, provider_config, seen, state_of};
 use super::{
-    Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, Fault, HEX_LOWER, SeenRequest, Step,
-    lock, query_of, random_token, serve,
+    Capabilities, CodeGrant, Core, Emulator, ExpectedIdentity, HEX_LOWER, Step, lock, query_of,
+    random_token, serve,
 };
 
 /// "ID identifying the registered API client, 40 hex digits".
@@ -45,7 +45,7 @@ pub const TOKEN_PATH: &str = "/api/v2/access_tokens";
 pub const USER_PATH: &str = "/api/v2/authenticated_user";
 /// The callback URL registered with the application at qiita.com; Qiita
 /// always redirects there.
-pub const REGISTERED_REDIRECT: &str = "https://app.example.com/oauth/callback";
+pub const REGISTERED_REDIRECT: &str = super::wire::REDIRECT_URI;
 pub const SCOPES: [&str; 4] = [
     "read_qiita",
     "write_qiita",
@@ -185,22 +185,17 @@ impl Emulator for QiitaEmulator {
     }
 
     fn provider_config(&self) -> ProviderConfig {
-        ProviderConfig {
-            kind: "qiita".into(),
-            client_id: CLIENT_ID.into(),
-            client_secret: Some(CLIENT_SECRET.into()),
-            redirect_uris: vec![REGISTERED_REDIRECT.into()],
-            endpoints: [
-                ("authorize_url", AUTHORIZE_PATH),
-                ("token_url", TOKEN_PATH),
-                ("userinfo_url", USER_PATH),
-                ("revoke_url", TOKEN_PATH),
-            ]
-            .into_iter()
-            .map(|(k, path)| (k.to_string(), self.url(path)))
-            .collect(),
-            ..Default::default()
-        }
+        provider_config(
+            "qiita",
+            CLIENT_ID,
+            CLIENT_SECRET,
+            &[
+                ("authorize_url", self.url(AUTHORIZE_PATH)),
+                ("token_url", self.url(TOKEN_PATH)),
+                ("userinfo_url", self.url(USER_PATH)),
+                ("revoke_url", self.url(TOKEN_PATH)),
+            ],
+        )
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -333,33 +328,6 @@ impl Shared {
         let token = random_token("", 40, HEX_LOWER);
         self.core.store_access(&token, seed, scopes);
         token
-    }
-
-    /// Faults first (a fault answers instead of Qiita), then `normal`. The
-    /// request is logged with the status it got; a fault that never answers
-    /// (hang, dropped connection) is logged first, with status 0.
-    async fn answer(
-        &self,
-        step: Step,
-        mut seen: SeenRequest,
-        normal: impl FnOnce() -> Response,
-    ) -> Response {
-        let silent = matches!(
-            self.core.faults.get(step),
-            Some(Fault::Hang | Fault::CloseConnection)
-        );
-        if silent {
-            self.core.record(seen.clone());
-        }
-        let response = match self.core.faults.apply(step).await {
-            Some(r) => r,
-            None => normal(),
-        };
-        if !silent {
-            seen.status = response.status().as_u16();
-            self.core.record(seen);
-        }
-        response
     }
 
     /// `POST /api/v2/access_tokens` with `{"client_id","client_secret","code"}`.
@@ -509,8 +477,9 @@ async fn access_tokens(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let seen = seen(Step::Token, &method, uri.path(), &uri, &headers, &body);
+    let seen = seen(Step::Token, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Token, seen, || {
             shared.exchange(&method, &uri, &headers, &body)
         })
@@ -524,8 +493,9 @@ async fn authenticated_user(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let seen = seen(Step::Identity, &method, uri.path(), &uri, &headers, &body);
+    let seen = seen(Step::Identity, &method, &uri, &headers, &body);
     shared
+        .core
         .answer(Step::Identity, seen, || {
             shared.authenticated_user(&method, &uri, &headers)
         })
@@ -542,8 +512,10 @@ async fn revoke(
 ) -> Response {
     // The token is in the path: log the path without it.
     let path = format!("{TOKEN_PATH}/<redacted>");
-    let seen = seen(Step::Revoke, &method, &path, &uri, &headers, &body);
+    let mut seen = seen(Step::Revoke, &method, &uri, &headers, &body);
+    seen.path = path;
     shared
+        .core
         .answer(Step::Revoke, seen, || shared.revoke(&method, &token))
         .await
 }
@@ -567,60 +539,3 @@ fn rails(status: StatusCode, body: &'static str) -> Response {
 
 // ---------------------------------------------------------------------------
 // Recording
-
-const SECRET_PARAMS: [&str; 5] = [
-    "client_secret",
-    "code",
-    "token",
-    "access_token",
-    "refresh_token",
-];
-
-fn seen(
-    step: Step,
-    method: &Method,
-    path: &str,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> SeenRequest {
-    let content_type = header_str(headers, header::CONTENT_TYPE);
-    let mut params: Vec<(String, String)> = uri
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    if content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
-        params.extend(form_urlencoded::parse(body).into_owned());
-    } else if let Ok(Value::Object(map)) = serde_json::from_slice(body) {
-        params.extend(map.into_iter().map(|(k, v)| match v {
-            Value::String(s) => (k, s),
-            other => (k, other.to_string()),
-        }));
-    }
-    SeenRequest {
-        step,
-        method: method.to_string(),
-        path: path.into(),
-        params: params
-            .into_iter()
-            .map(|(k, v)| {
-                let v = if SECRET_PARAMS.contains(&k.as_str()) {
-                    "<redacted>".into()
-                } else {
-                    v
-                };
-                (k, v)
-            })
-            .collect(),
-        content_type: content_type.map(str::to_owned),
-        accept: header_str(headers, header::ACCEPT).map(str::to_owned),
-        user_agent: header_str(headers, header::USER_AGENT).map(str::to_owned),
-        authorization: header_str(headers, header::AUTHORIZATION)
-            .map(|v| v.split(' ').next().unwrap_or_default().to_owned()),
-        status: 0,
-    }
-}
-
-fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}

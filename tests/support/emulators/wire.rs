@@ -8,6 +8,7 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
+use base64::{Engine, engine::general_purpose::STANDARD};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use url::{Url, form_urlencoded};
@@ -256,6 +257,74 @@ pub(super) fn redacted(params: Vec<(String, String)>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The log entry for a request whose parameters the caller parsed:
+/// secrets redacted, status still 0 (see [`Log`]).
+pub(super) fn seen_with(
+    step: Step,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    params: Vec<(String, String)>,
+) -> SeenRequest {
+    SeenRequest {
+        step,
+        method: method.to_string(),
+        path: path.to_owned(),
+        params: redacted(params),
+        content_type: header_str(headers, header::CONTENT_TYPE).map(str::to_owned),
+        accept: header_str(headers, header::ACCEPT).map(str::to_owned),
+        user_agent: header_str(headers, header::USER_AGENT).map(str::to_owned),
+        // Only the scheme, never the credential.
+        authorization: header_str(headers, header::AUTHORIZATION)
+            .map(|v| v.split(' ').next().unwrap_or_default().to_owned()),
+        status: 0,
+    }
+}
+
+/// The log entry for a request: its query, then its form or JSON body.
+pub(super) fn seen(
+    step: Step,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> SeenRequest {
+    Req::new(method.clone(), uri, headers, body).seen(step)
+}
+
+/// The query parameters of a request, in order.
+pub(super) fn query_params(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// The first value of a parameter.
+pub(super) fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `Authorization: Basic` credentials, each form-decoded as RFC 6749
+/// §2.3.1 asks (a no-op for the plain ids and secrets most clients send).
+pub(super) fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let (scheme, credentials) = header_str(headers, header::AUTHORIZATION)?.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(credentials.trim()).ok()?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape = |s: &str| {
+        form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    Some((unescape(id), unescape(secret)))
+}
+
 /// A header's value, when it is text.
 pub(super) fn header_str<K: header::AsHeaderName>(headers: &HeaderMap, name: K) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
@@ -324,19 +393,18 @@ impl Req {
     }
 
     pub(super) fn seen(&self, step: Step) -> SeenRequest {
-        let params = redacted(
-            self.query
-                .iter()
-                .chain(&self.form)
-                .chain(&self.json)
-                .cloned()
-                .collect(),
-        );
         SeenRequest {
             step,
             method: self.method.to_string(),
             path: self.path.clone(),
-            params,
+            params: redacted(
+                self.query
+                    .iter()
+                    .chain(&self.form)
+                    .chain(&self.json)
+                    .cloned()
+                    .collect(),
+            ),
             content_type: self.content_type.clone(),
             accept: self.accept.clone(),
             user_agent: self.user_agent.clone(),
