@@ -1,7 +1,9 @@
 //! The provider conformance suite: the same scenarios, over real gRPC and
 //! real HTTP, against every preset's emulator, on Postgres and on SQLite.
-//! Refresh and revoke have no gRPC surface yet, so they are exercised
-//! through the library's provider API against the same emulators.
+//! Each (provider, scenario, store) is a test of its own, so a failure
+//! names all three: `conformance::qq::denial::on_postgres`. Refresh and
+//! revoke have no gRPC surface yet, so they are exercised through the
+//! library's provider API against the same emulators.
 
 use std::{
     collections::HashMap,
@@ -61,6 +63,42 @@ struct Suite {
 }
 
 impl Suite {
+    /// The app on `backend` with the emulator's provider, as `tweak` leaves
+    /// its config, and a dead one beside it.
+    async fn start(
+        emu: Arc<dyn Emulator>,
+        backend: Backend,
+        tweak: impl FnOnce(&mut ProviderConfig),
+    ) -> Suite {
+        let mut config = emu.provider_config();
+        tweak(&mut config);
+        let app = spawn_app_on(backend, |s| configure(s, config)).await;
+        Suite { app, emu }
+    }
+
+    fn kind(&self) -> &'static str {
+        self.emu.kind()
+    }
+
+    /// A first login as `ada`, so the emulator has seen every step the
+    /// provider has.
+    async fn warm_up(&self) -> pb::CompleteLoginResponse {
+        self.emu.add_user("ada");
+        self.login("ada")
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:?}", self.kind()))
+    }
+
+    /// What every scenario ends with: no request a real provider would refuse.
+    fn assert_no_violations(&self) {
+        let violations = self.emu.violations();
+        assert!(
+            violations.is_empty(),
+            "{}: requests a real provider would refuse: {violations:?}",
+            self.kind()
+        );
+    }
+
     /// BeginLogin, then the browser step as `seed`: (state, callback query).
     async fn authorize(&self, seed: &str) -> (String, HashMap<String, String>) {
         let begun = self.app.begin_with(NAME).await;
@@ -108,238 +146,252 @@ impl Suite {
     }
 }
 
-async fn conformance(emu: Arc<dyn Emulator>, backend: Backend) {
-    conformance_with(emu, backend, |_| {}).await;
-}
+/// The scenarios, each run on a fresh app and emulator.
+mod scenario {
+    use super::*;
 
-async fn conformance_with(
-    emu: Arc<dyn Emulator>,
-    backend: Backend,
-    tweak: impl FnOnce(&mut ProviderConfig),
-) {
-    let kind = emu.kind();
-    let caps = emu.capabilities();
-    let mut config = emu.provider_config();
-    tweak(&mut config);
-    let app = spawn_app_on(backend, |s| configure(s, config)).await;
-    let suite = Suite { app, emu };
-
-    // Happy path: a new user, then the same user again.
-    let expected = suite.emu.add_user("ada");
-    let first = suite
-        .login("ada")
-        .await
-        .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
-    assert_eq!(first.outcome(), Outcome::UserCreated, "{kind}");
-    assert_eq!(
-        identity_of(&first),
-        expected,
-        "{kind}: identity as the provider reports it"
-    );
-    let again = suite.login("ada").await.unwrap();
-    assert_eq!(again.outcome(), Outcome::SignedIn, "{kind}");
-    assert_eq!(
-        again.binding.as_ref().unwrap().user_id,
-        first.binding.as_ref().unwrap().user_id
-    );
-    let other = suite.emu.add_user("grace");
-    let second = suite.login("grace").await.unwrap();
-    assert_eq!(second.outcome(), Outcome::UserCreated);
-    assert_eq!(identity_of(&second), other);
-    assert_ne!(other.subject, expected.subject);
-    assert_eq!(suite.users().await, 2);
-
-    // PKCE exactly where the provider supports it.
-    let begun = suite.app.begin_with(NAME).await;
-    let q: HashMap<_, _> = url::Url::parse(&begun.authorize_url)
-        .unwrap()
-        .query_pairs()
-        .into_owned()
-        .collect();
-    assert_eq!(q.contains_key("code_challenge"), caps.pkce, "{kind}: PKCE");
-    if caps.pkce {
-        assert_eq!(q["code_challenge_method"], "S256");
-        let token_calls: Vec<_> = suite
-            .emu
-            .requests()
-            .into_iter()
-            .filter(|r| r.step == Step::Token)
-            .collect();
-        assert!(!token_calls.is_empty());
-        assert!(
-            token_calls
-                .iter()
-                .all(|r| r.param("code_verifier").is_some()),
-            "{kind}: every token call carries the verifier"
-        );
-    }
-
-    // The user says no.
-    let begun = suite.app.begin_with(NAME).await;
-    let denial = suite.emu.deny(&begun.authorize_url);
-    assert_eq!(denial.is_some(), caps.deny_redirects, "{kind}");
-    let denial: HashMap<_, _> = denial
-        .unwrap_or_else(|| vec![("error".into(), "access_denied".into())])
-        .into_iter()
-        .collect();
-    let err = suite
-        .app
-        .client()
-        .complete_login(authed(
-            pb::CompleteLoginRequest {
-                state: begun.state.clone(),
-                error: denial["error"].clone(),
-                error_description: denial.get("error_description").cloned().unwrap_or_default(),
-                ..Default::default()
-            },
-            LOGIN_KEY,
-        ))
-        .await
-        .unwrap_err();
-    assert_error(&err, Code::FailedPrecondition, "ACCESS_DENIED");
-
-    // A code the provider never issued, and a code used twice.
-    let before = suite.users().await;
-    let begun = suite.app.begin_with(NAME).await;
-    let err = suite
-        .app
-        .complete(&begun.state, "0000bogus0000")
-        .await
-        .unwrap_err();
-    assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
-    if caps.errors_with_http_200 {
-        let last_token = suite
-            .emu
-            .requests()
-            .into_iter()
-            .rfind(|r| r.step == Step::Token)
-            .unwrap();
+    /// A new user, the same user again, then a second user.
+    pub async fn happy_path(suite: &Suite) {
+        let kind = suite.kind();
+        let expected = suite.emu.add_user("ada");
+        let first = suite
+            .login("ada")
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+        assert_eq!(first.outcome(), Outcome::UserCreated, "{kind}");
         assert_eq!(
-            last_token.status, 200,
-            "{kind}: this provider reports errors with HTTP 200"
+            identity_of(&first),
+            expected,
+            "{kind}: identity as the provider reports it"
         );
+        let again = suite.login("ada").await.unwrap();
+        assert_eq!(again.outcome(), Outcome::SignedIn, "{kind}");
+        assert_eq!(
+            again.binding.as_ref().unwrap().user_id,
+            first.binding.as_ref().unwrap().user_id
+        );
+        let other = suite.emu.add_user("grace");
+        let second = suite.login("grace").await.unwrap();
+        assert_eq!(second.outcome(), Outcome::UserCreated);
+        assert_eq!(identity_of(&second), other);
+        assert_ne!(other.subject, expected.subject);
+        assert_eq!(suite.users().await, 2);
     }
-    let (state, query) = suite.authorize("ada").await;
-    suite.app.complete(&state, &query["code"]).await.unwrap();
-    let begun = suite.app.begin_with(NAME).await;
-    let err = suite
-        .app
-        .complete(&begun.state, &query["code"])
-        .await
-        .unwrap_err();
-    assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
-    assert_eq!(suite.users().await, before);
 
-    // Malformed and oversized answers, 5xx, timeouts, at each step the
-    // provider has (an OIDC provider without userinfo makes no identity call).
-    let identity_calls = suite
-        .emu
-        .requests()
-        .iter()
-        .any(|r| r.step == Step::Identity);
-    for (step, fault, code, reason) in [
-        (
-            Step::Token,
-            Fault::Garbage,
-            Code::Internal,
-            "PROVIDER_BAD_RESPONSE",
-        ),
-        (
-            Step::Token,
-            Fault::Oversized(2 << 20),
-            Code::Internal,
-            "PROVIDER_BAD_RESPONSE",
-        ),
-        (
-            Step::Token,
-            Fault::Status500,
-            Code::Unavailable,
-            "PROVIDER_UNAVAILABLE",
-        ),
-        (
-            Step::Token,
-            Fault::Hang,
-            Code::Unavailable,
-            "PROVIDER_UNAVAILABLE",
-        ),
-        (
-            Step::Identity,
-            Fault::Garbage,
-            Code::Internal,
-            "PROVIDER_BAD_RESPONSE",
-        ),
-        (
-            Step::Identity,
-            Fault::Status503,
-            Code::Unavailable,
-            "PROVIDER_UNAVAILABLE",
-        ),
-        (
-            Step::Identity,
-            Fault::Hang,
-            Code::Unavailable,
-            "PROVIDER_UNAVAILABLE",
-        ),
-    ] {
-        if step == Step::Identity && !identity_calls {
-            continue;
+    /// PKCE exactly where the provider supports it.
+    pub async fn pkce(suite: &Suite) {
+        let kind = suite.kind();
+        let caps = suite.emu.capabilities();
+        suite.warm_up().await;
+        let begun = suite.app.begin_with(NAME).await;
+        let q: HashMap<_, _> = url::Url::parse(&begun.authorize_url)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect();
+        assert_eq!(q.contains_key("code_challenge"), caps.pkce, "{kind}: PKCE");
+        if caps.pkce {
+            assert_eq!(q["code_challenge_method"], "S256");
+            let token_calls: Vec<_> = suite
+                .emu
+                .requests()
+                .into_iter()
+                .filter(|r| r.step == Step::Token)
+                .collect();
+            assert!(!token_calls.is_empty());
+            assert!(
+                token_calls
+                    .iter()
+                    .all(|r| r.param("code_verifier").is_some()),
+                "{kind}: every token call carries the verifier"
+            );
+        }
+    }
+
+    /// The user says no.
+    pub async fn denial(suite: &Suite) {
+        let kind = suite.kind();
+        let begun = suite.app.begin_with(NAME).await;
+        let denial = suite.emu.deny(&begun.authorize_url);
+        assert_eq!(
+            denial.is_some(),
+            suite.emu.capabilities().deny_redirects,
+            "{kind}"
+        );
+        let denial: HashMap<_, _> = denial
+            .unwrap_or_else(|| vec![("error".into(), "access_denied".into())])
+            .into_iter()
+            .collect();
+        let err = suite
+            .app
+            .client()
+            .complete_login(authed(
+                pb::CompleteLoginRequest {
+                    state: begun.state.clone(),
+                    error: denial["error"].clone(),
+                    error_description: denial.get("error_description").cloned().unwrap_or_default(),
+                    ..Default::default()
+                },
+                LOGIN_KEY,
+            ))
+            .await
+            .unwrap_err();
+        assert_error(&err, Code::FailedPrecondition, "ACCESS_DENIED");
+    }
+
+    /// A code the provider never issued, and a code used twice: refused,
+    /// and nothing persisted.
+    pub async fn bad_code(suite: &Suite) {
+        let kind = suite.kind();
+        let begun = suite.app.begin_with(NAME).await;
+        let err = suite
+            .app
+            .complete(&begun.state, "0000bogus0000")
+            .await
+            .unwrap_err();
+        assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
+        if suite.emu.capabilities().errors_with_http_200 {
+            let last_token = suite
+                .emu
+                .requests()
+                .into_iter()
+                .rfind(|r| r.step == Step::Token)
+                .unwrap();
+            assert_eq!(
+                last_token.status, 200,
+                "{kind}: this provider reports errors with HTTP 200"
+            );
+        }
+        assert_eq!(suite.users().await, 0);
+        suite.emu.add_user("ada");
+        let (state, query) = suite.authorize("ada").await;
+        suite.app.complete(&state, &query["code"]).await.unwrap();
+        let before = suite.users().await;
+        let begun = suite.app.begin_with(NAME).await;
+        let err = suite
+            .app
+            .complete(&begun.state, &query["code"])
+            .await
+            .unwrap_err();
+        assert_error(&err, Code::FailedPrecondition, "PROVIDER_REJECTED");
+        assert_eq!(suite.users().await, before);
+    }
+
+    /// Malformed and oversized answers, 5xx, timeouts, at each step the
+    /// provider has (an OIDC provider without userinfo makes no identity
+    /// call).
+    pub async fn faults(suite: &Suite) {
+        suite.warm_up().await;
+        let identity_calls = suite
+            .emu
+            .requests()
+            .iter()
+            .any(|r| r.step == Step::Identity);
+        for (step, fault, code, reason) in [
+            (
+                Step::Token,
+                Fault::Garbage,
+                Code::Internal,
+                "PROVIDER_BAD_RESPONSE",
+            ),
+            (
+                Step::Token,
+                Fault::Oversized(2 << 20),
+                Code::Internal,
+                "PROVIDER_BAD_RESPONSE",
+            ),
+            (
+                Step::Token,
+                Fault::Status500,
+                Code::Unavailable,
+                "PROVIDER_UNAVAILABLE",
+            ),
+            (
+                Step::Token,
+                Fault::Hang,
+                Code::Unavailable,
+                "PROVIDER_UNAVAILABLE",
+            ),
+            (
+                Step::Identity,
+                Fault::Garbage,
+                Code::Internal,
+                "PROVIDER_BAD_RESPONSE",
+            ),
+            (
+                Step::Identity,
+                Fault::Status503,
+                Code::Unavailable,
+                "PROVIDER_UNAVAILABLE",
+            ),
+            (
+                Step::Identity,
+                Fault::Hang,
+                Code::Unavailable,
+                "PROVIDER_UNAVAILABLE",
+            ),
+        ] {
+            if step == Step::Identity && !identity_calls {
+                continue;
+            }
+            suite.emu.clear_faults();
+            suite.emu.set_fault(step, fault.clone());
+            suite.emu.add_user("faulty");
+            suite.fails("faulty", code, reason).await;
         }
         suite.emu.clear_faults();
-        suite.emu.set_fault(step, fault.clone());
-        suite.emu.add_user("faulty");
-        suite.fails("faulty", code, reason).await;
     }
-    suite.emu.clear_faults();
 
-    // Unreachable: nothing listens where the dead provider points.
-    let begun = suite.app.begin(pb::BeginLoginRequest {
-        provider: DEAD.into(),
-        ..Default::default()
-    });
-    match begun.await {
-        // OIDC providers need discovery before they can build the URL.
-        Err(e) => {
-            assert_error(&e, Code::Unavailable, "PROVIDER_UNAVAILABLE");
-        }
-        Ok(begun) => {
-            let err = suite
-                .app
-                .complete(&begun.state, "some-code")
-                .await
-                .unwrap_err();
-            assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+    /// Unreachable: nothing listens where the dead provider points.
+    pub async fn unreachable(suite: &Suite) {
+        let begun = suite.app.begin(pb::BeginLoginRequest {
+            provider: DEAD.into(),
+            ..Default::default()
+        });
+        match begun.await {
+            // OIDC providers need discovery before they can build the URL.
+            Err(e) => {
+                assert_error(&e, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+            }
+            Ok(begun) => {
+                let err = suite
+                    .app
+                    .complete(&begun.state, "some-code")
+                    .await
+                    .unwrap_err();
+                assert_error(&err, Code::Unavailable, "PROVIDER_UNAVAILABLE");
+            }
         }
     }
 
-    // Numbers sent as strings change nothing.
-    suite.emu.set_numbers_as_strings(true);
-    let expected = suite.emu.add_user("lin");
-    let done = suite
-        .login("lin")
-        .await
-        .unwrap_or_else(|e| panic!("{kind} with strings: {e:?}"));
-    assert_eq!(identity_of(&done), expected, "{kind}: numbers as strings");
-    suite.emu.set_numbers_as_strings(false);
+    /// Numbers sent as strings change nothing.
+    pub async fn numbers_as_strings(suite: &Suite) {
+        let kind = suite.kind();
+        suite.emu.set_numbers_as_strings(true);
+        let expected = suite.emu.add_user("lin");
+        let done = suite
+            .login("lin")
+            .await
+            .unwrap_or_else(|e| panic!("{kind} with strings: {e:?}"));
+        assert_eq!(identity_of(&done), expected, "{kind}: numbers as strings");
+        suite.emu.set_numbers_as_strings(false);
+    }
 
-    assert!(
-        suite.emu.violations().is_empty(),
-        "{kind}: requests a real provider would refuse: {:?}",
-        suite.emu.violations()
-    );
-
-    // Refresh and revoke, through the provider API.
-    let provider = suite.provider();
-    assert_eq!(
-        provider.refresher().is_some(),
-        caps.refresh,
-        "{kind}: refresh support"
-    );
-    assert_eq!(
-        provider.revoker().is_some(),
-        caps.revoke,
-        "{kind}: revoke support"
-    );
-    if let Some(refresher) = provider.refresher() {
+    /// Refresh through the provider API, where the provider has it; a
+    /// single-use refresh token comes with its successor.
+    pub async fn refresh(suite: &Suite) {
+        let kind = suite.kind();
+        let caps = suite.emu.capabilities();
+        let provider = suite.provider();
+        assert_eq!(
+            provider.refresher().is_some(),
+            caps.refresh,
+            "{kind}: refresh support"
+        );
+        let Some(refresher) = provider.refresher() else {
+            return;
+        };
+        suite.emu.add_user("ada");
         let (_, refresh) = suite.emu.issue_tokens("ada");
         let refresh = SecretString::from(refresh.expect("a refresh token"));
         let renewed = refresher
@@ -371,7 +423,20 @@ async fn conformance_with(
             "{kind}: {bogus:?}"
         );
     }
-    if let Some(revoker) = provider.revoker() {
+
+    /// Revocation through the provider API, where the provider has it.
+    pub async fn revoke(suite: &Suite) {
+        let kind = suite.kind();
+        let provider = suite.provider();
+        assert_eq!(
+            provider.revoker().is_some(),
+            suite.emu.capabilities().revoke,
+            "{kind}: revoke support"
+        );
+        let Some(revoker) = provider.revoker() else {
+            return;
+        };
+        suite.emu.add_user("ada");
         let (access, _) = suite.emu.issue_tokens("ada");
         assert!(suite.emu.access_token_valid(&access));
         revoker
@@ -380,26 +445,64 @@ async fn conformance_with(
             .unwrap_or_else(|e| panic!("{kind} revoke: {e}"));
         assert!(!suite.emu.access_token_valid(&access), "{kind}: revoked");
     }
-    assert!(
-        suite.emu.violations().is_empty(),
-        "{:?}",
-        suite.emu.violations()
-    );
 }
 
-/// One test per (provider, store).
+/// One test per (provider, scenario, store), all ending with no violation.
 macro_rules! conformance {
-    ($($name:ident => $start:expr),* $(,)?) => {
+    ($($provider:ident => $start:expr $(, tweak $tweak:expr)?;)*) => {
         $(
-            mod $name {
+            mod $provider {
                 use super::*;
+
+                async fn suite(backend: Backend) -> Suite {
+                    let tweak: fn(&mut ProviderConfig) = tweak!($($tweak)?);
+                    Suite::start(Arc::new($start.await), backend, tweak).await
+                }
+
+                scenarios!(
+                    happy_path,
+                    pkce,
+                    denial,
+                    bad_code,
+                    faults,
+                    unreachable,
+                    numbers_as_strings,
+                    refresh,
+                    revoke,
+                );
+            }
+        )*
+    };
+}
+
+/// A provider's config change, or none.
+macro_rules! tweak {
+    () => {
+        |_| {}
+    };
+    ($tweak:expr) => {
+        $tweak
+    };
+}
+
+macro_rules! scenarios {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use super::*;
+
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn on_postgres() {
-                    conformance(Arc::new($start.await), Backend::Postgres).await;
+                    let suite = suite(Backend::Postgres).await;
+                    scenario::$scenario(&suite).await;
+                    suite.assert_no_violations();
                 }
+
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn on_sqlite() {
-                    conformance(Arc::new($start.await), Backend::Sqlite).await;
+                    let suite = suite(Backend::Sqlite).await;
+                    scenario::$scenario(&suite).await;
+                    suite.assert_no_violations();
                 }
             }
         )*
@@ -412,27 +515,18 @@ use crate::support::emulators::{
     weibo::WeiboEmulator,
 };
 
-conformance!(
-    qq => QqEmulator::start(),
-    wechat => WechatEmulator::start(),
-    weibo => WeiboEmulator::start(),
-    gitee => GiteeEmulator::start(),
-    acwing => AcwingEmulator::start(),
-    qiita => QiitaEmulator::start(),
-    github => GithubEmulator::start(),
-    google => GoogleEmulator::start(),
-    custom_oauth2 => CustomEmulator::start(),
-);
-
-/// OIDC with the userinfo endpoint merged in, so identity-step faults apply.
-mod google_with_userinfo {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn on_postgres() {
-        let emu = Arc::new(GoogleEmulator::start().await);
-        conformance_with(emu, Backend::Postgres, |c| c.fetch_userinfo = true).await;
-    }
+conformance! {
+    qq => QqEmulator::start();
+    wechat => WechatEmulator::start();
+    weibo => WeiboEmulator::start();
+    gitee => GiteeEmulator::start();
+    acwing => AcwingEmulator::start();
+    qiita => QiitaEmulator::start();
+    github => GithubEmulator::start();
+    google => GoogleEmulator::start();
+    // OIDC with the userinfo endpoint merged in, so identity-step faults apply.
+    google_with_userinfo => GoogleEmulator::start(), tweak |c| c.fetch_userinfo = true;
+    custom_oauth2 => CustomEmulator::start();
 }
 
 /// A provider's `expires_in` of 99999999999999 seconds once overflowed the
