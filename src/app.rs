@@ -28,6 +28,7 @@ use crate::{
         health,
         limits::{CallLimits, Limited},
         login::LoginApi,
+        observe::Observed,
         pb::{
             admin_service_server::AdminServiceServer,
             login_service_server::{LoginServiceServer, SERVICE_NAME},
@@ -36,6 +37,7 @@ use crate::{
     },
     http::HttpClient,
     login::{LoginParts, LoginService, bind_policies},
+    metrics::MetricsServer,
     provider::Registry,
     sandbox::SandboxServer,
     state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateStore},
@@ -87,6 +89,8 @@ pub struct Application {
     api_keys: ApiKeys,
     tls: Option<Arc<ServerTls>>,
     migrated: bool,
+    /// `/metrics`, when `[metrics] listen` is set.
+    metrics: Option<MetricsServer>,
 }
 
 impl Application {
@@ -216,6 +220,18 @@ impl Application {
             tokens,
             &settings.auth.api_keys,
         ));
+        let metrics = match settings.metrics.listen {
+            Some(listen) => Some(
+                MetricsServer::bind(
+                    listen,
+                    states.clone(),
+                    store.clone(),
+                    settings.login.max_pending,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         // dev is loopback-only and keyless by design (checked above).
         let api_keys = ApiKeys::new(
             &settings.auth.api_keys,
@@ -236,6 +252,7 @@ impl Application {
             api_keys,
             tls,
             migrated,
+            metrics,
         })
     }
 
@@ -245,6 +262,11 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics` is served, if `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
     }
 
     /// Where the in-process sandbox provider listens, if one is configured.
@@ -314,13 +336,22 @@ impl Application {
         let login = grpc::decode::DecodeErrors::new(login);
         let login = Limited::new(login, calls.clone());
         let login = Authenticated::new(login, self.api_keys.clone(), Role::Login);
+        let login = Observed::new(login);
         let admin = AdminServiceServer::new(AdminApi::new(self.admin.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let admin = grpc::decode::DecodeErrors::new(admin);
         let admin = Limited::new(admin, calls);
         let admin = Authenticated::new(admin, self.api_keys.clone(), Role::Admin);
+        let admin = Observed::new(admin);
 
         let (drained_tx, mut drained_rx) = watch::channel(false);
+        // Scrapes go on while calls drain, and stop with the sandbox.
+        let metrics = self.metrics.map(|m| {
+            let mut stop = self.stop_sandbox.subscribe();
+            m.run(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+        });
         let stop_reporter = reporter.clone();
         let server = Server::builder()
             // tonic's default is no limit, which lifts hyper's 200.
@@ -368,6 +399,9 @@ impl Application {
         };
         readiness.abort();
         let _ = self.stop_sandbox.send(true);
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         tracing::info!("authbroker stopped");
         result
     }

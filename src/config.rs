@@ -25,6 +25,8 @@ pub struct Settings {
     pub http: HttpSettings,
     pub sandbox: SandboxSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
+    pub tracing: TracingSettings,
     pub vault: VaultSettings,
     pub providers: BTreeMap<String, ProviderConfig>,
 }
@@ -510,6 +512,35 @@ impl Default for LogSettings {
     }
 }
 
+/// `[metrics]`: Prometheus text on a listener of its own, so that it can
+/// stay off the network the gRPC port is on.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Where `/metrics` is served; absent, nothing is recorded or served.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[tracing]`: spans exported over OTLP (HTTP, protobuf).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// The collector's OTLP/HTTP base URL (`/v1/traces` is added) or the
+    /// full traces URL; absent, no span leaves the process.
+    pub otlp_endpoint: Option<url::Url>,
+    /// `service.name` on every exported span.
+    pub service_name: String,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        TracingSettings {
+            otlp_endpoint: None,
+            service_name: "authbroker".into(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -775,6 +806,7 @@ impl Settings {
         }
         problems.extend(self.validate_client_certs());
         problems.extend(self.validate_listener());
+        problems.extend(self.validate_observability());
         if mode == Mode::Serve
             && self.auth.api_keys.is_empty()
             && self.auth.client_certs.is_empty()
@@ -828,6 +860,30 @@ impl Settings {
 }
 
 impl Settings {
+    fn validate_observability(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(listen) = self.metrics.listen
+            && listen == self.server.listen
+            && listen.port() != 0
+        {
+            problems.push(format!(
+                "metrics.listen: {listen} is server.listen; /metrics needs a listener of its own"
+            ));
+        }
+        if let Some(url) = &self.tracing.otlp_endpoint
+            && !matches!(url.scheme(), "http" | "https")
+        {
+            problems.push(format!(
+                "tracing.otlp_endpoint: must be an http:// or https:// URL (OTLP over HTTP), got {}",
+                redact_url(url.as_str())
+            ));
+        }
+        if self.tracing.service_name.trim().is_empty() {
+            problems.push("tracing.service_name: must not be empty".into());
+        }
+        problems
+    }
+
     /// What `serve` runs only when opted into by name (`dev` implies every
     /// opt-in): sandbox providers, `http://` provider URLs off loopback, and
     /// open mode on an address other than loopback.

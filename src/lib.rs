@@ -81,6 +81,7 @@ pub mod domain;
 pub mod grpc;
 pub mod http;
 pub mod login;
+pub mod metrics;
 pub mod provider;
 pub mod sandbox;
 pub mod reason;

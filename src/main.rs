@@ -90,7 +90,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    telemetry::init(&settings.log);
+    // Kept to the end of main: dropping it exports the last spans.
+    let _traces = match telemetry::init_with_traces(&settings.log, &settings.tracing) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("error: {}", telemetry::cause_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Serve => serve(settings, Mode::Serve).await,
         Command::Dev => serve(settings, Mode::Dev).await,

@@ -5,11 +5,20 @@
 //! their chattier levels are held at `warn` whatever the filter says, unless
 //! it names them (`QUIET_TARGETS`). Colours only on a terminal.
 
+pub mod trace;
+
 use std::io::IsTerminal;
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing::Subscriber;
+use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, fmt::MakeWriter, prelude::*};
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::{LogFormat, LogSettings, TracingSettings};
+pub use trace::TraceExport;
+
+/// What exported spans are filtered by, whatever the log filter: every
+/// span of ours at info, none of the quiet targets' (their fields would
+/// carry what their logs would).
+const EXPORT_FILTER: &str = "info";
 
 /// Targets kept at `warn` unless the filter names them: at debug
 /// tokio_postgres logs every statement's parameters (emails, user ids,
@@ -20,6 +29,35 @@ pub const QUIET_TARGETS: &[&str] = &["tokio_postgres", "h2", "hyper", "hyper_uti
 /// Installs the global subscriber. Safe to call more than once (tests): later
 /// calls are ignored.
 pub fn init(settings: &LogSettings) {
+    let ansi = std::io::stderr().is_terminal();
+    let _ = subscriber(settings, None, std::io::stderr, ansi).try_init();
+}
+
+/// `init`, with spans exported over OTLP when `[tracing]` says where to.
+/// Keep the returned exporter until the process ends: dropping it sends
+/// the last spans.
+pub fn init_with_traces(
+    log: &LogSettings,
+    tracing: &TracingSettings,
+) -> Result<Option<TraceExport>, trace::TraceError> {
+    let export = TraceExport::start(tracing)?;
+    let ansi = std::io::stderr().is_terminal();
+    let _ = subscriber(log, export.as_ref(), std::io::stderr, ansi).try_init();
+    Ok(export)
+}
+
+/// The subscriber `init` installs, writing to `writer`: log lines filtered
+/// by `RUST_LOG` or `settings.filter`, and spans to `export` when given.
+/// Tests install it for one thread with a writer they read.
+pub fn subscriber<W>(
+    settings: &LogSettings,
+    export: Option<&TraceExport>,
+    writer: W,
+    ansi: bool,
+) -> impl Subscriber + Send + Sync + 'static
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let from_env = std::env::var("RUST_LOG")
         .ok()
         .filter(|f| !f.trim().is_empty())
@@ -27,17 +65,25 @@ pub fn init(settings: &LogSettings) {
     let filter = from_env
         .or_else(|| EnvFilter::try_new(with_quiet_targets(&settings.filter)).ok())
         .unwrap_or_else(|| EnvFilter::new(with_quiet_targets("info")));
-    // A file or a pipe gets plain text; escape codes are for terminals.
-    let ansi = std::io::stderr().is_terminal();
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match settings.format {
-        LogFormat::Text => registry
-            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
-            .try_init(),
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = match settings.format {
+        // A file or a pipe gets plain text; escape codes are for terminals.
+        LogFormat::Text => fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     };
+    let spans = export.map(|export| {
+        tracing_opentelemetry::layer()
+            .with_tracer(export.tracer())
+            .with_filter(EnvFilter::new(with_quiet_targets(EXPORT_FILTER)))
+    });
+    tracing_subscriber::registry().with(logs).with(spans)
 }
 
 /// `filter` (EnvFilter syntax), then `TARGET=warn` for every quiet target it

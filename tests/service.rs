@@ -10,6 +10,8 @@ mod admin;
 mod cli;
 #[path = "service/login_flow.rs"]
 mod login_flow;
+#[path = "service/observability.rs"]
+mod observability;
 #[path = "service/policies.rs"]
 mod policies;
 #[path = "service/properties.rs"]

@@ -281,7 +281,10 @@ where
                 request.extensions_mut().insert(caller);
                 Either::Right(self.inner.call(request))
             }
-            Err(status) => Either::Left(ready(Ok(status.into_http()))),
+            Err(status) => {
+                super::observe::auth_refused(&status);
+                Either::Left(ready(Ok(status.into_http())))
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod decode;
 pub mod health;
 pub mod limits;
 pub mod login;
+pub mod observe;
 pub mod socket;
 pub mod status;
 

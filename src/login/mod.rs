@@ -574,6 +574,7 @@ impl LoginService {
         match result {
             Ok(done) => {
                 self.end(Kind::Login, &key, attempt).await;
+                crate::metrics::login_completed(&login.provider, done.outcome);
                 Ok(done)
             }
             Err(Failed { error, resume }) => {
@@ -625,6 +626,7 @@ impl LoginService {
         event.actor = actor.map(str::to_string);
         event.provider = provider.map(str::to_string);
         event.reason = Some(e.reason().to_string());
+        crate::metrics::login_failed(provider, e.reason().as_str());
         if let Err(audit_err) = self.audit.record_audit(&event).await {
             tracing::warn!(
                 error = %crate::telemetry::cause_chain(&audit_err),

@@ -4,7 +4,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::Instant,
 };
 
 use async_trait::async_trait;
@@ -14,7 +13,7 @@ use serde_json::Value;
 use url::Url;
 
 use super::{
-    Provider, ProviderError, ProviderInfo, Refresh, Revoke, TokenSet, Unavailable, body,
+    Provider, ProviderError, ProviderInfo, Refresh, Revoke, TokenSet, Unavailable, body, observe,
     spec::{
         ErrorSpec, FieldPath, Part, Paths, ProviderSpec, RequestAuth, RevokeMethod, Template,
         TokenMethod, TokenSpec,
@@ -125,14 +124,17 @@ impl SpecProvider {
         request: reqwest::RequestBuilder,
         errors: &ErrorSpec,
     ) -> Result<Value, ProviderError> {
-        let started = Instant::now();
+        observe::request(&self.info.name, step, self.answer(step, request, errors)).await
+    }
+
+    /// `call` without its span and timing.
+    async fn answer(
+        &self,
+        step: &str,
+        request: reqwest::RequestBuilder,
+        errors: &ErrorSpec,
+    ) -> Result<Value, ProviderError> {
         let answer = self.http.send(request).await;
-        metrics::histogram!(
-            "authbroker_provider_request_seconds",
-            "provider" => self.info.name.to_string(),
-            "step" => step.to_string(),
-        )
-        .record(started.elapsed().as_secs_f64());
         let answer = answer.map_err(|e| ProviderError::from_http(&self.info.name, step, e))?;
         let status = answer.status;
         if status.is_server_error() {

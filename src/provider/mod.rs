@@ -12,6 +12,7 @@
 pub mod body;
 pub mod engine;
 pub mod oidc;
+mod observe;
 pub mod presets;
 pub mod registry;
 pub mod spec;

@@ -222,6 +222,15 @@ impl OidcProvider {
         step: &str,
         url: Url,
     ) -> Result<(Value, Option<Duration>), ProviderError> {
+        let name = &self.config.info.name;
+        super::observe::request(name, step, self.fetch_json_untimed(step, url)).await
+    }
+
+    async fn fetch_json_untimed(
+        &self,
+        step: &str,
+        url: Url,
+    ) -> Result<(Value, Option<Duration>), ProviderError> {
         let answer = self
             .config
             .http

@@ -197,6 +197,14 @@ pub struct TokenRow {
     pub token: SealedToken,
 }
 
+/// How many pooled connections exist, and how many of them are idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub max: usize,
+    pub open: usize,
+    pub idle: usize,
+}
+
 /// The database behind every capability: its schema and its liveness.
 #[async_trait]
 pub trait Database: Send + Sync + 'static {
@@ -205,6 +213,12 @@ pub trait Database: Send + Sync + 'static {
 
     /// Cheap round trip to the database, for health checks.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The connection pool's occupancy, for metrics; `None` without a pool
+    /// (SQLite holds one connection).
+    fn pool_status(&self) -> Option<PoolStatus> {
+        None
+    }
 }
 
 /// Identities bound to users, as logins and links write and read them.

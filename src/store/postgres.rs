@@ -661,6 +661,15 @@ impl Database for PostgresStore {
         .await
         .map_err(|e| e.into_store_error("pinging postgres"))
     }
+
+    fn pool_status(&self) -> Option<super::PoolStatus> {
+        let s = self.pool.status();
+        Some(super::PoolStatus {
+            max: s.max_size,
+            open: s.size,
+            idle: s.available,
+        })
+    }
 }
 
 #[async_trait]
