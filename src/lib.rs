@@ -12,7 +12,10 @@
 //!   `validate()`, which lists every problem at once; the vault's keys are
 //!   read (inline, file or environment) and checked here too.
 //! - [`telemetry`]: the tracing subscriber (text or JSON). Nothing secret is
-//!   ever logged.
+//!   ever logged. `telemetry::trace`: OTLP span export, and the caller's W3C
+//!   `traceparent` joined, so every log line of a call has its trace id.
+//! - [`metrics`]: what is counted and timed (label values from bounded sets
+//!   only) and `/metrics` on a listener of its own.
 //! - [`app`]: `Application::build(settings)` wires everything onto a bound
 //!   listener; `run_until_stopped(shutdown)` serves and drains.
 //! - [`domain`]: value types (identity, binding, audit event) shared by the
@@ -58,7 +61,8 @@
 //! - [`grpc`]: the only place that knows protobuf — thin service impls,
 //!   proto/domain conversion, caller authentication by API key or client
 //!   certificate with per-caller rates (`grpc::auth`), error-to-status
-//!   mapping, the global bound and time limit on calls (`grpc::limits`),
+//!   mapping, each call's span, count and timing (`grpc::observe`), the
+//!   global bound and time limit on calls (`grpc::limits`),
 //!   health whose Watch streams close on shutdown (`grpc::health`), and
 //!   accepted connections: TLS handshake, connection slots, write tuning
 //!   (`grpc::socket`).
