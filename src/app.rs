@@ -41,7 +41,7 @@ use crate::{
     provider::Registry,
     sandbox::SandboxServer,
     state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateStore},
-    store::{self, Store},
+    store::{self, Database, Store},
     telemetry::cause_chain,
     tls::ServerTls,
     tokens::TokenService,
@@ -517,7 +517,7 @@ fn summaries(settings: &Settings, registry: &Registry) -> Vec<ProviderSummary> {
 /// reachable and migrated and the state backend is prepared and answers,
 /// and again whenever either stops answering; for good once stopping.
 async fn watch_readiness(
-    store: Arc<dyn Store>,
+    store: Arc<dyn Database>,
     states: Arc<dyn StateStore>,
     reporter: HealthReporter,
     mut migrated: bool,
