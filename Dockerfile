@@ -2,7 +2,7 @@
 # non-root user. protoc is vendored (protoc-bin-vendored), so no system
 # protobuf compiler is needed.
 #
-# CI has no Docker engine. Instead tests/cli.rs replays the build stage
+# CI has no Docker engine. Instead tests/e2e/docker_build.rs replays the build stage
 # (WORKDIR, COPY through .dockerignore, RUN) in a fresh directory, offline
 # from the local cargo cache, so a path this file forgets fails there. The
 # replay runs the RUN lines on the test machine: keep them to cargo and

@@ -8,6 +8,8 @@ mod support;
 mod admin;
 #[path = "service/cli.rs"]
 mod cli;
+#[path = "service/harness.rs"]
+mod harness;
 #[path = "service/login_flow.rs"]
 mod login_flow;
 #[path = "service/observability.rs"]

@@ -535,7 +535,7 @@ impl StateStore for MemoryStateStore {
 mod tests {
     //! What only the memory backend has: moka's housekeeping and the count
     //! that keeps moka from ever evicting a live entry. The shared contract
-    //! is `state::conformance`, run on every backend by `tests/state.rs`.
+    //! is `state::conformance`, run on every backend by `tests/service/state.rs`.
     use super::*;
     use crate::state::conformance;
 

@@ -60,7 +60,7 @@ macro_rules! conformance_tests {
             let mut suite: Vec<&str> = conformance::SCENARIOS.iter().map(|(n, _)| *n).collect();
             listed.sort_unstable();
             suite.sort_unstable();
-            assert_eq!(listed, suite, "update conformance_tests! in tests/state.rs");
+            assert_eq!(listed, suite, "update conformance_tests! in tests/service/state.rs");
         }
     };
 }

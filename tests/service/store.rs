@@ -2,7 +2,7 @@
 //! behaviour: SQLite in memory and on disk, failure classification when
 //! the database cannot be reached, and Postgres over TLS (`tls`).
 //!
-//! Run with `cargo test --features test-util --test store`.
+//! Run with `cargo test --features test-util --test service -- store::`.
 
 use crate::support::db;
 #[path = "store/tls.rs"]
@@ -113,7 +113,7 @@ fn every_scenario_runs_on_both_backends() {
     covered.sort_unstable();
     assert_eq!(
         covered, listed,
-        "update conformance_tests! in tests/store.rs"
+        "update conformance_tests! in tests/service/store.rs"
     );
 }
 

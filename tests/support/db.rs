@@ -9,8 +9,12 @@
 //! 3. a throwaway cluster made with `initdb`/`pg_ctl` from
 //!    `/usr/lib/postgresql/*/bin` (as the `postgres` user when we are root,
 //!    since both refuse to run as root), stopped after this process exits;
-//! 4. otherwise a failure that says how to provide one (a running Docker is
-//!    detected, but testcontainers is not wired in).
+//! 4. a throwaway container from the `postgres` image (testcontainers), where
+//!    a Docker engine answers `docker info`, removed after this process exits;
+//! 5. otherwise a failure that says how to provide one.
+//!
+//! The choice is [`choose`], a pure function of what was probed, so each
+//! branch is tested here without a Docker engine or a missing server.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -20,11 +24,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 
-const HOW_TO_PROVIDE: &str = "no Postgres server for the tests. Set TEST_DATABASE_URL to a \
+pub const HOW_TO_PROVIDE: &str = "no Postgres server for the tests. Set TEST_DATABASE_URL to a \
      server URL whose user may create databases (e.g. postgres://postgres@127.0.0.1:5432), \
      run a local server reachable with the libpq PG* variables (default \
      postgres@127.0.0.1:5432), or install the PostgreSQL server binaries (initdb, pg_ctl under \
-     /usr/lib/postgresql/*/bin) so the tests can start a throwaway cluster";
+     /usr/lib/postgresql/*/bin) so the tests can start a throwaway cluster, or run a Docker \
+     engine so they can start a postgres container";
 
 /// How long the conventional local server gets to answer before we move on.
 const LOCAL_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -168,40 +173,130 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Er
     Ok(client)
 }
 
+/// Where the tests' Postgres comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `TEST_DATABASE_URL`.
+    Url(String),
+    /// The conventional local server, which answered.
+    Local,
+    /// A cluster of our own from these `initdb`/`pg_ctl` binaries.
+    Throwaway(PathBuf),
+    /// A container, on the Docker engine that answered.
+    Container,
+}
+
+/// What discovery probed, in [`choose`]'s order; a probe runs only while
+/// the earlier ones found nothing.
+#[derive(Debug, Default)]
+pub struct Facts {
+    pub database_url: Option<String>,
+    pub local_answers: bool,
+    pub server_binaries: Option<PathBuf>,
+    pub docker_answers: bool,
+}
+
+/// The first source the facts allow, or [`HOW_TO_PROVIDE`].
+pub fn choose(facts: Facts) -> Result<Source, &'static str> {
+    if let Some(url) = facts.database_url {
+        Ok(Source::Url(url))
+    } else if facts.local_answers {
+        Ok(Source::Local)
+    } else if let Some(bin) = facts.server_binaries {
+        Ok(Source::Throwaway(bin))
+    } else if facts.docker_answers {
+        Ok(Source::Container)
+    } else {
+        Err(HOW_TO_PROVIDE)
+    }
+}
+
+impl Facts {
+    /// Probes in order and stops at the first that finds a server: the
+    /// local server's two seconds and `docker info` are only waited for
+    /// when needed. The local server comes back with its admin database.
+    async fn probe() -> (Facts, Option<Server>) {
+        let mut facts = Facts {
+            database_url: std::env::var("TEST_DATABASE_URL").ok(),
+            ..Facts::default()
+        };
+        if facts.database_url.is_some() {
+            return (facts, None);
+        }
+        // An unreachable or refusing local server just means "try the next way".
+        if let Ok(Ok(server)) =
+            tokio::time::timeout(LOCAL_PROBE_TIMEOUT, local_server().with_admin_db(None)).await
+        {
+            facts.local_answers = true;
+            return (facts, Some(server));
+        }
+        facts.server_binaries = server_binaries();
+        if facts.server_binaries.is_none() {
+            facts.docker_answers = tokio::task::spawn_blocking(docker_answers)
+                .await
+                .unwrap_or(false);
+        }
+        (facts, None)
+    }
+}
+
 async fn discover() -> Server {
-    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
-        let (server, db) = Server::parse(&url);
-        return server
-            .with_admin_db(db)
-            .await
-            .unwrap_or_else(|e| panic!("TEST_DATABASE_URL is set but unusable: {e}"));
+    let (facts, local) = Facts::probe().await;
+    match choose(facts) {
+        Ok(Source::Url(url)) => {
+            let (server, db) = Server::parse(&url);
+            server
+                .with_admin_db(db)
+                .await
+                .unwrap_or_else(|e| panic!("TEST_DATABASE_URL is set but unusable: {e}"))
+        }
+        Ok(Source::Local) => local.unwrap_or_else(local_server),
+        Ok(Source::Throwaway(bin)) => {
+            let server = tokio::task::spawn_blocking(move || start_cluster(&bin))
+                .await
+                .unwrap_or_else(|e| panic!("starting a throwaway Postgres cluster panicked: {e}"))
+                .unwrap_or_else(|e| panic!("could not start a throwaway Postgres cluster: {e}"));
+            server
+                .with_admin_db(None)
+                .await
+                .unwrap_or_else(|e| panic!("the throwaway Postgres cluster does not answer: {e}"))
+        }
+        Ok(Source::Container) => {
+            let server = start_container()
+                .await
+                .unwrap_or_else(|e| panic!("could not start a postgres container: {e}"));
+            server
+                .with_admin_db(None)
+                .await
+                .unwrap_or_else(|e| panic!("the postgres container does not answer: {e}"))
+        }
+        Err(how) => panic!("{how}"),
     }
+}
 
-    let local = local_server();
-    // An unreachable or refusing local server just means "try the next way".
-    if let Ok(Ok(server)) =
-        tokio::time::timeout(LOCAL_PROBE_TIMEOUT, local.with_admin_db(None)).await
-    {
-        return server;
-    }
+/// A `postgres` container (the module's image and `postgres`/`postgres`
+/// credentials), removed once this process exits.
+async fn start_container() -> Result<Server, String> {
+    use testcontainers_modules::{postgres::Postgres, testcontainers::runners::AsyncRunner};
 
-    match tokio::task::spawn_blocking(throwaway_cluster).await {
-        Ok(Some(Ok(server))) => match server.with_admin_db(None).await {
-            Ok(server) => return server,
-            Err(e) => panic!("the throwaway Postgres cluster does not answer: {e}"),
-        },
-        Ok(Some(Err(e))) => panic!("could not start a throwaway Postgres cluster: {e}"),
-        Ok(None) => {}
-        Err(e) => panic!("starting a throwaway Postgres cluster panicked: {e}"),
-    }
-
-    if docker_answers() {
-        panic!(
-            "Docker is running, but this harness has no testcontainers support wired in; \
-             {HOW_TO_PROVIDE}"
-        );
-    }
-    panic!("{HOW_TO_PROVIDE}");
+    let container = Postgres::default()
+        .start()
+        .await
+        .map_err(|e| e.to_string())?;
+    let host = container.get_host().await.map_err(|e| e.to_string())?;
+    let port = container
+        .get_host_port_ipv4(5432)
+        .await
+        .map_err(|e| e.to_string())?;
+    when_this_process_exits(&format!("docker rm -f -v {}", container.id()));
+    // Its Drop would remove the container as soon as the first test's
+    // runtime ends; the watcher above removes it at exit instead.
+    std::mem::forget(container);
+    Ok(Server {
+        prefix: format!("postgres://postgres:postgres@{host}:{port}"),
+        query: String::new(),
+        admin_db: String::new(),
+    })
 }
 
 /// libpq's environment, with its defaults where unset.
@@ -239,12 +334,6 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
-}
-
-/// Starts a private cluster, or `None` when no server binaries are installed.
-fn throwaway_cluster() -> Option<Result<Server, String>> {
-    let bin = server_binaries()?;
-    Some(start_cluster(&bin))
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` holding initdb and pg_ctl.
@@ -312,7 +401,7 @@ fn start_cluster(bin: &Path) -> Result<Server, String> {
         format!("{e}\n{log}")
     })?;
 
-    stop_when_this_process_exits(bin, &dir, as_root);
+    stop_cluster_at_exit(bin, &dir, as_root);
     Ok(Server {
         prefix: format!("postgres://postgres@127.0.0.1:{port}"),
         query: String::new(),
@@ -320,9 +409,8 @@ fn start_cluster(bin: &Path) -> Result<Server, String> {
     })
 }
 
-/// Rust has no reliable exit hook, so a small detached shell watches this
-/// process and, once it is gone, stops the cluster and deletes its files.
-fn stop_when_this_process_exits(bin: &Path, dir: &Path, as_root: bool) {
+/// Stops the cluster and deletes its files once this process is gone.
+fn stop_cluster_at_exit(bin: &Path, dir: &Path, as_root: bool) {
     let pg_ctl = bin.join("pg_ctl");
     let data = dir.join("data");
     let stop = if as_root {
@@ -338,10 +426,15 @@ fn stop_when_this_process_exits(bin: &Path, dir: &Path, as_root: bool) {
             data.display()
         )
     };
+    when_this_process_exits(&format!("{stop}; rm -rf '{}'", dir.display()));
+}
+
+/// Rust has no reliable exit hook, so a small detached shell watches this
+/// process and, once it is gone, runs `command`.
+fn when_this_process_exits(command: &str) {
     let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}; rm -rf '{dir}'",
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {command}",
         pid = std::process::id(),
-        dir = dir.display(),
     );
     let spawn = |program: &str, args: &[&str]| {
         Command::new(program)

@@ -2,7 +2,7 @@
 //! The Google OIDC emulator over real HTTP: discovery, JWKS, ID tokens that
 //! verify (or fail to, exactly as each tamper says) against the published
 //! keys, single-use codes, PKCE, refresh, userinfo, revoke and faults. If
-//! the emulator drifts from PROVIDERS.md §4, the provider suite lies.
+//! the emulator drifts from docs/providers.md#google, the provider suite lies.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

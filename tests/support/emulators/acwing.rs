@@ -1,4 +1,4 @@
-//! AcWing's web third-party login (PROVIDERS.md Part B §1) on one local port:
+//! AcWing's web third-party login (docs/providers.md#acwing) on one local port:
 //! `www.acwing.com`'s token, refresh and getinfo endpoints at their real
 //! paths, trailing slashes included, answering like the Django app behind
 //! them: `JsonResponse` bodies (`", "` and `": "` separators, non-ASCII as

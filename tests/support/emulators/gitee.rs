@@ -1,4 +1,4 @@
-//! Gitee emulator (PROVIDERS.md Part A §4): gitee.com's
+//! Gitee emulator (docs/providers.md#gitee): gitee.com's
 //! `/oauth/{authorize,token}` and `/api/v5/{user,emails}`.
 //!
 //! Reproduced: the Doorkeeper-style token answer (`token_type` "bearer",

@@ -1,4 +1,4 @@
-//! A Google OpenID Connect emulator (PROVIDERS.md Part B §4): discovery,
+//! A Google OpenID Connect emulator (docs/providers.md#google): discovery,
 //! JWKS, the browser step at `/o/oauth2/v2/auth`, `/token` (code and refresh
 //! grants), `/v1/userinfo` and `/revoke`, all on one local port whose base
 //! URL is also the issuer.

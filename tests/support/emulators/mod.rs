@@ -1,8 +1,8 @@
 //! Provider emulators for the provider conformance suite. Each emulator is an
 //! axum server on 127.0.0.1:0 reproducing one provider's wire format from
-//! PROVIDERS.md, errors included, that checks the exact shape of what
+//! docs/providers.md, errors included, that checks the exact shape of what
 //! authbroker sends and can inject faults. They all implement [`Emulator`],
-//! so one suite (`tests/providers.rs`) runs the same scenarios against every
+//! so one suite (`tests/providers/conformance.rs`) runs the same scenarios against every
 //! preset. [`Core`] holds what every OAuth2 server needs: single-use codes,
 //! tokens, a request log and faults.
 #![allow(dead_code)]

@@ -1,4 +1,4 @@
-//! Qiita API v2's OAuth (PROVIDERS.md Part B §2) on one local port:
+//! Qiita API v2's OAuth (docs/providers.md#qiita) on one local port:
 //! `POST /api/v2/access_tokens` (JSON in, **201** out, the token in `token`),
 //! `GET /api/v2/authenticated_user` (Bearer) and
 //! `DELETE /api/v2/access_tokens/:token` (204), answering like the Rails app
@@ -376,7 +376,7 @@ impl Shared {
             return rails(StatusCode::BAD_REQUEST, BAD_REQUEST_BODY);
         }
         // Unverified: the status and type for bad credentials or a bad,
-        // used or expired code (PROVIDERS.md: "likely 400 or 401/403").
+        // used or expired code (docs/providers.md#qiita: "likely 400 or 401/403").
         if field("client_id") != Some(CLIENT_ID) || field("client_secret") != Some(CLIENT_SECRET) {
             return rails(StatusCode::UNAUTHORIZED, UNAUTHORIZED_BODY);
         }

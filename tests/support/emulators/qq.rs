@@ -1,4 +1,4 @@
-//! QQ Connect emulator (PROVIDERS.md Part A §1): graph.qq.com's
+//! QQ Connect emulator (docs/providers.md#qq): graph.qq.com's
 //! `/oauth2.0/{token,me}` and `/user/get_user_info` on one local port.
 //!
 //! Reproduced byte for byte: the form-encoded token answer

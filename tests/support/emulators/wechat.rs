@@ -1,4 +1,4 @@
-//! WeChat website (QR code) login emulator (PROVIDERS.md Part A §2):
+//! WeChat website (QR code) login emulator (docs/providers.md#wechat):
 //! open.weixin.qq.com's `/connect/qrconnect` (checked by
 //! [`Emulator::approve`]) and api.weixin.qq.com's
 //! `/sns/oauth2/{access_token,refresh_token}` and `/sns/userinfo`.

@@ -1,4 +1,4 @@
-//! Sina Weibo emulator (PROVIDERS.md Part A §3): api.weibo.com's
+//! Sina Weibo emulator (docs/providers.md#weibo): api.weibo.com's
 //! `/oauth2/{authorize,access_token}` and `/2/users/show.json`.
 //!
 //! Reproduced: the token answer with `uid` and `remind_in` as strings and
