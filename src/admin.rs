@@ -71,6 +71,16 @@ impl From<StoreError> for AdminError {
     }
 }
 
+/// What `DeleteUser` did with the user's stored tokens.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeletedUser {
+    /// Providers that revoked the token.
+    pub revoked_at: Vec<String>,
+    /// Providers that refused or could not be reached; their tokens were
+    /// forgotten with the user all the same.
+    pub revocation_failed_at: Vec<String>,
+}
+
 /// A page of results and the token for the next one (`None` on the last).
 #[derive(Clone, Debug)]
 pub struct Page<T> {
@@ -211,7 +221,14 @@ impl AdminService {
     }
 
     pub async fn list_providers(&self, actor: Actor<'_>) -> Vec<ProviderSummary> {
-        let summaries = self.summaries.clone();
+        let mut summaries = self.summaries.clone();
+        // Revocation is asked of the provider now: an OIDC issuer says in
+        // discovery whether it has an endpoint.
+        for summary in &mut summaries {
+            if let Ok(p) = self.providers.get(&summary.name) {
+                summary.revoke = p.can_revoke().await;
+            }
+        }
         let _ = self
             .audited::<()>("ListProviders", actor, None, None, Ok(()))
             .await;
@@ -336,13 +353,15 @@ impl AdminService {
     }
 
     /// Deletes the user after revoking their stored tokens at providers that
-    /// can revoke. Revocation is best effort: a provider that is down does
-    /// not keep a user from being deleted. Returns where it revoked.
+    /// can revoke. A provider that is down or refuses does not keep a user
+    /// from being deleted, and the tokens go with the user; the answer
+    /// names where revocation failed (never a silent success), and each
+    /// failure is audited as a `token_revoked` event with its reason.
     pub async fn delete_user(
         &self,
         actor: Actor<'_>,
         user_id: &str,
-    ) -> Result<Vec<String>, AdminError> {
+    ) -> Result<DeletedUser, AdminError> {
         let result = async {
             check_user_id(user_id).map_err(AdminError::Input)?;
             let user = self
@@ -351,39 +370,49 @@ impl AdminService {
                 .await?
                 .ok_or(AdminError::UserNotFound)?;
             let mut revoked = Vec::new();
+            let mut failed = Vec::new();
             for linked in user.identities.iter().filter(|i| i.token.is_some()) {
                 let name = &linked.identity.provider;
                 let Ok(provider) = self.providers.get(name) else {
                     continue;
                 };
-                match self
+                let outcome = self
                     .tokens
                     .revoke_subject(&**provider, &linked.identity.subject)
-                    .await
-                {
+                    .await;
+                let (detail, reason) = match outcome {
                     Ok(true) => {
                         revoked.push(name.clone());
-                        let mut event = AuditEvent::new(AuditKind::TokenRevoked);
-                        event.actor = actor.0.map(str::to_string);
-                        event.provider = Some(name.clone());
-                        event.subject = Some(linked.identity.subject.clone());
-                        event.user_id = Some(user_id.to_string());
-                        event.detail = Some("at_provider".into());
-                        if let Err(e) = self.audit.record_audit(&event).await {
-                            tracing::warn!(error = %crate::telemetry::cause_chain(&e), "could not record a revocation");
-                        }
+                        ("at_provider", None)
                     }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(
-                        provider = %name,
-                        error = %crate::telemetry::cause_chain(&e),
-                        "could not revoke a token of a deleted user"
-                    ),
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(
+                            provider = %name,
+                            error = %crate::telemetry::cause_chain(&e),
+                            "could not revoke a token of a deleted user"
+                        );
+                        failed.push(name.clone());
+                        ("forgotten", Some(AdminError::Token(e).reason().to_string()))
+                    }
+                };
+                let mut event = AuditEvent::new(AuditKind::TokenRevoked);
+                event.actor = actor.0.map(str::to_string);
+                event.provider = Some(name.clone());
+                event.subject = Some(linked.identity.subject.clone());
+                event.user_id = Some(user_id.to_string());
+                event.detail = Some(detail.into());
+                event.reason = reason;
+                if let Err(e) = self.audit.record_audit(&event).await {
+                    tracing::warn!(error = %crate::telemetry::cause_chain(&e), "could not record a revocation");
                 }
             }
             match self.users.delete_user(user_id, actor.0, now_micros()).await {
                 Err(StoreError::NotFound) => Err(AdminError::UserNotFound),
-                other => other.map_err(AdminError::from).map(|()| revoked),
+                other => other.map_err(AdminError::from).map(|()| DeletedUser {
+                    revoked_at: revoked,
+                    revocation_failed_at: failed,
+                }),
             }
         }
         .await;
@@ -542,6 +571,7 @@ impl AdminError {
                 TokenError::Unusable => Reason::TokenUnusable,
                 TokenError::Expired => Reason::TokenExpired,
                 TokenError::RefreshRejected(_) => Reason::RefreshTokenRejected,
+                TokenError::RevocationRefused(_) => Reason::RevocationRefused,
                 TokenError::Vault(_) => Reason::VaultKeyMissing,
                 TokenError::Provider(p) => crate::login::provider_reason(p),
                 TokenError::Store(e) => store_reason(e),

@@ -10,6 +10,8 @@ use figment::{
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
+use crate::provider::client_auth::{KeyAlg, TokenAuth};
+
 mod vault;
 pub use vault::{KeyMaterial, VAULT_KEY_LEN, VaultKeyConfig, VaultSettings};
 
@@ -574,6 +576,28 @@ pub struct ProviderConfig {
     /// Overrides of the preset's URLs (`authorize_url`, `token_url`, …).
     #[serde(default)]
     pub endpoints: BTreeMap<String, String>,
+    /// OIDC: the issuer URL; the same as `endpoints.issuer`, where it is
+    /// also accepted.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// How the client authenticates to the token and revocation endpoints;
+    /// default: the preset's, or for OIDC the first of Basic and post that
+    /// discovery lists.
+    #[serde(default)]
+    pub token_auth: Option<TokenAuth>,
+    /// `token_auth = "private_key_jwt"`: the client's PEM private key ...
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// ... its algorithm (`RS256` or `ES256`) ...
+    #[serde(default)]
+    pub private_key_alg: KeyAlg,
+    /// ... and the `kid` the provider knows it by.
+    #[serde(default)]
+    pub private_key_id: Option<String>,
+    /// Fixed authorize parameters added to every login (`access_type`,
+    /// `prompt` …); the login's own ones (state, client_id …) are refused.
+    #[serde(default)]
+    pub authorize_params: BTreeMap<String, String>,
     /// Ask for and report the provider's cross-app id (QQ `unionid`).
     #[serde(default)]
     pub union_id: bool,
@@ -629,6 +653,12 @@ impl Default for ProviderConfig {
             scopes: None,
             allowed_scopes: Vec::new(),
             endpoints: BTreeMap::new(),
+            issuer: None,
+            token_auth: None,
+            private_key_file: None,
+            private_key_alg: KeyAlg::default(),
+            private_key_id: None,
+            authorize_params: BTreeMap::new(),
             union_id: false,
             fetch_userinfo: false,
             spec: None,
@@ -974,6 +1004,12 @@ fn dev_defaults() -> Settings {
             scopes: None,
             allowed_scopes: Vec::new(),
             endpoints: BTreeMap::new(),
+            issuer: None,
+            token_auth: None,
+            private_key_file: None,
+            private_key_alg: KeyAlg::default(),
+            private_key_id: None,
+            authorize_params: BTreeMap::new(),
             union_id: false,
             fetch_userinfo: false,
             spec: None,

@@ -46,6 +46,15 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct CheckConfigArgs {
+    /// Also fetch each OIDC provider's discovery document and JWKS and
+    /// report what is wrong with them (unreachable issuer, unusable keys,
+    /// endpoints in clear, an unsupported token_auth).
+    #[arg(long)]
+    online: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the service (needs API keys unless auth.allow_unauthenticated = true).
@@ -56,7 +65,7 @@ enum Command {
     /// Apply database migrations and exit.
     Migrate,
     /// Check the configuration, report every problem, exit 1 if there is any.
-    CheckConfig,
+    CheckConfig(CheckConfigArgs),
     /// Re-encrypt every stored provider token with the newest vault key.
     RotateKeys,
     /// Ask the running service's gRPC health check (service "") and exit 0
@@ -103,7 +112,7 @@ async fn main() -> ExitCode {
         Command::Dev => serve(settings, Mode::Dev).await,
         Command::Migrate => migrate(settings).await,
         Command::RotateKeys => rotate_keys(settings).await,
-        Command::CheckConfig => return check_config(&settings),
+        Command::CheckConfig(args) => return check_config(&settings, args.online).await,
         Command::Healthcheck(args) => return healthcheck(&settings, &args).await,
     };
     match result {
@@ -160,13 +169,23 @@ async fn rotate_keys(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_config(settings: &Settings) -> ExitCode {
+async fn check_config(settings: &Settings, online: bool) -> ExitCode {
     let mut problems = settings.validate(Mode::Serve);
     match HttpClient::new(&settings.http) {
         Ok(http) => {
             let placeholder = url::Url::parse("http://127.0.0.1:1").ok();
-            if let Err(mut p) = Registry::build(&settings.providers, &http, placeholder.as_ref()) {
-                problems.append(&mut p);
+            match Registry::build(&settings.providers, &http, placeholder.as_ref()) {
+                Err(mut p) => problems.append(&mut p),
+                // Providers are checked one after another: a handful, each
+                // bounded by http.timeout.
+                Ok(registry) if online => {
+                    for name in registry.names() {
+                        if let Ok(provider) = registry.get(name) {
+                            problems.extend(provider.preflight().await);
+                        }
+                    }
+                }
+                Ok(_) => {}
             }
         }
         Err(e) => problems.push(format!("http: {e}")),

@@ -62,6 +62,7 @@ reasons! {
     ProviderBadResponse => "PROVIDER_BAD_RESPONSE",
     ProviderTlsError => "PROVIDER_TLS_ERROR",
     IdTokenInvalid => "ID_TOKEN_INVALID",
+    CallbackIssuerMismatch => "CALLBACK_ISSUER_MISMATCH",
     LinkTicketUnknown => "LINK_TICKET_UNKNOWN",
     LinkTicketExpired => "LINK_TICKET_EXPIRED",
     LinkTicketAlreadyUsed => "LINK_TICKET_ALREADY_USED",
@@ -74,6 +75,7 @@ reasons! {
     TokenExpired => "TOKEN_EXPIRED",
     TokenUnusable => "TOKEN_UNUSABLE",
     RefreshTokenRejected => "REFRESH_TOKEN_REJECTED",
+    RevocationRefused => "REVOCATION_REFUSED",
     VaultKeyMissing => "VAULT_KEY_MISSING",
     ConcurrentUpdate => "CONCURRENT_UPDATE",
     StateStoreUnavailable => "STATE_STORE_UNAVAILABLE",
@@ -122,6 +124,7 @@ impl Reason {
             | Reason::ProviderBadResponse
             | Reason::ProviderTlsError
             | Reason::IdTokenInvalid
+            | Reason::CallbackIssuerMismatch
             | Reason::LinkTicketUnknown
             | Reason::LinkTicketExpired
             | Reason::LinkTicketAlreadyUsed
@@ -134,6 +137,7 @@ impl Reason {
             | Reason::TokenExpired
             | Reason::TokenUnusable
             | Reason::RefreshTokenRejected
+            | Reason::RevocationRefused
             | Reason::VaultKeyMissing
             | Reason::Internal
             | Reason::ApiKeyMissing

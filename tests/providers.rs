@@ -15,3 +15,5 @@ mod github;
 mod oidc;
 #[path = "providers/presets.rs"]
 mod presets;
+#[path = "providers/real_idp.rs"]
+mod real_idp;

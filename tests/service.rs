@@ -18,6 +18,8 @@ mod observability;
 mod policies;
 #[path = "service/properties.rs"]
 mod properties;
+#[path = "service/provider_config.rs"]
+mod provider_config;
 #[path = "service/state.rs"]
 mod state;
 #[path = "service/store.rs"]

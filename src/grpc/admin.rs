@@ -127,12 +127,15 @@ impl admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let actor = caller(&request);
         let r = request.into_inner();
-        let revoked_at = self
+        let deleted = self
             .admin
             .delete_user(Actor(actor.as_deref()), &r.user_id)
             .await
             .map_err(admin_error)?;
-        Ok(Response::new(pb::DeleteUserResponse { revoked_at }))
+        Ok(Response::new(pb::DeleteUserResponse {
+            revoked_at: deleted.revoked_at,
+            revocation_failed_at: deleted.revocation_failed_at,
+        }))
     }
 
     async fn get_provider_token(

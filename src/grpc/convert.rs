@@ -8,6 +8,7 @@ use crate::{
     admin::{Moment, ProviderSummary},
     domain::{AuditEvent, Binding, Identity, LinkedIdentity, Outcome, User},
     login::{self, BeginLogin, BegunLogin, CompleteLogin, CompletedLogin, LinkIdentity},
+    provider::{AuthorizeParams, CallbackParams},
     store::AuditRecord,
     tokens::FreshToken,
 };
@@ -26,6 +27,11 @@ impl From<pb::BeginLoginRequest> for BeginLogin {
             redirect_uri: r.redirect_uri,
             scopes: r.scopes,
             return_to: r.return_to,
+            authorize: AuthorizeParams {
+                prompt: Some(r.prompt).filter(|p| !p.is_empty()),
+                login_hint: Some(r.login_hint).filter(|h| !h.is_empty()),
+                max_age: r.max_age,
+            },
         }
     }
 }
@@ -47,6 +53,7 @@ impl From<pb::CompleteLoginRequest> for CompleteLogin {
             code: r.code,
             error: r.error,
             error_description: r.error_description,
+            callback_params: CallbackParams(r.callback_params.into_iter().collect()),
         }
     }
 }

@@ -39,6 +39,7 @@ pub const fn code(reason: Reason) -> Code {
         | Reason::ProviderRejected
         | Reason::ProviderTlsError
         | Reason::IdTokenInvalid
+        | Reason::CallbackIssuerMismatch
         | Reason::LinkTicketExpired
         | Reason::LinkTicketAlreadyUsed
         | Reason::IdentityLinkedElsewhere
@@ -46,7 +47,8 @@ pub const fn code(reason: Reason) -> Code {
         | Reason::LastIdentity
         | Reason::TokenExpired
         | Reason::TokenUnusable
-        | Reason::RefreshTokenRejected => Code::FailedPrecondition,
+        | Reason::RefreshTokenRejected
+        | Reason::RevocationRefused => Code::FailedPrecondition,
         Reason::StateUnknown
         | Reason::LinkTicketUnknown
         | Reason::UserNotFound
@@ -88,7 +90,8 @@ fn provider_metadata(p: &ProviderError) -> HashMap<String, String> {
         | ProviderError::Unavailable { provider, .. }
         | ProviderError::BadResponse { provider, .. }
         | ProviderError::Tls { provider, .. }
-        | ProviderError::InvalidIdToken { provider, .. } => provider,
+        | ProviderError::InvalidIdToken { provider, .. }
+        | ProviderError::IssuerMismatch { provider, .. } => provider,
     };
     let mut metadata = HashMap::from([("provider".to_string(), name.clone())]);
     if let Some(code) = p.provider_code() {
@@ -139,7 +142,11 @@ pub fn login_error(e: LoginError) -> Status {
 
 pub fn admin_error(e: AdminError) -> Status {
     let metadata = match &e {
-        AdminError::Token(TokenError::Provider(p) | TokenError::RefreshRejected(p))
+        AdminError::Token(
+            TokenError::Provider(p)
+            | TokenError::RefreshRejected(p)
+            | TokenError::RevocationRefused(p),
+        )
         | AdminError::Input(LoginError::Provider(p)) => provider_metadata(p),
         _ => HashMap::new(),
     };

@@ -1,8 +1,7 @@
 //! The use cases: begin a login, complete it. No protobuf, no SQL: this layer
 //! speaks `Provider`, `StateStore` and the store's `BindingStore` and
-//! `AuditLog`. Which user a login binds to is `binding::decide`, which this
-//! layer hands to `BindingStore::bind_login` to apply inside the store's
-//! transaction (the store never imports `login`).
+//! `AuditLog`. Which user a login binds to is `binding::decide`, which the
+//! store applies inside its transaction.
 
 pub mod binding;
 
@@ -13,11 +12,14 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use url::Url;
 
-use crate::domain::binding::BindPolicy;
+use self::binding::BindPolicy;
 use crate::{
     config::{LoginSettings, Policy, Settings, parse_origin},
     domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
-    provider::{Provider, ProviderError, Registry, StoredTokenSet, TokenSet, registry::Lookup},
+    provider::{
+        AuthorizeParams, CallbackParams, Provider, ProviderError, Registry, StoredTokenSet,
+        TokenSet, registry::Lookup,
+    },
     reason::Reason,
     state::{
         Claimed, Fingerprint, Kind, Pending, PendingLogin, StateError, StateStore, StateToken,
@@ -38,6 +40,7 @@ pub mod limits {
     pub const ERROR: usize = 256;
     pub const ERROR_DESCRIPTION: usize = 2048;
     pub const USER_ID: usize = 128;
+    pub const CALLBACK_PARAMS: usize = 32;
 }
 
 #[derive(Clone, Debug, Default)]
@@ -46,6 +49,8 @@ pub struct BeginLogin {
     pub redirect_uri: String,
     pub scopes: Vec<String>,
     pub return_to: String,
+    /// Optional `prompt`, `login_hint`, `max_age` for the authorize page.
+    pub authorize: AuthorizeParams,
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +66,8 @@ pub struct CompleteLogin {
     pub code: String,
     pub error: String,
     pub error_description: String,
+    /// The callback's other parameters (`iss`, Apple's `user` …).
+    pub callback_params: CallbackParams,
 }
 
 #[derive(Clone, Debug)]
@@ -319,6 +326,7 @@ pub fn provider_reason(e: &ProviderError) -> Reason {
         ProviderError::BadResponse { .. } => Reason::ProviderBadResponse,
         ProviderError::Tls { .. } => Reason::ProviderTlsError,
         ProviderError::InvalidIdToken { .. } => Reason::IdTokenInvalid,
+        ProviderError::IssuerMismatch { .. } => Reason::CallbackIssuerMismatch,
     }
 }
 
@@ -419,6 +427,12 @@ impl LoginService {
         for s in &req.scopes {
             check_len("scopes", s, limits::SCOPE)?;
         }
+        if let Some(prompt) = &req.authorize.prompt {
+            check_len("prompt", prompt, limits::SCOPE)?;
+        }
+        if let Some(hint) = &req.authorize.login_hint {
+            check_len("login_hint", hint, limits::SCOPE)?;
+        }
         if req.provider.is_empty() {
             return Err(LoginError::MissingField { field: "provider" });
         }
@@ -481,7 +495,7 @@ impl LoginService {
             created_at: now,
             expires_at: now + ttl,
         };
-        let authorize_url = provider.authorize_url(&login).await?;
+        let authorize_url = provider.authorize_url(&login, &req.authorize).await?;
         let (state, expires_at) = (login.state, login.expires_at);
         self.states
             .put(&state.owned_by(actor), Pending::Login(login))
@@ -524,6 +538,16 @@ impl LoginService {
         )?;
         if req.code.is_empty() && req.error.is_empty() {
             return Err(LoginError::MissingField { field: "code" });
+        }
+        if req.callback_params.0.len() > limits::CALLBACK_PARAMS {
+            return Err(LoginError::InvalidField {
+                field: "callback_params",
+                problem: format!("at most {} parameters", limits::CALLBACK_PARAMS),
+            });
+        }
+        for (k, v) in &req.callback_params.0 {
+            check_len("callback_params", k, limits::ERROR)?;
+            check_len("callback_params", v, limits::CODE)?;
         }
 
         // The retry of an attempt must present what it presented; anything
@@ -677,12 +701,12 @@ impl LoginService {
             None if attempt > 1 => return Err(Failed::fatal(LoginError::StateAlreadyUsed)),
             None | Some(Progress::NotExchanged) => {
                 let tokens = self.exchange(&**provider, req, login).await?;
-                let identity = self.identify(&**provider, &tokens, login).await?;
+                let identity = self.identify(&**provider, &tokens, login, req).await?;
                 (tokens, identity)
             }
             Some(Progress::Exchanged { tokens }) => {
                 let tokens = TokenSet::from(tokens);
-                let identity = self.identify(&**provider, &tokens, login).await?;
+                let identity = self.identify(&**provider, &tokens, login, req).await?;
                 (tokens, identity)
             }
             Some(Progress::Identified { tokens, identity }) => (TokenSet::from(tokens), identity),
@@ -708,7 +732,6 @@ impl LoginService {
             .bind_login(
                 &identity,
                 policy,
-                binding::decide,
                 sealed.as_ref(),
                 actor,
                 now_micros(),
@@ -758,7 +781,9 @@ impl LoginService {
         login: &PendingLogin,
     ) -> Result<TokenSet, Failed> {
         let started = Instant::now();
-        let tokens = provider.exchange_code(&req.code, login).await;
+        let tokens = provider
+            .exchange_code(&req.code, login, &req.callback_params)
+            .await;
         record_phase("exchange", started);
         tokens.map_err(|e| {
             if e.code_never_sent() {
@@ -774,9 +799,12 @@ impl LoginService {
         provider: &dyn Provider,
         tokens: &TokenSet,
         login: &PendingLogin,
+        req: &CompleteLogin,
     ) -> Result<Identity, Failed> {
         let started = Instant::now();
-        let identity = provider.fetch_identity(tokens, login).await;
+        let identity = provider
+            .fetch_identity(tokens, login, &req.callback_params)
+            .await;
         record_phase("identity", started);
         identity.map_err(|e| {
             Failed::at(e, || Progress::Exchanged {

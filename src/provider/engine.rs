@@ -13,7 +13,10 @@ use serde_json::Value;
 use url::Url;
 
 use super::{
-    Provider, ProviderError, ProviderInfo, Refresh, Revoke, TokenSet, Unavailable, body, observe,
+    AuthorizeParams, CallbackParams, Provider, ProviderError, ProviderInfo, Refresh, Revoke,
+    TokenSet, Unavailable, body,
+    client_auth::{ClientAuth, ClientKey, TokenAuth},
+    observe,
     spec::{
         ErrorSpec, FieldPath, Part, Paths, ProviderSpec, RequestAuth, RevokeMethod, Template,
         TokenMethod, TokenSpec,
@@ -33,6 +36,9 @@ pub struct SpecProvider {
     endpoints: BTreeMap<String, Url>,
     client_id: String,
     client_secret: SecretString,
+    /// Config's `token_auth`, over each token spec's own `auth`.
+    token_auth: Option<TokenAuth>,
+    client_key: Option<ClientKey>,
     /// Provider options switched on in config (`union_id`).
     options: BTreeSet<String>,
     http: HttpClient,
@@ -57,6 +63,10 @@ pub struct SpecParts {
     pub endpoints: BTreeMap<String, Url>,
     pub client_id: String,
     pub client_secret: SecretString,
+    /// Config's `token_auth`; `None` keeps what the spec says.
+    pub token_auth: Option<TokenAuth>,
+    /// The key `private_key_jwt` signs with.
+    pub client_key: Option<ClientKey>,
     pub options: BTreeSet<String>,
     pub http: HttpClient,
 }
@@ -69,6 +79,8 @@ impl SpecProvider {
             endpoints: parts.endpoints,
             client_id: parts.client_id,
             client_secret: parts.client_secret,
+            token_auth: parts.token_auth,
+            client_key: parts.client_key,
             options: parts.options,
             http: parts.http,
             authorize_templates: Vec::new(),
@@ -173,15 +185,13 @@ impl SpecProvider {
         if t.grant_type {
             params.insert(0, ("grant_type".into(), grant_type.into()));
         }
-        if !t.client_id_param.is_empty() {
-            params.push((t.client_id_param.clone(), self.client_id.clone()));
-        }
-        if !t.client_secret_param.is_empty() {
-            params.push((
-                t.client_secret_param.clone(),
-                self.client_secret.expose_secret().into(),
-            ));
-        }
+        let step = if grant_type == "refresh_token" {
+            "refresh"
+        } else {
+            "token"
+        };
+        let credentials = self.client_credentials(step, t)?;
+        params.extend(credentials.params);
         params.extend(t.params.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut url = self.endpoint(&t.endpoint)?.clone();
         let request = match t.method {
@@ -198,9 +208,37 @@ impl SpecProvider {
                 self.http.request(Method::GET, url)
             }
         };
+        let request = match credentials.authorization {
+            Some(value) => request.header(header::AUTHORIZATION, value),
+            None => request,
+        };
         Ok(t.headers
             .iter()
             .fold(request, |r, (k, v)| r.header(k.as_str(), v.as_str())))
+    }
+
+    /// The client's credentials for a request described by `t` (a token
+    /// spec, whose parameter names the body form uses). A spec that sends
+    /// no secret on this request (WeChat's refresh) sends none whatever
+    /// the method.
+    fn client_credentials(
+        &self,
+        step: &str,
+        t: &TokenSpec,
+    ) -> Result<super::client_auth::Credentials, ProviderError> {
+        let method = match self.token_auth.unwrap_or(t.auth) {
+            _ if t.client_secret_param.is_empty() => TokenAuth::ClientSecretPost,
+            m => m,
+        };
+        let auth = ClientAuth {
+            method,
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            key: self.client_key.clone(),
+        };
+        let audience = self.endpoint(&self.spec.token.endpoint)?.as_str();
+        auth.credentials(&t.client_id_param, &t.client_secret_param, audience)
+            .map_err(|what| self.bad(step, what))
     }
 
     /// Reads a token answer with the `token` section's field paths.
@@ -285,7 +323,11 @@ impl SpecProvider {
         })
     }
 
-    fn authorize_url_now(&self, login: &PendingLogin) -> Result<String, ProviderError> {
+    fn authorize_url_now(
+        &self,
+        login: &PendingLogin,
+        params: &AuthorizeParams,
+    ) -> Result<String, ProviderError> {
         let built;
         let cached = self
             .authorize_templates
@@ -317,6 +359,16 @@ impl SpecProvider {
             url.push_str("&nonce=");
             nonce.push_verifier(&mut url);
         }
+        // A fixed parameter from config wins over the caller's.
+        let a = &self.spec.authorize;
+        for (k, v) in params.pairs() {
+            if a.request_params.iter().any(|p| p == k) && !a.params.contains_key(k) {
+                url.push('&');
+                url.push_str(k);
+                url.push('=');
+                url.extend(url::form_urlencoded::byte_serialize(v.as_bytes()));
+            }
+        }
         url.push_str(&template.suffix);
         Ok(url)
     }
@@ -327,10 +379,14 @@ impl SpecProvider {
     pub(crate) async fn fetch_docs<'a>(
         &'a self,
         tokens: &TokenSet,
+        callback: &CallbackParams,
         extra: Vec<(&'a str, Value)>,
     ) -> Result<Docs<'a>, ProviderError> {
         let mut docs = Docs {
-            docs: BTreeMap::from([("token", tokens.raw.clone())]),
+            docs: BTreeMap::from([
+                ("token", tokens.raw.clone()),
+                ("callback", callback_doc(callback)),
+            ]),
         };
         docs.docs.extend(extra);
         for r in &self.spec.requests {
@@ -352,11 +408,8 @@ impl SpecProvider {
             let token = tokens.access_token.expose_secret();
             let mut request = self.http.request(Method::GET, url);
             request = authorize(request, r.auth, token);
-            for (k, template) in &r.headers {
-                let value = docs
-                    .render(template, &self.client_id)
-                    .ok_or_else(|| self.bad(&r.name, format!("no value for header {k}")))?;
-                request = request.header(k.as_str(), value);
+            for (k, v) in &r.headers {
+                request = request.header(k.as_str(), v.as_str());
             }
             let errors = r.errors.as_ref().unwrap_or(&self.spec.errors);
             let doc = self.call(&r.name, request, errors).await?;
@@ -400,6 +453,27 @@ impl SpecProvider {
             email_verified,
         })
     }
+}
+
+/// The callback's parameters as a document (`callback:/user/name`): a
+/// value that is a JSON object or array (Apple's first-login `user`) is
+/// read as one, anything else stays a string.
+fn callback_doc(callback: &CallbackParams) -> Value {
+    Value::Object(
+        callback
+            .0
+            .iter()
+            .map(|(k, v)| {
+                let parsed = serde_json::from_str::<Value>(v)
+                    .ok()
+                    .filter(|j| j.is_object() || j.is_array());
+                (
+                    k.clone(),
+                    parsed.unwrap_or_else(|| Value::String(v.clone())),
+                )
+            })
+            .collect(),
+    )
 }
 
 fn authorize(
@@ -539,14 +613,19 @@ impl Provider for SpecProvider {
         &self.info
     }
 
-    async fn authorize_url(&self, login: &PendingLogin) -> Result<String, ProviderError> {
-        self.authorize_url_now(login)
+    async fn authorize_url(
+        &self,
+        login: &PendingLogin,
+        params: &AuthorizeParams,
+    ) -> Result<String, ProviderError> {
+        self.authorize_url_now(login, params)
     }
 
     async fn exchange_code(
         &self,
         code: &str,
         login: &PendingLogin,
+        _callback: &CallbackParams,
     ) -> Result<TokenSet, ProviderError> {
         let t = &self.spec.token;
         let mut params = vec![(t.code_param.clone(), code.to_string())];
@@ -567,8 +646,9 @@ impl Provider for SpecProvider {
         &self,
         tokens: &TokenSet,
         _login: &PendingLogin,
+        callback: &CallbackParams,
     ) -> Result<Identity, ProviderError> {
-        let docs = self.fetch_docs(tokens, Vec::new()).await?;
+        let docs = self.fetch_docs(tokens, callback, Vec::new()).await?;
         self.map_identity(&docs)
     }
 
@@ -603,7 +683,7 @@ impl Refresh for SpecProvider {
 
 #[async_trait]
 impl Revoke for SpecProvider {
-    async fn revoke(&self, access_token: &SecretString) -> Result<(), ProviderError> {
+    async fn revoke(&self, access_token: &SecretString) -> Result<bool, ProviderError> {
         let Some(r) = &self.spec.revoke else {
             return Err(self.bad("revoke", "this provider cannot revoke tokens"));
         };
@@ -634,12 +714,23 @@ impl Revoke for SpecProvider {
                 url.query_pairs_mut().extend_pairs(&params);
                 self.http.request(Method::GET, url)
             }
-            RevokeMethod::PostForm => self.http.request(Method::POST, url).form(&params),
+            RevokeMethod::PostForm => {
+                let mut request = self.http.request(Method::POST, url);
+                if r.client_auth {
+                    // RFC 7009 §2.1: authenticated as the token request is.
+                    let credentials = self.client_credentials("revoke", &self.spec.token)?;
+                    params.extend(credentials.params);
+                    if let Some(value) = credentials.authorization {
+                        request = request.header(header::AUTHORIZATION, value);
+                    }
+                }
+                request.form(&params)
+            }
         };
         let request = authorize(request, r.auth, token);
         self.call("revoke", request, &self.spec.errors)
             .await
-            .map(|_| ())
+            .map(|_| true)
     }
 }
 
@@ -737,6 +828,8 @@ mod tests {
             endpoints,
             client_id: "client id/+&=".into(),
             client_secret: SecretString::from("s"),
+            token_auth: None,
+            client_key: None,
             options: BTreeSet::new(),
             http: HttpClient::new(&crate::config::HttpSettings::default()).unwrap(),
         })
@@ -799,7 +892,8 @@ mod tests {
                         expires_at: time::OffsetDateTime::now_utc(),
                     };
                     assert_eq!(
-                        p.authorize_url_now(&login).unwrap(),
+                        p.authorize_url_now(&login, &AuthorizeParams::default())
+                            .unwrap(),
                         url_crate_authorize_url(p, &login),
                         "{name}, {uri}"
                     );

@@ -10,9 +10,10 @@
 //! either schema; `registry` builds providers from presets and config.
 
 pub mod body;
+pub mod client_auth;
 pub mod engine;
-pub mod oidc;
 mod observe;
+pub mod oidc;
 pub mod presets;
 pub mod registry;
 pub mod spec;
@@ -96,6 +97,58 @@ impl From<StoredTokenSet> for TokenSet {
     }
 }
 
+/// What a BeginLogin may ask of the provider's authorize page, passed on
+/// by providers that take it (OIDC Core §3.1.2.1) and dropped by others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthorizeParams {
+    /// `prompt`, e.g. `consent` (needed at most IdPs for a refresh token)
+    /// or `select_account`.
+    pub prompt: Option<String>,
+    pub login_hint: Option<String>,
+    /// Seconds since the user last authenticated, at most.
+    pub max_age: Option<u32>,
+}
+
+impl AuthorizeParams {
+    /// Names the `[authorize] request_params` of a spec may list.
+    pub const NAMES: &[&str] = &["prompt", "login_hint", "max_age"];
+
+    /// The set ones, by their wire names.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        [
+            ("prompt", self.prompt.clone()),
+            ("login_hint", self.login_hint.clone()),
+            ("max_age", self.max_age.map(|s| s.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prompt.is_none() && self.login_hint.is_none() && self.max_age.is_none()
+    }
+}
+
+/// The callback's parameters other than `code` and `state`, as the web app
+/// received them (query or form post): RFC 9207's `iss`, Apple's first-login
+/// `user`, anything a provider may need later. Values are the provider's
+/// and may carry personal data: never logged.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct CallbackParams(pub std::collections::BTreeMap<String, String>);
+
+impl fmt::Debug for CallbackParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl CallbackParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
 /// Static facts about a configured provider.
 #[derive(Clone, Debug)]
 pub struct ProviderInfo {
@@ -157,6 +210,11 @@ pub enum ProviderError {
     /// expiry or nonce): possibly an attack, never to be trusted.
     #[error("{provider} sent an ID token that fails verification: {why}")]
     InvalidIdToken { provider: String, why: String },
+    /// RFC 9207: the callback's `iss` is missing where discovery promised
+    /// it, or names another issuer (a mix-up attack, or a misrouted
+    /// callback). The code is not sent anywhere.
+    #[error("the callback's issuer (iss) {why}")]
+    IssuerMismatch { provider: String, why: String },
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -234,21 +292,31 @@ pub trait Provider: Send + Sync + 'static {
     /// Where to send the browser for this pending login. Async because OIDC
     /// providers learn their endpoints from discovery. A string, not a
     /// `Url`: it is only handed on, and parsing it back cost BeginLogin time.
-    async fn authorize_url(&self, login: &PendingLogin) -> Result<String, ProviderError>;
+    /// `params` are the caller's optional authorize parameters; a provider
+    /// that does not take one leaves it out.
+    async fn authorize_url(
+        &self,
+        login: &PendingLogin,
+        params: &AuthorizeParams,
+    ) -> Result<String, ProviderError>;
 
-    /// Trades the code from the callback for tokens.
+    /// Trades the code from the callback for tokens. `callback` holds the
+    /// callback's other parameters (OIDC checks RFC 9207's `iss` first).
     async fn exchange_code(
         &self,
         code: &str,
         login: &PendingLogin,
+        callback: &CallbackParams,
     ) -> Result<TokenSet, ProviderError>;
 
     /// Reads the stable user id and profile with the tokens. `login` carries
-    /// what the answers are checked against (OIDC nonce).
+    /// what the answers are checked against (OIDC nonce); `callback` what
+    /// only the callback says (Apple's first-login `user`).
     async fn fetch_identity(
         &self,
         tokens: &TokenSet,
         login: &PendingLogin,
+        callback: &CallbackParams,
     ) -> Result<Identity, ProviderError>;
 
     fn refresher(&self) -> Option<&dyn Refresh> {
@@ -257,6 +325,20 @@ pub trait Provider: Send + Sync + 'static {
 
     fn revoker(&self) -> Option<&dyn Revoke> {
         None
+    }
+
+    /// Whether revocation can work now: a revoker, and for OIDC a
+    /// revocation endpoint that discovery (or config) names. What
+    /// ListProviders reports, and what decides whether a token is revoked
+    /// or only forgotten.
+    async fn can_revoke(&self) -> bool {
+        self.revoker().is_some()
+    }
+
+    /// What only the network can tell about this provider's configuration
+    /// (`check-config --online`): one line per problem, none if it is fine.
+    async fn preflight(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -275,5 +357,7 @@ pub trait Refresh: Send + Sync {
 /// Providers that can revoke an access token.
 #[async_trait]
 pub trait Revoke: Send + Sync {
-    async fn revoke(&self, access_token: &SecretString) -> Result<(), ProviderError>;
+    /// `Ok(true)`: revoked. `Ok(false)`: this provider turned out to have
+    /// no revocation (an OIDC issuer whose discovery names no endpoint).
+    async fn revoke(&self, access_token: &SecretString) -> Result<bool, ProviderError>;
 }

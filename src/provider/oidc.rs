@@ -25,7 +25,9 @@ use time::OffsetDateTime;
 use url::Url;
 
 use super::{
-    Provider, ProviderError, ProviderInfo, Refresh, Revoke, TokenSet, Unavailable, body,
+    AuthorizeParams, CallbackParams, Provider, ProviderError, ProviderInfo, Refresh, Revoke,
+    TokenSet, Unavailable, body,
+    client_auth::{ClientKey, TokenAuth},
     engine::{SpecParts, SpecProvider},
     spec::{
         AuthorizeSpec, ErrorSpec, FieldRef, IdentitySpec, Part, Paths, ProviderSpec, RequestAuth,
@@ -91,6 +93,9 @@ pub struct OidcConfig {
     pub authorize_params: BTreeMap<String, String>,
     pub client_id: String,
     pub client_secret: SecretString,
+    /// Config's `token_auth`; `None` follows discovery (Basic first).
+    pub token_auth: Option<TokenAuth>,
+    pub client_key: Option<ClientKey>,
     pub fetch_userinfo: bool,
     /// Accept `http://` endpoints off loopback from discovery.
     pub allow_insecure_http: bool,
@@ -108,6 +113,8 @@ pub struct OidcProvider {
 struct Discovered {
     engine: SpecProvider,
     jwks_uri: Url,
+    /// RFC 9207: the issuer promises `iss` on every callback.
+    iss_parameter: bool,
 }
 
 /// A fetched key set and how long it may be trusted.
@@ -138,6 +145,10 @@ struct DiscoveryDoc {
     code_challenge_methods_supported: Vec<String>,
     #[serde(default)]
     grant_types_supported: Option<Vec<String>>,
+    #[serde(default)]
+    token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
 }
 
 /// Parses `doc:/pointer` literals of this module; each is checked by a test.
@@ -256,9 +267,9 @@ impl OidcProvider {
         Ok((doc, max_age))
     }
 
-    async fn discover(&self) -> Result<Arc<Discovered>, ProviderError> {
-        let c = &self.config;
-        let base = c.issuer.trim_end_matches('/');
+    /// The discovery document, checked to name the issuer we asked.
+    async fn discovery_doc(&self) -> Result<DiscoveryDoc, ProviderError> {
+        let base = self.config.issuer.trim_end_matches('/');
         let url = Url::parse(&format!("{base}/.well-known/openid-configuration"))
             .map_err(|_| self.bad("discovery", "the issuer is not a URL"))?;
         let (doc, _) = self.fetch_json("discovery", url).await?;
@@ -271,9 +282,29 @@ impl OidcProvider {
                 "the discovery document names a different issuer",
             ));
         }
-        if let Some(refused) = self.endpoint_in_clear(&doc) {
+        Ok(doc)
+    }
+
+    /// The token endpoint authentication in force: config's, else the
+    /// first of Basic, post (and private_key_jwt with a key) discovery
+    /// lists.
+    fn token_auth(&self, doc: &DiscoveryDoc) -> TokenAuth {
+        self.config.token_auth.unwrap_or_else(|| {
+            TokenAuth::from_discovery(
+                doc.token_endpoint_auth_methods_supported.as_deref(),
+                self.config.client_key.is_some(),
+            )
+        })
+    }
+
+    async fn discover(&self) -> Result<Arc<Discovered>, ProviderError> {
+        let c = &self.config;
+        let doc = self.discovery_doc().await?;
+        if let Some(refused) = self.endpoints_in_clear(&doc).into_iter().next() {
             return Err(self.bad("discovery", refused));
         }
+        let token_auth = self.token_auth(&doc);
+        let iss_parameter = doc.authorization_response_iss_parameter_supported;
         let pick = |key: &str, found: Url| c.overrides.get(key).cloned().unwrap_or(found);
         let pick_opt = |key: &str, found: Option<Url>| c.overrides.get(key).cloned().or(found);
         let mut endpoints = BTreeMap::from([
@@ -321,9 +352,16 @@ impl OidcProvider {
                 .collect(),
             authorize: AuthorizeSpec {
                 params: c.authorize_params.clone(),
+                request_params: AuthorizeParams::NAMES
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect(),
                 ..AuthorizeSpec::default()
             },
-            token: TokenSpec::default(),
+            token: TokenSpec {
+                auth: token_auth,
+                ..TokenSpec::default()
+            },
             errors: ErrorSpec::default(),
             requests: if c.fetch_userinfo {
                 vec![RequestSpec {
@@ -342,6 +380,7 @@ impl OidcProvider {
             identity: identity_mapping(),
             refresh: refresh.then(|| TokenSpec {
                 redirect_uri: false,
+                auth: token_auth,
                 ..TokenSpec::default()
             }),
             refresh_token_single_use: false,
@@ -349,14 +388,22 @@ impl OidcProvider {
                 endpoint: "revoke_url".into(),
                 method: RevokeMethod::PostForm,
                 token_in_path: false,
-                params: BTreeMap::from([(
-                    "token".to_string(),
-                    Template(vec![Part::Field(FieldRef {
-                        doc: "token".into(),
-                        pointer: "/access_token".into(),
-                    })]),
-                )]),
+                params: BTreeMap::from([
+                    (
+                        "token".to_string(),
+                        Template(vec![Part::Field(FieldRef {
+                            doc: "token".into(),
+                            pointer: "/access_token".into(),
+                        })]),
+                    ),
+                    (
+                        "token_type_hint".to_string(),
+                        Template(vec![Part::Literal("access_token".into())]),
+                    ),
+                ]),
                 auth: RequestAuth::None,
+                // RFC 7009 §2.1: the same client authentication as /token.
+                client_auth: true,
             }),
         };
         let mut info = c.info.clone();
@@ -367,18 +414,25 @@ impl OidcProvider {
             endpoints,
             client_id: c.client_id.clone(),
             client_secret: c.client_secret.clone(),
+            token_auth: Some(token_auth),
+            client_key: c.client_key.clone(),
             options: Default::default(),
             http: c.http.clone(),
         });
-        Ok(Arc::new(Discovered { engine, jwks_uri }))
+        Ok(Arc::new(Discovered {
+            engine,
+            jwks_uri,
+            iss_parameter,
+        }))
     }
 
-    /// Why discovery's endpoints cannot be used, if one that would be called
-    /// (and is not overridden) is `http://` off loopback: the client secret,
-    /// the code and the tokens would cross the network in clear.
-    fn endpoint_in_clear(&self, doc: &DiscoveryDoc) -> Option<String> {
+    /// Why discovery's endpoints cannot be used: each one that would be
+    /// called (and is not overridden) and is `http://` off loopback, where
+    /// the client secret, the code and the tokens would cross the network
+    /// in clear.
+    fn endpoints_in_clear(&self, doc: &DiscoveryDoc) -> Vec<String> {
         if self.config.allow_insecure_http {
-            return None;
+            return Vec::new();
         }
         let userinfo = doc
             .userinfo_endpoint
@@ -399,16 +453,107 @@ impl OidcProvider {
                 doc.revocation_endpoint.as_ref(),
             ),
         ];
-        let (field, url) = called.into_iter().find_map(|(field, key, url)| {
-            url.filter(|u| !self.config.overrides.contains_key(key) && in_clear_off_loopback(u))
-                .map(|u| (field, u))
-        })?;
-        Some(format!(
-            "the discovery document puts {field} at {}, http:// on a host other than loopback; \
-             use https://, or set providers.{}.allow_insecure_http = true",
-            url.origin().ascii_serialization(),
-            self.config.info.name
-        ))
+        called
+            .into_iter()
+            .filter_map(|(field, key, url)| {
+                url.filter(|u| !self.config.overrides.contains_key(key) && in_clear_off_loopback(u))
+                    .map(|u| (field, u))
+            })
+            .map(|(field, url)| {
+                format!(
+                    "the discovery document puts {field} at {}, http:// on a host other than \
+                     loopback; use https://, or set providers.{}.allow_insecure_http = true",
+                    url.origin().ascii_serialization(),
+                    self.config.info.name
+                )
+            })
+            .collect()
+    }
+
+    /// `check-config --online`: fetches discovery and the JWKS as a login
+    /// would and returns every problem found, one line each. Nothing is
+    /// cached, so a later login fetches afresh.
+    async fn check_online(&self) -> Vec<String> {
+        let at = format!("providers.{}", self.config.info.name);
+        let doc = match self.discovery_doc().await {
+            Ok(doc) => doc,
+            Err(e) => return vec![format!("{at}: discovery: {e}")],
+        };
+        let mut problems: Vec<String> = self
+            .endpoints_in_clear(&doc)
+            .into_iter()
+            .map(|p| format!("{at}: {p}"))
+            .collect();
+        let method = self.token_auth(&doc);
+        if let Some(listed) = &doc.token_endpoint_auth_methods_supported
+            && !listed.is_empty()
+            && !listed.iter().any(|m| m == method.as_str())
+        {
+            problems.push(format!(
+                "{at}.token_auth: {} is not among the issuer's token_endpoint_auth_methods_supported ({})",
+                method.as_str(),
+                listed.join(", ")
+            ));
+        }
+        if method == TokenAuth::PrivateKeyJwt && self.config.client_key.is_none() {
+            problems.push(format!(
+                "{at}.token_auth: private_key_jwt needs private_key_file"
+            ));
+        }
+        let jwks_uri = self
+            .config
+            .overrides
+            .get("jwks_uri")
+            .cloned()
+            .unwrap_or(doc.jwks_uri);
+        match self.fetch_json("jwks", jwks_uri).await {
+            Err(e) => problems.push(format!("{at}: jwks: {e}")),
+            Ok((doc, _)) => match serde_json::from_value::<JwkSet>(doc) {
+                Err(e) => problems.push(format!("{at}: jwks: not a JWK set ({e})")),
+                Ok(set) => {
+                    let usable = set
+                        .keys
+                        .iter()
+                        .filter(|k| DecodingKey::from_jwk(k).is_ok())
+                        .count();
+                    if usable == 0 {
+                        problems.push(format!(
+                            "{at}: jwks: no key an ID token could be verified with"
+                        ));
+                    }
+                }
+            },
+        }
+        problems
+    }
+
+    /// RFC 9207 §2.4: an `iss` on the callback must be this issuer's; one
+    /// missing where discovery promised it is refused too.
+    fn check_callback_issuer(
+        &self,
+        discovered: &Discovered,
+        callback: &CallbackParams,
+    ) -> Result<(), ProviderError> {
+        let why = match callback.get("iss") {
+            Some(iss) => {
+                let iss = iss.trim_end_matches('/');
+                let ours = std::iter::once(&self.config.issuer)
+                    .chain(&self.config.issuer_aliases)
+                    .any(|i| i.trim_end_matches('/') == iss);
+                if ours {
+                    return Ok(());
+                }
+                "names another issuer"
+            }
+            None if discovered.iss_parameter => {
+                "is missing, though the issuer sends it (authorization_response_iss_parameter_supported)"
+            }
+            None => return Ok(()),
+        };
+        Err(ProviderError::IssuerMismatch {
+            provider: self.name(),
+            why: why.into(),
+        })
     }
 
     async fn key_set(&self, uri: &Url) -> Result<Arc<Jwks>, ProviderError> {
@@ -570,26 +715,35 @@ impl Provider for OidcProvider {
         &self.config.info
     }
 
-    async fn authorize_url(&self, login: &PendingLogin) -> Result<String, ProviderError> {
-        self.discovered().await?.engine.authorize_url(login).await
+    async fn authorize_url(
+        &self,
+        login: &PendingLogin,
+        params: &AuthorizeParams,
+    ) -> Result<String, ProviderError> {
+        self.discovered()
+            .await?
+            .engine
+            .authorize_url(login, params)
+            .await
     }
 
     async fn exchange_code(
         &self,
         code: &str,
         login: &PendingLogin,
+        callback: &CallbackParams,
     ) -> Result<TokenSet, ProviderError> {
-        self.discovered()
-            .await?
-            .engine
-            .exchange_code(code, login)
-            .await
+        let discovered = self.discovered().await?;
+        // Before the code goes anywhere: it may be another issuer's.
+        self.check_callback_issuer(&discovered, callback)?;
+        discovered.engine.exchange_code(code, login, callback).await
     }
 
     async fn fetch_identity(
         &self,
         tokens: &TokenSet,
         login: &PendingLogin,
+        callback: &CallbackParams,
     ) -> Result<Identity, ProviderError> {
         let discovered = self.discovered().await?;
         let id_token = tokens
@@ -603,7 +757,7 @@ impl Provider for OidcProvider {
             .await?;
         let docs = discovered
             .engine
-            .fetch_docs(tokens, vec![("id_token", claims)])
+            .fetch_docs(tokens, callback, vec![("id_token", claims)])
             .await?;
         // OIDC Core §5.3.4: userinfo must be about the ID token's subject.
         if let Some(info_sub) = docs.get("userinfo", "/sub")
@@ -625,6 +779,19 @@ impl Provider for OidcProvider {
 
     fn revoker(&self) -> Option<&dyn Revoke> {
         Some(self)
+    }
+
+    async fn preflight(&self) -> Vec<String> {
+        self.check_online().await
+    }
+
+    /// Only when discovery (or config) names a revocation endpoint; an
+    /// issuer that cannot be discovered now cannot revoke now either.
+    async fn can_revoke(&self) -> bool {
+        match self.discovered().await {
+            Ok(d) => d.engine.revoker().is_some(),
+            Err(_) => false,
+        }
     }
 }
 
@@ -648,11 +815,11 @@ impl Refresh for OidcProvider {
 
 #[async_trait]
 impl Revoke for OidcProvider {
-    async fn revoke(&self, access_token: &SecretString) -> Result<(), ProviderError> {
+    async fn revoke(&self, access_token: &SecretString) -> Result<bool, ProviderError> {
         let discovered = self.discovered().await?;
         match discovered.engine.revoker() {
             Some(r) => r.revoke(access_token).await,
-            None => Err(self.bad("revoke", "the issuer has no revocation endpoint")),
+            None => Ok(false),
         }
     }
 }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::{
     Provider, ProviderInfo,
+    client_auth::{ClientKey, TokenAuth},
     engine::{SpecParts, SpecProvider},
     oidc::{self, OidcConfig, OidcProvider},
     presets,
@@ -124,6 +125,14 @@ fn build_one(
         ));
     }
     let is_oidc = cfg.kind == "oidc" || presets::oidc_preset(&cfg.kind).is_some();
+    check_authorize_params(&at, cfg, &mut problems);
+    if cfg.issuer.is_some() && !is_oidc {
+        problems.push(format!(
+            "{at}.issuer: only OIDC providers (kind = \"oidc\" or an OIDC preset) have an issuer; \
+             {:?} is configured with endpoints",
+            cfg.kind
+        ));
+    }
     let built = if is_oidc {
         build_oidc(&at, name, cfg, http, &mut problems)
     } else {
@@ -137,6 +146,46 @@ fn build_one(
 
 /// A provider, once the client credentials are known to be valid.
 type Make = Box<dyn FnOnce(String, SecretString) -> Arc<dyn Provider>>;
+
+/// Authorize parameters every login sends itself; a fixed value for one
+/// would break or weaken the login.
+const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
+    "state",
+    "client_id",
+    "redirect_uri",
+    "response_type",
+    "scope",
+    "code_challenge",
+    "code_challenge_method",
+    "nonce",
+];
+
+fn check_authorize_params(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) {
+    for key in cfg.authorize_params.keys() {
+        if RESERVED_AUTHORIZE_PARAMS.contains(&key.as_str()) {
+            problems.push(format!(
+                "{at}.authorize_params.{key}: set by authbroker for every login and cannot be \
+                 fixed in config (scopes go in scopes, redirect URIs in redirect_uris)"
+            ));
+        }
+    }
+}
+
+/// The private key `private_key_jwt` signs with, when one is configured.
+fn client_key(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) -> Option<ClientKey> {
+    let path = cfg.private_key_file.as_ref()?;
+    let pem = std::fs::read(path)
+        .map_err(|e| {
+            problems.push(format!(
+                "{at}.private_key_file: cannot read {}: {e}",
+                path.display()
+            ))
+        })
+        .ok()?;
+    ClientKey::from_pem(&pem, cfg.private_key_alg, cfg.private_key_id.clone())
+        .map_err(|e| problems.push(format!("{at}.private_key_file: {}: {e}", path.display())))
+        .ok()
+}
 
 fn info_for(
     name: &str,
@@ -207,6 +256,37 @@ fn build_oauth2(
     }
     let known: Vec<&str> = spec.endpoints.keys().map(String::as_str).collect();
     unknown_endpoint_keys(at, cfg, &known, problems);
+    let mut spec = spec;
+    if cfg
+        .authorize_params
+        .contains_key(&spec.authorize.client_id_param)
+    {
+        problems.push(format!(
+            "{at}.authorize_params.{}: the client id is set from client_id",
+            spec.authorize.client_id_param
+        ));
+    }
+    spec.authorize.params.extend(cfg.authorize_params.clone());
+    let client_key = client_key(at, cfg, problems);
+    match (cfg.token_auth, &client_key) {
+        (Some(TokenAuth::PrivateKeyJwt), None) => problems.push(format!(
+            "{at}.token_auth: private_key_jwt needs private_key_file"
+        )),
+        (Some(TokenAuth::PrivateKeyJwt), Some(_))
+            if spec.token.method != super::spec::TokenMethod::PostForm =>
+        {
+            problems.push(format!(
+                "{at}.token_auth: private_key_jwt needs a form-encoded token request; {:?} sends another",
+                cfg.kind
+            ))
+        }
+        (Some(TokenAuth::PrivateKeyJwt), Some(_)) => {}
+        (_, Some(_)) => problems.push(format!(
+            "{at}.private_key_file: only used with token_auth = \"private_key_jwt\""
+        )),
+        (_, None) => {}
+    }
+    let token_auth = cfg.token_auth;
 
     let mut info = info_for(name, cfg, &spec.display_name, &spec.default_scopes);
     info.pkce = spec.pkce;
@@ -225,6 +305,8 @@ fn build_oauth2(
             endpoints,
             client_id,
             client_secret,
+            token_auth,
+            client_key,
             options,
             http,
         })) as Arc<dyn Provider>
@@ -267,17 +349,28 @@ fn build_oidc(
             Err(e) => problems.push(format!("{at}.endpoints.{key}: {e}")),
         }
     }
-    let issuer = match (cfg.endpoints.get("issuer"), &preset) {
+    if cfg.issuer.is_some() && cfg.endpoints.contains_key("issuer") {
+        problems.push(format!(
+            "{at}.issuer: set issuer or endpoints.issuer, not both"
+        ));
+    }
+    if let Some(i) = &cfg.issuer
+        && let Err(e) = parse_http_url(i)
+    {
+        problems.push(format!("{at}.issuer: {e}"));
+    }
+    let configured_issuer = cfg.issuer.as_ref().or(cfg.endpoints.get("issuer"));
+    let issuer = match (configured_issuer, &preset) {
         (Some(i), _) => Some(i.trim_end_matches('/').to_string()),
         (None, Some(p)) => Some(p.issuer.clone()),
         (None, None) => {
             problems.push(format!(
-                "{at}.endpoints.issuer: kind \"oidc\" needs the issuer URL (discovery is read from ISSUER/.well-known/openid-configuration)"
+                "{at}.issuer: kind \"oidc\" needs the issuer URL (discovery is read from ISSUER/.well-known/openid-configuration)"
             ));
             None
         }
     };
-    let (display_name, aliases, default_scopes, authorize_params) = match preset {
+    let (display_name, aliases, default_scopes, mut authorize_params) = match preset {
         Some(p) => (
             p.display_name,
             p.issuer_aliases,
@@ -295,6 +388,19 @@ fn build_oidc(
     if !info.scopes.iter().any(|s| s == "openid") {
         problems.push(format!("{at}.scopes: OIDC needs the \"openid\" scope"));
     }
+    authorize_params.extend(cfg.authorize_params.clone());
+    let client_key = client_key(at, cfg, problems);
+    match (cfg.token_auth, &client_key) {
+        (Some(TokenAuth::PrivateKeyJwt), None) => problems.push(format!(
+            "{at}.token_auth: private_key_jwt needs private_key_file"
+        )),
+        (Some(TokenAuth::ClientSecretBasic | TokenAuth::ClientSecretPost), Some(_)) => problems
+            .push(format!(
+                "{at}.private_key_file: only used with token_auth = \"private_key_jwt\" (or unset)"
+            )),
+        _ => {}
+    }
+    let token_auth = cfg.token_auth;
     let issuer = issuer?;
     // Generated for every login; used when discovery advertises S256.
     info.pkce = true;
@@ -311,6 +417,8 @@ fn build_oidc(
             authorize_params,
             client_id,
             client_secret,
+            token_auth,
+            client_key,
             fetch_userinfo,
             allow_insecure_http,
             http,
@@ -376,6 +484,8 @@ fn credentials(
             }
         },
         _ if is_sandbox => Some(SecretString::from(SANDBOX_CLIENT_SECRET)),
+        // The client signs an assertion instead (RFC 7523); no secret.
+        _ if cfg.token_auth == Some(TokenAuth::PrivateKeyJwt) => Some(SecretString::from("")),
         _ => {
             let env_name = at.replace('.', "__").to_ascii_uppercase();
             problems.push(format!(

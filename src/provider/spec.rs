@@ -8,6 +8,8 @@ use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use serde::{Deserialize, Deserializer};
 
+pub use super::client_auth::TokenAuth;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSpec {
@@ -75,6 +77,9 @@ pub struct AuthorizeSpec {
     pub fragment: String,
     /// `error` values on the callback that mean "the user said no".
     pub denied: Vec<String>,
+    /// Which of BeginLogin's optional `prompt`, `login_hint` and `max_age`
+    /// this provider takes (by those names); the others are left out.
+    pub request_params: Vec<String>,
 }
 
 impl Default for AuthorizeSpec {
@@ -86,6 +91,7 @@ impl Default for AuthorizeSpec {
             params: BTreeMap::new(),
             fragment: String::new(),
             denied: vec!["access_denied".into()],
+            request_params: Vec::new(),
         }
     }
 }
@@ -117,6 +123,11 @@ pub struct TokenSpec {
     pub refresh_token_param: String,
     /// Send `grant_type=authorization_code`.
     pub grant_type: bool,
+    /// How the client authenticates: the id and secret in the body under
+    /// the two names above (`client_secret_post`, the default and what
+    /// every OAuth2 preset documents), in a Basic header, or a signed
+    /// assertion. Config's `token_auth` overrides it.
+    pub auth: TokenAuth,
     pub redirect_uri: bool,
     pub params: BTreeMap<String, String>,
     pub headers: BTreeMap<String, String>,
@@ -137,6 +148,7 @@ impl Default for TokenSpec {
             code_param: code(),
             refresh_token_param: "refresh_token".into(),
             grant_type: true,
+            auth: TokenAuth::ClientSecretPost,
             redirect_uri: true,
             params: BTreeMap::new(),
             headers: BTreeMap::new(),
@@ -197,10 +209,8 @@ pub struct RequestSpec {
     /// config, e.g. QQ's `unionid = "1"` under `union_id`.
     #[serde(default)]
     pub query_when: BTreeMap<String, BTreeMap<String, Template>>,
-    /// Header values are templates too, so a token can travel in a header
-    /// of the provider's own name (DingTalk's `x-acs-dingtalk-access-token`).
     #[serde(default)]
-    pub headers: BTreeMap<String, Template>,
+    pub headers: BTreeMap<String, String>,
     /// Only made when the granted scopes include one of these.
     #[serde(default)]
     pub when_scope: Vec<String>,
@@ -272,6 +282,10 @@ pub struct RevokeSpec {
     pub params: BTreeMap<String, Template>,
     #[serde(default = "no_auth")]
     pub auth: RequestAuth,
+    /// Authenticate as the client, the same way as the token request
+    /// (RFC 7009 §2.1); only with `method = "post_form"`.
+    #[serde(default)]
+    pub client_auth: bool,
 }
 
 fn no_auth() -> RequestAuth {
@@ -450,10 +464,25 @@ impl ProviderSpec {
                 problems.push(format!("{what}.endpoint: {endpoint:?} is not in endpoints"));
             }
         }
+        for name in &self.authorize.request_params {
+            if !super::AuthorizeParams::NAMES.contains(&name.as_str()) {
+                problems.push(format!(
+                    "authorize.request_params: unknown parameter {name:?} (known: {})",
+                    super::AuthorizeParams::NAMES.join(", ")
+                ));
+            }
+        }
+        if let Some(r) = &self.revoke
+            && r.client_auth
+            && r.method != RevokeMethod::PostForm
+        {
+            problems.push("revoke.client_auth: only with method = \"post_form\"".into());
+        }
         if self.token.access_token.0.is_empty() {
             problems.push("token.access_token: a field path is required".into());
         }
-        let mut docs = vec!["token".to_string()];
+        // `callback`: the callback's other parameters (Apple's `user`).
+        let mut docs = vec!["token".to_string(), "callback".to_string()];
         for r in &self.requests {
             for option in r.query_when.keys() {
                 if !OPTIONS.contains(&option.as_str()) {
@@ -474,7 +503,6 @@ impl ProviderSpec {
                 .query
                 .values()
                 .chain(r.query_when.values().flat_map(|q| q.values()))
-                .chain(r.headers.values())
                 .flat_map(Template::fields)
             {
                 if !docs.contains(&f.doc) {
@@ -571,43 +599,5 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("userinfo_url")));
         assert!(problems.iter().any(|p| p.contains("me:/openid")));
         assert!(problems.iter().any(|p| p.contains("profile:/id")));
-    }
-
-    /// A token may travel in a header of the provider's own name; the
-    /// header's template is checked like a query's.
-    #[test]
-    fn header_values_are_templates() {
-        let spec = |header: &str| {
-            ProviderSpec::parse(&format!(
-                r#"
-                display_name = "X"
-                [endpoints]
-                authorize_url = "https://x/a"
-                token_url = "https://x/t"
-                me_url = "https://x/me"
-                [[requests]]
-                name = "me"
-                endpoint = "me_url"
-                auth = "none"
-                headers = {{ x-token = "{header}", Accept = "application/json" }}
-                [identity]
-                subject = "me:/id"
-                "#
-            ))
-        };
-        let parsed = spec("{token:/accessToken}").unwrap();
-        assert_eq!(
-            parsed.requests[0].headers["x-token"].0,
-            vec![Part::Field(FieldRef {
-                doc: "token".into(),
-                pointer: "/accessToken".into()
-            })]
-        );
-        assert_eq!(
-            parsed.requests[0].headers["Accept"].0,
-            vec![Part::Literal("application/json".into())]
-        );
-        let err = spec("{later:/accessToken}").unwrap_err();
-        assert!(err.contains("later:/accessToken"), "{err}");
     }
 }

@@ -5,11 +5,9 @@
 //! one conformance suite (`conformance`, feature `test-util`) runs against
 //! both.
 //!
-//! A login's binding is not decided here: `bind_login` is handed the
-//! decision function (`domain::binding::Decide`; the login use case passes
-//! `login::binding::decide`), and each backend gathers its `Facts` under its
-//! locks, calls it, and applies the `Decision` in the same transaction —
-//! dex's updater functions. So `store` imports `domain`, never `login`.
+//! A login's binding is decided by `login::binding::decide`, not here: each
+//! backend gathers its `Facts` under its locks, calls it, and applies the
+//! `Decision` in the same transaction.
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -27,9 +25,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-pub use crate::domain::binding::{BindPolicy, Decide};
-use crate::domain::binding::{Decision, Rule};
 use crate::domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, SealedToken, User};
+pub use crate::login::binding::BindPolicy;
+use crate::login::binding::{Decision, Rule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -228,8 +226,7 @@ pub trait Database: Send + Sync + 'static {
 pub trait BindingStore: Send + Sync + 'static {
     /// A login, in one transaction: reads the `Facts` (the identity's
     /// binding; for an unbound one, the candidates of `policy`'s lookups),
-    /// asks `decide` (the policy; `login` passes `login::binding::decide`),
-    /// and applies its `Decision` in the same transaction. Bound:
+    /// asks `login::binding::decide`, and applies its `Decision`. Bound:
     /// the profile and `last_login_at` are refreshed → `SignedIn`. Linked
     /// by a rule → `SignedIn` with `linked_by`; created → `UserCreated`;
     /// `LinkRequired` writes nothing. `tokens`, when given, replace the
@@ -242,7 +239,6 @@ pub trait BindingStore: Send + Sync + 'static {
         &self,
         identity: &Identity,
         policy: &BindPolicy,
-        decide: Decide,
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,

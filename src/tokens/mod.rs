@@ -48,6 +48,12 @@ pub enum TokenError {
     Expired,
     #[error("the provider refused the refresh token; the user must log in again")]
     RefreshRejected(#[source] ProviderError),
+    /// The provider refused to revoke (client authentication, a malformed
+    /// request): the token may still work there, so it is kept.
+    #[error(
+        "the provider refused to revoke the token; it is kept so that the revocation can be retried once the client configuration is fixed"
+    )]
+    RevocationRefused(#[source] ProviderError),
     #[error("the stored token cannot be opened")]
     Vault(#[source] VaultError),
     #[error(transparent)]
@@ -282,8 +288,11 @@ impl TokenService {
     }
 
     /// Revokes the stored token at the provider where it can, then forgets
-    /// it. Returns whether the provider revoked it. A provider that cannot
-    /// be reached keeps the token, so the call can be retried.
+    /// it. Returns whether the provider revoked it (false: it has no
+    /// revocation, or says the token is already dead). A provider that
+    /// cannot be reached, or refuses the revocation, keeps the token, so
+    /// the call can be retried: forgetting a token that still works would
+    /// leave it live with no way left to revoke it.
     pub async fn revoke(
         &self,
         user_id: &str,
@@ -305,7 +314,8 @@ impl TokenService {
     }
 
     /// Revokes at the provider, if it can and the token opens. A token the
-    /// provider already considers invalid counts as not revoked, not failed.
+    /// provider already considers invalid (`invalid_token`) counts as not
+    /// revoked, not failed; any other refusal is `RevocationRefused`.
     pub async fn revoke_subject(
         &self,
         provider: &dyn Provider,
@@ -325,8 +335,10 @@ impl TokenService {
             .open(&name, subject, &sealed)
             .map_err(TokenError::Vault)?;
         match revoker.revoke(&tokens.access_token).await {
-            Ok(()) => Ok(true),
-            Err(ProviderError::Rejected { .. }) => Ok(false),
+            Ok(revoked) => Ok(revoked),
+            // Google answers a dead token so; RFC 7009 §2.2 answers 200.
+            Err(ProviderError::Rejected { code, .. }) if code == "invalid_token" => Ok(false),
+            Err(e @ ProviderError::Rejected { .. }) => Err(TokenError::RevocationRefused(e)),
             Err(e) => Err(TokenError::Provider(e)),
         }
     }

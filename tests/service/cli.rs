@@ -17,7 +17,7 @@ fn authbroker(args: &[&str], config: &str) -> Output {
 
 /// `authbroker ARGS --config FILE` in `dir`, FILE holding `config`, with no
 /// AUTHBROKER variables from the test's environment.
-fn command(dir: &Path, args: &[&str], config: &str) -> Command {
+pub(crate) fn command(dir: &Path, args: &[&str], config: &str) -> Command {
     let path = dir.join(format!("{}.toml", args[0]));
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_authbroker"));

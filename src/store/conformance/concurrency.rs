@@ -5,7 +5,7 @@
 
 use super::*;
 
-pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>, decide: Decide) {
+pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>) {
     const LOGINS: usize = 20;
     migrated(&store).await;
     let provider = unique_provider("race");
@@ -27,7 +27,6 @@ pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>, deci
                     .bind_login(
                         &identity,
                         &create_policy(),
-                        decide,
                         Some(&token),
                         Some("web"),
                         now,
@@ -78,7 +77,7 @@ pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>, deci
     );
 }
 
-pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: Decide) {
+pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
     const LOGINS: usize = 10;
     migrated(&store).await;
     let web = unique_provider("cl-web");
@@ -86,7 +85,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: De
     let union_id = unique("union");
     let group = union_policy(&[&web, &app], true);
     let t0 = now_micros();
-    let (_, owner) = bind(&store, decide, &with_union(&web, "w", &union_id), None, t0).await;
+    let (_, owner) = bind(&store, &with_union(&web, "w", &union_id), None, t0).await;
     let before = users(&store).await;
 
     let identity = with_union(&app, "a", &union_id);
@@ -102,7 +101,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: De
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .bind_login(&identity, &group, decide, None, None, t0, None)
+                    .bind_login(&identity, &group, None, None, t0, None)
                     .await
             })
         })
@@ -129,7 +128,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: De
     // the union id's user: one takes it, the others find it taken and fall
     // through to making their own users — none fails.
     let union_id = unique("union");
-    let (_, owner) = bind(&store, decide, &with_union(&web, "w2", &union_id), None, t0).await;
+    let (_, owner) = bind(&store, &with_union(&web, "w2", &union_id), None, t0).await;
     let before = users(&store).await;
     let barrier = Arc::new(tokio::sync::Barrier::new(LOGINS));
     let tasks: Vec<_> = (0..LOGINS)
@@ -139,7 +138,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: De
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .bind_login(&identity, &group, decide, None, None, t0, None)
+                    .bind_login(&identity, &group, None, None, t0, None)
                     .await
             })
         })
@@ -165,7 +164,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: De
     assert_eq!(owner_now.identities.len(), 2);
 }
 
-pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>, decide: Decide) {
+pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>) {
     const ROUNDS: usize = 4;
     const CONTENDERS: usize = 6;
     migrated(&store).await;
@@ -181,14 +180,8 @@ pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>, d
                 contenders.push(unique("app-user"));
             } else {
                 let home = unique_provider("home");
-                let (_, made) = bind(
-                    &store,
-                    decide,
-                    &minimal_identity(&home, &i.to_string()),
-                    None,
-                    now,
-                )
-                .await;
+                let (_, made) =
+                    bind(&store, &minimal_identity(&home, &i.to_string()), None, now).await;
                 contenders.push(made.user_id);
             }
         }
@@ -285,12 +278,12 @@ pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>, d
     );
 }
 
-pub async fn concurrent_token_writes_one_wins(store: Arc<dyn Store>, decide: Decide) {
+pub async fn concurrent_token_writes_one_wins(store: Arc<dyn Store>) {
     const WRITERS: usize = 8;
     migrated(&store).await;
     let provider = unique_provider("cas-race");
     let now = now_micros();
-    bind(&store, decide, &minimal_identity(&provider, "1"), None, now).await;
+    bind(&store, &minimal_identity(&provider, "1"), None, now).await;
     store
         .put_token(&provider, "1", &sealed("start", now), None)
         .await

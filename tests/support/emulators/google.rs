@@ -317,6 +317,22 @@ impl GoogleEmulator {
         format!("{}{path}", self.base_url)
     }
 
+    /// From now on behaves as an IdP that registered the client for
+    /// exactly `methods` (`client_secret_basic`, `client_secret_post`,
+    /// `private_key_jwt` with the fixture RSA key): discovery lists only
+    /// them, and `/token` and `/revoke` refuse anything else with 401
+    /// `invalid_client`.
+    pub fn require_client_auth(&self, methods: &[&'static str]) {
+        self.shared.knobs().auth_methods = Some(methods.to_vec());
+    }
+
+    /// RFC 9207: discovery advertises
+    /// `authorization_response_iss_parameter_supported` and callbacks
+    /// carry `iss`.
+    pub fn send_iss_parameter(&self, on: bool) {
+        self.shared.knobs().iss_parameter = on;
+    }
+
     /// Signs ID tokens with this key family from now on.
     pub fn set_signing_alg(&self, alg: Alg) {
         self.shared.knobs().alg = alg;
@@ -520,6 +536,12 @@ struct Knobs {
     numbers_as_strings: bool,
     /// Userinfo reports this email, without `email_verified`.
     userinfo_email: Option<String>,
+    /// An IdP enforcing the method it registered for the client (not
+    /// Google): discovery lists only these, and `/token` and `/revoke`
+    /// (RFC 7009 §2.1) accept only them.
+    auth_methods: Option<Vec<&'static str>>,
+    /// RFC 9207: discovery advertises `iss` and every callback carries it.
+    iss_parameter: bool,
 }
 
 impl Default for Knobs {
@@ -535,6 +557,8 @@ impl Default for Knobs {
             endpoints_base: None,
             numbers_as_strings: false,
             userinfo_email: None,
+            auth_methods: None,
+            iss_parameter: false,
         }
     }
 }
@@ -788,19 +812,83 @@ impl Shared {
         if offline {
             lock(&self.offline_codes).insert(code.clone());
         }
-        Ok(vec![
+        let mut back = vec![
             ("code".into(), code),
             ("state".into(), state.to_owned()),
             ("scope".into(), callback_scope(&scopes)),
             ("authuser".into(), "0".into()),
             ("prompt".into(), "consent".into()),
-        ])
+        ];
+        if self.knobs().iss_parameter {
+            back.push(("iss".into(), self.base_url().to_owned()));
+        }
+        Ok(back)
     }
 
     // -- /token --------------------------------------------------------------
 
+    /// With [`GoogleEmulator::require_client_auth`]: the refusal of a
+    /// request that does not authenticate by one of the registered methods
+    /// (`Some(None)` when a valid client assertion authenticated it).
+    fn refuse_method(
+        &self,
+        form: &Params,
+        basic: &Option<(String, String)>,
+    ) -> Option<Option<Response>> {
+        let methods = self.knobs().auth_methods.clone()?;
+        let method = if basic.is_some() {
+            "client_secret_basic"
+        } else if form.get("client_assertion").is_some() {
+            "private_key_jwt"
+        } else if form.get("client_secret").is_some() {
+            "client_secret_post"
+        } else {
+            "none"
+        };
+        if !methods.contains(&method) {
+            return Some(Some(google_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                &format!("client authentication {method} is not the registered method"),
+            )));
+        }
+        if method != "private_key_jwt" {
+            return None;
+        }
+        // RFC 7523 §3: signed by the client's registered key, about the
+        // client, for this server's token endpoint.
+        let jwks: Value = serde_json::from_str(JWKS_JSON).expect("keys/jwks.json");
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwks["rsa"].clone()).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::RS256);
+        validation.set_audience(&[format!("{}{TOKEN_PATH}", self.base_url())]);
+        validation.set_issuer(&[CLIENT_ID]);
+        validation.sub = Some(CLIENT_ID.into());
+        validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+        let ok = form.get("client_assertion_type")
+            == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            && jsonwebtoken::decode::<Value>(
+                form.get("client_assertion").unwrap_or_default(),
+                &key,
+                &validation,
+            )
+            .is_ok_and(|t| t.claims["jti"].is_string());
+        Some((!ok).then(|| {
+            google_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "invalid client assertion",
+            )
+        }))
+    }
+
     /// Google's refusal when the request does not authenticate as the client.
     fn refuse_client(&self, form: &Params, basic: Option<(String, String)>) -> Option<Response> {
+        match self.refuse_method(form, &basic) {
+            Some(Some(refused)) => return Some(refused),
+            Some(None) => return None,
+            None => {}
+        }
         let (id, secret) = match basic {
             Some((id, secret)) => (Some(id), Some(secret)),
             None => (
@@ -1064,7 +1152,10 @@ impl Shared {
             ("scopes_supported", json!(["openid", "email", "profile"])),
             (
                 "token_endpoint_auth_methods_supported",
-                json!(["client_secret_post", "client_secret_basic"]),
+                match &knobs.auth_methods {
+                    Some(methods) => json!(methods),
+                    None => json!(["client_secret_post", "client_secret_basic"]),
+                },
             ),
             (
                 "claims_supported",
@@ -1086,6 +1177,12 @@ impl Shared {
         ];
         if knobs.pkce_advertised {
             fields.push(("code_challenge_methods_supported", json!(["plain", "S256"])));
+        }
+        if knobs.iss_parameter {
+            fields.push((
+                "authorization_response_iss_parameter_supported",
+                json!(true),
+            ));
         }
         fields.push((
             "grant_types_supported",
@@ -1113,17 +1210,16 @@ impl Shared {
 // ---------------------------------------------------------------------------
 // Keys
 
-pub(super) struct SigningKey {
-    pub(super) kid: String,
-    pub(super) algorithm: Algorithm,
-    pub(super) key: EncodingKey,
+struct SigningKey {
+    kid: String,
+    algorithm: Algorithm,
+    key: EncodingKey,
     /// The public JWK, as published.
-    pub(super) jwk: Value,
+    jwk: Value,
 }
 
 /// Indexed by [`Alg::index`]: the published keys and the rotated ones.
-/// Other OIDC emulators (GitLab) sign with the same fixtures.
-pub(super) struct Keys {
+struct Keys {
     current: [SigningKey; 3],
     rotated: [SigningKey; 3],
 }
@@ -1131,7 +1227,7 @@ pub(super) struct Keys {
 const JWKS_JSON: &str = include_str!("../keys/jwks.json");
 
 impl Keys {
-    pub(super) fn load() -> Keys {
+    fn load() -> Keys {
         let jwks: Value = serde_json::from_str(JWKS_JSON).expect("keys/jwks.json");
         let key = |name: &str, pem: &str, alg: Alg| {
             let jwk = jwks[name].clone();
@@ -1174,7 +1270,7 @@ impl Keys {
         }
     }
 
-    pub(super) fn pick(&self, alg: Alg, rotated: bool) -> &SigningKey {
+    fn pick(&self, alg: Alg, rotated: bool) -> &SigningKey {
         if rotated {
             &self.rotated[alg.index()]
         } else {
@@ -1443,7 +1539,13 @@ async fn revoke(
             .core
             .violation(format!("{method} {REVOKE_PATH}: revocation takes POST"));
     }
+    let basic = basic_credentials(&headers);
     answer(&shared, Step::Revoke, seen, || {
+        if shared.knobs().auth_methods.is_some()
+            && let Some(refused) = shared.refuse_client(&params, basic)
+        {
+            return refused;
+        }
         let Some(token) = params.get("token") else {
             return google_error(
                 StatusCode::BAD_REQUEST,

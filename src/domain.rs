@@ -1,8 +1,5 @@
 //! Value types shared by the login use cases, the providers and the stores.
-//! They know nothing of protobuf or SQL. `binding`: the binding policy's
-//! types (`BindPolicy`, `Facts`, `Decision`, `Decide`) that a store applies.
-
-pub mod binding;
+//! They know nothing of protobuf or SQL.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
