@@ -19,13 +19,16 @@
 //! - [`app`]: `Application::build(settings)` wires everything onto a bound
 //!   listener; `run_until_stopped(shutdown)` serves and drains.
 //! - [`domain`]: value types (identity, binding, audit event) shared by the
-//!   layers below; no protobuf, no SQL.
+//!   layers below; no protobuf, no SQL. `domain::binding` holds the binding
+//!   policy's types — `BindPolicy`, the `Facts` a store reads, the
+//!   `Decision` it applies — and `Decide`, the decision function's type.
 //! - [`login`]: the use cases — begin and complete a login (resuming a
 //!   retried one where it failed), link an identity with a link ticket — and
 //!   the binding policy itself: `login::binding::decide`, a pure function
 //!   from an identity, its provider's `BindPolicy` and the facts a store
 //!   read to the user it binds to (existing, linked by union id or verified
-//!   email, created, or link required) and the audit events to write.
+//!   email, created, or link required) and the audit events to write. The
+//!   login use case passes it to `BindingStore::bind_login`.
 //! - [`tokens`]: provider tokens for the app — sealed at login, refreshed
 //!   once per identity however many ask (single flight), revoked, and
 //!   re-sealed under the newest key by `rotate-keys` (`tokens::rotation`).
@@ -51,9 +54,11 @@
 //!   `BindingStore` (logins and links), `TokenStore` (sealed provider
 //!   tokens), `AuditLog`, `UserDirectory` (operators' users), `Database`
 //!   (migrate, ping) — summed up by `Store`; Postgres and SQLite implement
-//!   them all. `bind_login` gathers the facts under the backend's locks,
-//!   calls `login::binding::decide` and applies its decision in the same
-//!   transaction. Both pass one conformance suite (`store::conformance`, a
+//!   them all. `bind_login` is handed the decision function (a
+//!   `domain::binding::Decide`, dex's updater functions): it gathers the
+//!   facts under the backend's locks, calls it and applies its decision in
+//!   the same transaction, so `store` imports `domain`, never `login`.
+//!   Both pass one conformance suite (`store::conformance`, a
 //!   file per capability plus `concurrency`); `store::interposed` is a
 //!   forwarding store that tests use to inject faults around the real one.
 //!   `store::postgres::tls` reads a Postgres URL's `sslmode` and

@@ -1,7 +1,8 @@
 //! The use cases: begin a login, complete it. No protobuf, no SQL: this layer
 //! speaks `Provider`, `StateStore` and the store's `BindingStore` and
-//! `AuditLog`. Which user a login binds to is `binding::decide`, which the
-//! store applies inside its transaction.
+//! `AuditLog`. Which user a login binds to is `binding::decide`, which this
+//! layer hands to `BindingStore::bind_login` to apply inside the store's
+//! transaction (the store never imports `login`).
 
 pub mod binding;
 
@@ -12,7 +13,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use url::Url;
 
-use self::binding::BindPolicy;
+use crate::domain::binding::BindPolicy;
 use crate::{
     config::{LoginSettings, Policy, Settings, parse_origin},
     domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, now_micros},
@@ -732,6 +733,7 @@ impl LoginService {
             .bind_login(
                 &identity,
                 policy,
+                binding::decide,
                 sealed.as_ref(),
                 actor,
                 now_micros(),

@@ -408,8 +408,11 @@ impl SpecProvider {
             let token = tokens.access_token.expose_secret();
             let mut request = self.http.request(Method::GET, url);
             request = authorize(request, r.auth, token);
-            for (k, v) in &r.headers {
-                request = request.header(k.as_str(), v.as_str());
+            for (k, template) in &r.headers {
+                let value = docs
+                    .render(template, &self.client_id)
+                    .ok_or_else(|| self.bad(&r.name, format!("no value for header {k}")))?;
+                request = request.header(k.as_str(), value);
             }
             let errors = r.errors.as_ref().unwrap_or(&self.spec.errors);
             let doc = self.call(&r.name, request, errors).await?;

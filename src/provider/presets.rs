@@ -9,8 +9,11 @@ use super::{oidc::OidcSpec, spec::ProviderSpec};
 /// Built-in OAuth2 presets (schema: `spec::ProviderSpec`).
 pub const PRESETS: &[(&str, &str)] = &[
     ("acwing", include_str!("../../providers/acwing.toml")),
+    ("dingtalk", include_str!("../../providers/dingtalk.toml")),
+    ("feishu", include_str!("../../providers/feishu.toml")),
     ("gitee", include_str!("../../providers/gitee.toml")),
     ("github", include_str!("../../providers/github.toml")),
+    ("lark", include_str!("../../providers/lark.toml")),
     ("qiita", include_str!("../../providers/qiita.toml")),
     ("qq", include_str!("../../providers/qq.toml")),
     ("sandbox", include_str!("../../providers/sandbox.toml")),
@@ -19,8 +22,10 @@ pub const PRESETS: &[(&str, &str)] = &[
 ];
 
 /// Built-in OpenID Connect presets (schema: `oidc::OidcSpec`).
-pub const OIDC_PRESETS: &[(&str, &str)] =
-    &[("google", include_str!("../../providers/google.toml"))];
+pub const OIDC_PRESETS: &[(&str, &str)] = &[
+    ("gitlab", include_str!("../../providers/gitlab.toml")),
+    ("google", include_str!("../../providers/google.toml")),
+];
 
 pub fn preset(kind: &str) -> Option<Result<ProviderSpec, String>> {
     PRESETS

@@ -209,8 +209,10 @@ pub struct RequestSpec {
     /// config, e.g. QQ's `unionid = "1"` under `union_id`.
     #[serde(default)]
     pub query_when: BTreeMap<String, BTreeMap<String, Template>>,
+    /// Header values are templates too, so a token can travel in a header
+    /// of the provider's own name (DingTalk's `x-acs-dingtalk-access-token`).
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, Template>,
     /// Only made when the granted scopes include one of these.
     #[serde(default)]
     pub when_scope: Vec<String>,
@@ -503,6 +505,7 @@ impl ProviderSpec {
                 .query
                 .values()
                 .chain(r.query_when.values().flat_map(|q| q.values()))
+                .chain(r.headers.values())
                 .flat_map(Template::fields)
             {
                 if !docs.contains(&f.doc) {
@@ -599,5 +602,43 @@ mod tests {
         assert!(problems.iter().any(|p| p.contains("userinfo_url")));
         assert!(problems.iter().any(|p| p.contains("me:/openid")));
         assert!(problems.iter().any(|p| p.contains("profile:/id")));
+    }
+
+    /// A token may travel in a header of the provider's own name; the
+    /// header's template is checked like a query's.
+    #[test]
+    fn header_values_are_templates() {
+        let spec = |header: &str| {
+            ProviderSpec::parse(&format!(
+                r#"
+                display_name = "X"
+                [endpoints]
+                authorize_url = "https://x/a"
+                token_url = "https://x/t"
+                me_url = "https://x/me"
+                [[requests]]
+                name = "me"
+                endpoint = "me_url"
+                auth = "none"
+                headers = {{ x-token = "{header}", Accept = "application/json" }}
+                [identity]
+                subject = "me:/id"
+                "#
+            ))
+        };
+        let parsed = spec("{token:/accessToken}").unwrap();
+        assert_eq!(
+            parsed.requests[0].headers["x-token"].0,
+            vec![Part::Field(FieldRef {
+                doc: "token".into(),
+                pointer: "/accessToken".into()
+            })]
+        );
+        assert_eq!(
+            parsed.requests[0].headers["Accept"].0,
+            vec![Part::Literal("application/json".into())]
+        );
+        let err = spec("{later:/accessToken}").unwrap_err();
+        assert!(err.contains("later:/accessToken"), "{err}");
     }
 }

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{
-    AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, Database, LoginKey,
-    Store, StoreError, TokenRow, TokenStore, UserDirectory, UserQuery,
+    AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, Database, Decide,
+    LoginKey, Store, StoreError, TokenRow, TokenStore, UserDirectory, UserQuery,
 };
 use crate::domain::{AuditEvent, Binding, Identity, SealedToken, User};
 
@@ -71,6 +71,7 @@ impl BindingStore for Interposed {
         &self,
         identity: &Identity,
         policy: &BindPolicy,
+        decide: Decide,
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
@@ -79,7 +80,7 @@ impl BindingStore for Interposed {
         self.hooks.before_bind().await?;
         let result = self
             .inner
-            .bind_login(identity, policy, tokens, actor, now, login)
+            .bind_login(identity, policy, decide, tokens, actor, now, login)
             .await;
         self.hooks.after_bind(result).await
     }

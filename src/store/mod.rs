@@ -5,9 +5,11 @@
 //! one conformance suite (`conformance`, feature `test-util`) runs against
 //! both.
 //!
-//! A login's binding is decided by `login::binding::decide`, not here: each
-//! backend gathers its `Facts` under its locks, calls it, and applies the
-//! `Decision` in the same transaction.
+//! A login's binding is not decided here: `bind_login` is handed the
+//! decision function (`domain::binding::Decide`; the login use case passes
+//! `login::binding::decide`), and each backend gathers its `Facts` under its
+//! locks, calls it, and applies the `Decision` in the same transaction —
+//! dex's updater functions. So `store` imports `domain`, never `login`.
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -25,9 +27,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+pub use crate::domain::binding::{BindPolicy, Decide};
+use crate::domain::binding::{Decision, Rule};
 use crate::domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, SealedToken, User};
-pub use crate::login::binding::BindPolicy;
-use crate::login::binding::{Decision, Rule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -226,7 +228,8 @@ pub trait Database: Send + Sync + 'static {
 pub trait BindingStore: Send + Sync + 'static {
     /// A login, in one transaction: reads the `Facts` (the identity's
     /// binding; for an unbound one, the candidates of `policy`'s lookups),
-    /// asks `login::binding::decide`, and applies its `Decision`. Bound:
+    /// asks `decide` (the policy; `login` passes `login::binding::decide`),
+    /// and applies its `Decision` in the same transaction. Bound:
     /// the profile and `last_login_at` are refreshed → `SignedIn`. Linked
     /// by a rule → `SignedIn` with `linked_by`; created → `UserCreated`;
     /// `LinkRequired` writes nothing. `tokens`, when given, replace the
@@ -239,6 +242,7 @@ pub trait BindingStore: Send + Sync + 'static {
         &self,
         identity: &Identity,
         policy: &BindPolicy,
+        decide: Decide,
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,

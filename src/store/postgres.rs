@@ -31,8 +31,8 @@ use super::{
 };
 use tracing::Instrument;
 
+use crate::domain::binding::{self, Candidate, Decide, Facts, UserChoice};
 use crate::domain::{AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, SealedToken, User};
-use crate::login::binding::{self, Candidate, Facts, UserChoice};
 use crate::telemetry::trace::store_span;
 
 mod embedded {
@@ -178,6 +178,7 @@ impl PostgresStore {
         &self,
         identity: &Identity,
         policy: &BindPolicy,
+        decide: Decide,
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
@@ -194,8 +195,8 @@ impl PostgresStore {
         for _ in 0..BIND_ATTEMPTS {
             let tx = client.transaction().await?;
             // An error drops `tx`, which rolls it back.
-            let step = match bind_attempt(&tx, identity, policy, tokens, actor, now, login_id).await
-            {
+            let attempt = bind_attempt(&tx, identity, policy, decide, tokens, actor, now, login_id);
+            let step = match attempt.await {
                 Err(Failure::Db(e)) if is_login_id_taken(&e) => {
                     // An earlier attempt of this login committed while this
                     // one was binding (its acknowledgement was lost, not its
@@ -678,12 +679,13 @@ impl BindingStore for PostgresStore {
         &self,
         identity: &Identity,
         policy: &BindPolicy,
+        decide: Decide,
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
         login: Option<LoginKey<'_>>,
     ) -> Result<BindResult, StoreError> {
-        self.bind_login_inner(identity, policy, tokens, actor, now, login)
+        self.bind_login_inner(identity, policy, decide, tokens, actor, now, login)
             .instrument(store_span("binding a login"))
             .await
             .map_err(|e| e.into_store_error("binding a login"))
@@ -880,6 +882,7 @@ async fn bind_attempt<C: GenericClient>(
     tx: &C,
     identity: &Identity,
     policy: &BindPolicy,
+    decide: Decide,
     tokens: Option<&SealedToken>,
     actor: Option<&str>,
     now: OffsetDateTime,
@@ -888,7 +891,7 @@ async fn bind_attempt<C: GenericClient>(
     let Step::Done(gathered) = gather(tx, identity, policy).await? else {
         return Ok(Step::Retry);
     };
-    let decision = binding::decide(identity, policy, &gathered.facts);
+    let decision = decide(identity, policy, &gathered.facts);
     let user_id = match &decision.user {
         UserChoice::Existing(user_id) => user_id.clone(),
         UserChoice::New => {

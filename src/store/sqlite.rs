@@ -26,8 +26,8 @@ use super::{
     CommittedLogin, Conflict, Database, LoginKey, StoreError, TokenRow, TokenStore, UserDirectory,
     UserQuery,
 };
+use crate::domain::binding::{self, Candidate, Decide, Facts, Lookup, UserChoice};
 use crate::domain::{AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, SealedToken, User};
-use crate::login::binding::{self, Candidate, Facts, Lookup, UserChoice};
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -159,6 +159,7 @@ impl BindingStore for SqliteStore {
         &self,
         identity: &Identity,
         policy: &BindPolicy,
+        decide: Decide,
         tokens: Option<&SealedToken>,
         actor: Option<&str>,
         now: OffsetDateTime,
@@ -174,6 +175,7 @@ impl BindingStore for SqliteStore {
                 conn,
                 &identity,
                 &policy,
+                decide,
                 tokens.as_ref(),
                 actor.as_deref(),
                 now,
@@ -512,6 +514,7 @@ fn bind_login(
     conn: &mut Connection,
     identity: &Identity,
     policy: &BindPolicy,
+    decide: Decide,
     tokens: Option<&SealedToken>,
     actor: Option<&str>,
     now: OffsetDateTime,
@@ -534,7 +537,7 @@ fn bind_login(
     }
     let login_id = login.map(|k| k.id);
     let (facts, bound_since) = gather(&tx, identity, policy)?;
-    let decision = binding::decide(identity, policy, &facts);
+    let decision = decide(identity, policy, &facts);
     let user_id = match &decision.user {
         UserChoice::Existing(user_id) => user_id.clone(),
         UserChoice::New => {

@@ -106,8 +106,13 @@ impl Suite {
             .emu
             .approve(&begun.authorize_url, seed)
             .unwrap_or_else(|why| panic!("{} refused the authorize URL: {why}", self.emu.kind()));
-        let query: HashMap<String, String> = query.into_iter().collect();
+        let mut query: HashMap<String, String> = query.into_iter().collect();
         assert_eq!(query.get("state"), Some(&begun.state), "state round-trips");
+        // DingTalk names the code `authCode`; the web app hands it to
+        // CompleteLogin as `code` (docs/providers.md#dingtalk).
+        if let Some(code) = query.remove("authCode") {
+            query.insert("code".into(), code);
+        }
         (begun.state, query)
     }
 
@@ -510,7 +515,8 @@ macro_rules! scenarios {
 }
 
 use crate::support::emulators::{
-    acwing::AcwingEmulator, custom::CustomEmulator, gitee::GiteeEmulator, github::GithubEmulator,
+    acwing::AcwingEmulator, custom::CustomEmulator, dingtalk::DingtalkEmulator,
+    feishu::FeishuEmulator, gitee::GiteeEmulator, github::GithubEmulator, gitlab::GitlabEmulator,
     google::GoogleEmulator, qiita::QiitaEmulator, qq::QqEmulator, wechat::WechatEmulator,
     weibo::WeiboEmulator,
 };
@@ -527,6 +533,12 @@ conformance! {
     // OIDC with the userinfo endpoint merged in, so identity-step faults apply.
     google_with_userinfo => GoogleEmulator::start(), tweak |c| c.fetch_userinfo = true;
     custom_oauth2 => CustomEmulator::start();
+    gitlab => GitlabEmulator::start();
+    dingtalk => DingtalkEmulator::start();
+    feishu => FeishuEmulator::start();
+    lark => FeishuEmulator::start_lark();
+    // GitLab with userinfo, so identity-step faults apply there too.
+    gitlab_with_userinfo => GitlabEmulator::start(), tweak |c| c.fetch_userinfo = true;
 }
 
 /// A provider's `expires_in` of 99999999999999 seconds once overflowed the

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use authbroker::domain::{Identity, Outcome, now_micros};
+use authbroker::login::binding::decide;
 use authbroker::store::{
     self, AuditLog, AuditQuery, BindPolicy, BindResult, BindingStore, Database, PostgresStore,
     SqliteStore, Store, StoreError, TokenStore, UserDirectory, UserQuery, conformance,
@@ -51,7 +52,7 @@ macro_rules! conformance_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
                     let db = db::fresh_database().await;
-                    conformance::$scenario(postgres_store(&db).await).await;
+                    conformance::$scenario(postgres_store(&db).await, decide).await;
                 }
             )*
         }
@@ -62,7 +63,7 @@ macro_rules! conformance_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
                     let dir = tempfile::tempdir().expect("tempdir");
-                    conformance::$scenario(sqlite_store(&dir)).await;
+                    conformance::$scenario(sqlite_store(&dir), decide).await;
                 }
             )*
         }
@@ -122,8 +123,8 @@ fn every_scenario_runs_on_both_backends() {
 async fn postgres_all_scenarios_share_one_database() {
     let db = db::fresh_database().await;
     let store = store::open(&db.url, 5).await.expect("open by url");
-    conformance::run_all(Arc::clone(&store)).await;
-    conformance::run_all(store).await;
+    conformance::run_all(Arc::clone(&store), decide).await;
+    conformance::run_all(store, decide).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,14 +132,14 @@ async fn sqlite_all_scenarios_share_one_database() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("shared.db").display());
     let store = store::open(&url, 1).await.expect("open by url");
-    conformance::run_all(Arc::clone(&store)).await;
-    conformance::run_all(store).await;
+    conformance::run_all(Arc::clone(&store), decide).await;
+    conformance::run_all(store, decide).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_in_memory_store_works() {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_memory().expect("in memory"));
-    conformance::run_all(store).await;
+    conformance::run_all(store, decide).await;
 
     let by_url = store::open("sqlite::memory:", 1)
         .await
@@ -166,7 +167,7 @@ async fn sqlite_creates_parent_directories_and_persists() {
         let store = SqliteStore::open(&path).expect("open creates directories");
         store.migrate().await.expect("migrate");
         let result = store
-            .bind_login(&identity, &create(), None, None, now_micros(), None)
+            .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
             .await
             .expect("bind");
         let BindResult::Bound {
@@ -219,7 +220,7 @@ async fn sqlite_locked_by_another_process_is_unavailable() {
     };
     let started = Instant::now();
     let err = store
-        .bind_login(&identity, &create(), None, None, now_micros(), None)
+        .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
         .await
         .expect_err("the write lock is held elsewhere");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
@@ -227,7 +228,7 @@ async fn sqlite_locked_by_another_process_is_unavailable() {
 
     other.execute_batch("ROLLBACK").expect("release");
     let result = store
-        .bind_login(&identity, &create(), None, None, now_micros(), None)
+        .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
         .await
         .expect("works once the lock is released");
     assert_eq!(outcome(result), Outcome::UserCreated);
@@ -248,7 +249,7 @@ async fn postgres_unreachable_is_unavailable_and_fails_fast() {
     let ping = store.ping().await.expect_err("nothing listens");
     assert!(matches!(ping, StoreError::Unavailable(_)), "{ping:?}");
     let bind = store
-        .bind_login(&identity, &create(), None, None, now_micros(), None)
+        .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
         .await
         .expect_err("nothing listens");
     assert!(matches!(bind, StoreError::Unavailable(_)), "{bind:?}");

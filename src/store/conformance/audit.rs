@@ -3,11 +3,18 @@
 
 use super::*;
 
-pub async fn logins_are_audited(store: Arc<dyn Store>) {
+pub async fn logins_are_audited(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("audited");
     let t0 = now_micros();
-    let (_, binding) = bind(&store, &full_identity(&provider, "u1"), Some("web"), t0).await;
+    let (_, binding) = bind(
+        &store,
+        decide,
+        &full_identity(&provider, "u1"),
+        Some("web"),
+        t0,
+    )
+    .await;
 
     let expected = |kind, at| event(kind, &binding, Some("web"), at);
     let by_user = AuditQuery {
@@ -26,7 +33,7 @@ pub async fn logins_are_audited(store: Arc<dyn Store>) {
 
     // A returning login adds only login_succeeded; no actor is recorded as none.
     let t1 = t0 + Duration::seconds(5);
-    bind(&store, &full_identity(&provider, "u1"), None, t1).await;
+    bind(&store, decide, &full_identity(&provider, "u1"), None, t1).await;
     let events = audit(&store, by_user).await;
     assert_eq!(events.len(), 3);
     assert_eq!(
@@ -60,7 +67,7 @@ pub async fn logins_are_audited(store: Arc<dyn Store>) {
     assert_eq!(by_provider, vec![failed]);
 }
 
-pub async fn audit_events_filter_order_and_limit(store: Arc<dyn Store>) {
+pub async fn audit_events_filter_order_and_limit(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let github = unique_provider("gh");
     let qq = unique_provider("qq");
@@ -69,8 +76,15 @@ pub async fn audit_events_filter_order_and_limit(store: Arc<dyn Store>) {
 
     // Written out of time order: reads follow the order of writing (the id,
     // which is also the paging cursor), not the time.
-    let (_, alice) = bind(&store, &minimal_identity(&github, "alice"), None, at(10)).await;
-    let (_, bob) = bind(&store, &minimal_identity(&qq, "bob"), None, at(20)).await;
+    let (_, alice) = bind(
+        &store,
+        decide,
+        &minimal_identity(&github, "alice"),
+        None,
+        at(10),
+    )
+    .await;
+    let (_, bob) = bind(&store, decide, &minimal_identity(&qq, "bob"), None, at(20)).await;
     let failure = |provider: &str, s, reason: &str| AuditEvent {
         at: at(s),
         kind: AuditKind::LoginFailed,
@@ -89,7 +103,14 @@ pub async fn audit_events_filter_order_and_limit(store: Arc<dyn Store>) {
         .record_audit(&failure(&github, 15, "USER_DENIED"))
         .await
         .expect("record_audit");
-    bind(&store, &minimal_identity(&github, "alice"), None, at(30)).await;
+    bind(
+        &store,
+        decide,
+        &minimal_identity(&github, "alice"),
+        None,
+        at(30),
+    )
+    .await;
 
     let query = |provider: Option<&str>, user_id: Option<&str>, limit| AuditQuery {
         provider: provider.map(str::to_owned),
@@ -153,7 +174,10 @@ pub async fn audit_events_filter_order_and_limit(store: Arc<dyn Store>) {
     assert!(all[0].id > all[1].id);
 }
 
-pub async fn audit_events_filter_by_kind_and_time_and_page_by_id(store: Arc<dyn Store>) {
+pub async fn audit_events_filter_by_kind_and_time_and_page_by_id(
+    store: Arc<dyn Store>,
+    _: Decide,
+) {
     migrated(&store).await;
     let provider = unique_provider("audit-pages");
     let base = now_micros();

@@ -1,5 +1,6 @@
 //! `BindingStore`: logins and links as the store applies them. Which user a
-//! login binds to is `login::binding::decide`'s (tested on its own); here a
+//! login binds to is the given `Decide`'s (`login::binding::decide`, tested
+//! on its own); here a
 //! backend shows that it finds the facts that decision reads and applies
 //! each decision atomically: a returning login refreshes, a new user is
 //! made once, a link is audited with its rule, `LinkRequired` writes
@@ -7,14 +8,14 @@
 
 use super::*;
 
-pub async fn first_login_creates_user(store: Arc<dyn Store>) {
+pub async fn first_login_creates_user(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("first");
     let identity = full_identity(&provider, "1001");
     let before = users(&store).await;
     let now = now_micros();
 
-    let (outcome, binding) = bind(&store, &identity, Some("web"), now).await;
+    let (outcome, binding) = bind(&store, decide, &identity, Some("web"), now).await;
 
     assert_eq!(outcome, Outcome::UserCreated);
     assert!(!binding.user_id.is_empty(), "user id must be set");
@@ -49,12 +50,12 @@ pub async fn first_login_creates_user(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn returning_login_signs_in_and_refreshes_profile(store: Arc<dyn Store>) {
+pub async fn returning_login_signs_in_and_refreshes_profile(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("returning");
     let first = full_identity(&provider, "42");
     let t0 = now_micros();
-    let (_, created) = bind(&store, &first, None, t0).await;
+    let (_, created) = bind(&store, decide, &first, None, t0).await;
     let before = users(&store).await;
 
     // The profile changed at the provider: some fields edited, some cleared,
@@ -69,7 +70,7 @@ pub async fn returning_login_signs_in_and_refreshes_profile(store: Arc<dyn Store
         ..first.clone()
     };
     let t1 = t0 + Duration::seconds(90) + Duration::microseconds(7);
-    let (outcome, binding) = bind(&store, &second, Some("web"), t1).await;
+    let (outcome, binding) = bind(&store, decide, &second, Some("web"), t1).await;
 
     assert_eq!(outcome, Outcome::SignedIn);
     assert_eq!(binding.user_id, created.user_id);
@@ -93,14 +94,14 @@ pub async fn returning_login_signs_in_and_refreshes_profile(store: Arc<dyn Store
     // And back from nothing to a full profile.
     let minimal = minimal_identity(&provider, "42");
     let t2 = t1 + Duration::seconds(1);
-    let (outcome, _) = bind(&store, &minimal, None, t2).await;
+    let (outcome, _) = bind(&store, decide, &minimal, None, t2).await;
     assert_eq!(outcome, Outcome::SignedIn);
     let stored = store
         .find_identity(&provider, "42")
         .await
         .expect("find_identity");
     assert_eq!(stored.as_ref(), Some(&minimal));
-    let (outcome, binding) = bind(&store, &first, None, t2 + Duration::seconds(1)).await;
+    let (outcome, binding) = bind(&store, decide, &first, None, t2 + Duration::seconds(1)).await;
     assert_eq!(outcome, Outcome::SignedIn);
     assert_eq!(binding.user_id, created.user_id);
     let stored = store
@@ -110,17 +111,17 @@ pub async fn returning_login_signs_in_and_refreshes_profile(store: Arc<dyn Store
     assert_eq!(stored.as_ref(), Some(&first));
 }
 
-pub async fn distinct_identities_get_distinct_users(store: Arc<dyn Store>) {
+pub async fn distinct_identities_get_distinct_users(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let github = unique_provider("github");
     let qq = unique_provider("qq");
     let before = users(&store).await;
     let now = now_micros();
 
-    let (o1, a) = bind(&store, &full_identity(&github, "7"), None, now).await;
-    let (o2, b) = bind(&store, &full_identity(&github, "8"), None, now).await;
+    let (o1, a) = bind(&store, decide, &full_identity(&github, "7"), None, now).await;
+    let (o2, b) = bind(&store, decide, &full_identity(&github, "8"), None, now).await;
     // Same subject at another provider is another person.
-    let (o3, c) = bind(&store, &full_identity(&qq, "7"), None, now).await;
+    let (o3, c) = bind(&store, decide, &full_identity(&qq, "7"), None, now).await;
 
     assert_eq!(
         [o1, o2, o3],
@@ -144,7 +145,7 @@ pub async fn distinct_identities_get_distinct_users(store: Arc<dyn Store>) {
     }
 }
 
-pub async fn unknown_identity_is_absent(store: Arc<dyn Store>) {
+pub async fn unknown_identity_is_absent(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("unknown");
     assert_eq!(
@@ -174,6 +175,7 @@ pub async fn unknown_identity_is_absent(store: Arc<dyn Store>) {
     // in case or trailing space, are absent too.
     bind(
         &store,
+        decide,
         &minimal_identity(&provider, "Abc"),
         None,
         now_micros(),
@@ -217,7 +219,7 @@ pub async fn unknown_identity_is_absent(store: Arc<dyn Store>) {
 /// A login whose commit's acknowledgement was lost is retried: the store
 /// answers with what the first attempt committed (same outcome, same user)
 /// and writes nothing more, whether the retry says so or not.
-pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
+pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>, decide: Decide) {
     store.migrate().await.expect("migrate");
     let provider = unique_provider("retried");
     let identity = minimal_identity(&provider, "retried");
@@ -227,6 +229,7 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
         .bind_login(
             &identity,
             &create_policy(),
+            decide,
             None,
             Some("web"),
             now_micros(),
@@ -244,6 +247,7 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
             .bind_login(
                 &identity,
                 &create_policy(),
+                decide,
                 None,
                 Some("web"),
                 now_micros() + Duration::seconds(5),
@@ -273,6 +277,7 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
         .bind_login(
             &identity,
             &create_policy(),
+            decide,
             None,
             Some("web"),
             now_micros(),
@@ -288,14 +293,17 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>) {
     assert_eq!(next_binding.user_id, binding.user_id);
 }
 
-/// The facts `login::binding::decide` reads, as a store must find them: for
-/// each linking rule the oldest identity (by creation time) that matches at
+/// The facts a `Decide` reads, as a store must find them: for each linking
+/// rule the oldest identity (by creation time) that matches at
 /// the rule's providers — union ids exactly, verified emails ignoring case,
 /// never an unverified one or one at a provider outside the rule — and
 /// whether its user already has an identity at the login's provider. The
 /// link it decides is applied as decided: the identity joins that user, with
 /// `identity_linked` (naming the rule) and `login_succeeded`.
-pub async fn linking_finds_the_oldest_candidate_of_each_rule(store: Arc<dyn Store>) {
+pub async fn linking_finds_the_oldest_candidate_of_each_rule(
+    store: Arc<dyn Store>,
+    decide: Decide,
+) {
     migrated(&store).await;
     let t0 = now_micros();
     let t1 = t0 + Duration::seconds(1);
@@ -308,14 +316,22 @@ pub async fn linking_finds_the_oldest_candidate_of_each_rule(store: Arc<dyn Stor
     let t_oldest = t0 - Duration::seconds(20);
     bind(
         &store,
+        decide,
         &with_union(&outside, "0", &union_id),
         None,
         t_oldest,
     )
     .await;
-    bind(&store, &with_union(&a, "1", &union_id), None, t0).await;
+    bind(&store, decide, &with_union(&a, "1", &union_id), None, t0).await;
     let t_older = t0 - Duration::seconds(10);
-    let (_, older) = bind(&store, &with_union(&b, "2", &union_id), None, t_older).await;
+    let (_, older) = bind(
+        &store,
+        decide,
+        &with_union(&b, "2", &union_id),
+        None,
+        t_older,
+    )
+    .await;
     let before = users(&store).await;
     let second = Identity {
         display_name: Some("Via c".into()),
@@ -329,7 +345,7 @@ pub async fn linking_finds_the_oldest_candidate_of_each_rule(store: Arc<dyn Stor
         last_login_at: t1,
     };
     assert_eq!(
-        login(&store, &second, &group, None, t1).await,
+        login(&store, decide, &second, &group, None, t1).await,
         BindResult::Bound {
             outcome: Outcome::SignedIn,
             binding: linked.clone(),
@@ -356,7 +372,15 @@ pub async fn linking_finds_the_oldest_candidate_of_each_rule(store: Arc<dyn Stor
     // The oldest candidate's user has a `c` identity now: another `c`
     // identity is not linked, neither to them nor to the next candidate.
     assert_eq!(
-        login(&store, &with_union(&c, "4", &union_id), &group, None, t1).await,
+        login(
+            &store,
+            decide,
+            &with_union(&c, "4", &union_id),
+            &group,
+            None,
+            t1
+        )
+        .await,
         BindResult::LinkRequired
     );
 
@@ -368,6 +392,7 @@ pub async fn linking_finds_the_oldest_candidate_of_each_rule(store: Arc<dyn Stor
     let address = format!("{local}@example.com");
     bind(
         &store,
+        decide,
         &with_email(&untrusted, "x", &address, true),
         None,
         t_oldest,
@@ -375,17 +400,26 @@ pub async fn linking_finds_the_oldest_candidate_of_each_rule(store: Arc<dyn Stor
     .await;
     bind(
         &store,
+        decide,
         &with_email(&github, "0", &address, false),
         None,
         t_older,
     )
     .await;
     let upper = format!("{}@Example.COM", local.to_uppercase());
-    let (_, owner) = bind(&store, &with_email(&github, "1", &upper, true), None, t0).await;
+    let (_, owner) = bind(
+        &store,
+        decide,
+        &with_email(&github, "1", &upper, true),
+        None,
+        t0,
+    )
+    .await;
     let mixed = format!("A{}@eXample.com", &local[1..]);
     let (outcome, joined, linked_by) = bound(
         login(
             &store,
+            decide,
             &with_email(&gitee, "77", &mixed, true),
             &email_policy(&[&github, &gitee], false),
             None,
@@ -400,7 +434,7 @@ pub async fn linking_finds_the_oldest_candidate_of_each_rule(store: Arc<dyn Stor
     assert_eq!(joined.user_id, owner.user_id);
 }
 
-pub async fn link_required_writes_nothing(store: Arc<dyn Store>) {
+pub async fn link_required_writes_nothing(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let web = unique_provider("lr-web");
     let app = unique_provider("lr-app");
@@ -411,6 +445,7 @@ pub async fn link_required_writes_nothing(store: Arc<dyn Store>) {
     // A candidate for both rules, whose user already has an `app` identity.
     let (_, owner) = bind(
         &store,
+        decide,
         &Identity {
             union_id: Some(union_id.clone()),
             ..with_email(&web, "w", &email, true)
@@ -419,7 +454,7 @@ pub async fn link_required_writes_nothing(store: Arc<dyn Store>) {
         t0,
     )
     .await;
-    let (_, _) = bind(&store, &minimal_identity(&app, "taken"), None, t0).await;
+    let (_, _) = bind(&store, decide, &minimal_identity(&app, "taken"), None, t0).await;
     link(
         &store,
         &owner.user_id,
@@ -451,7 +486,15 @@ pub async fn link_required_writes_nothing(store: Arc<dyn Store>) {
     for (identity, policy) in &cases {
         for _ in 0..2 {
             let result = store
-                .bind_login(identity, policy, Some(&token), Some("web"), t0, None)
+                .bind_login(
+                    identity,
+                    policy,
+                    decide,
+                    Some(&token),
+                    Some("web"),
+                    t0,
+                    None,
+                )
                 .await
                 .expect("bind_login");
             assert_eq!(result, BindResult::LinkRequired, "{identity:?}");
@@ -494,7 +537,7 @@ pub async fn link_required_writes_nothing(store: Arc<dyn Store>) {
     assert_eq!(listed.len(), 2, "only the two identities bound above");
 }
 
-pub async fn link_identity_creates_the_user_and_links(store: Arc<dyn Store>) {
+pub async fn link_identity_creates_the_user_and_links(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let p1 = unique_provider("li1");
     let p2 = unique_provider("li2");
@@ -580,12 +623,12 @@ pub async fn link_identity_creates_the_user_and_links(store: Arc<dyn Store>) {
     assert_eq!(user.created_at, t0);
 
     // The linked identity now signs in to the app's user.
-    let (outcome, signed_in) = bind(&store, &minimal_identity(&p2, "2"), None, t2).await;
+    let (outcome, signed_in) = bind(&store, decide, &minimal_identity(&p2, "2"), None, t2).await;
     assert_eq!(outcome, Outcome::SignedIn);
     assert_eq!(signed_in.user_id, app_user);
 
     // An existing user made by a login can be linked to as well.
-    let (_, made) = bind(&store, &minimal_identity(&p1, "9"), None, t0).await;
+    let (_, made) = bind(&store, decide, &minimal_identity(&p1, "9"), None, t0).await;
     let onto = link(&store, &made.user_id, &minimal_identity(&p2, "9"), None, t2)
         .await
         .expect("link to a login-made user");
@@ -601,13 +644,13 @@ pub async fn link_identity_creates_the_user_and_links(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn link_identity_conflicts_write_nothing(store: Arc<dyn Store>) {
+pub async fn link_identity_conflicts_write_nothing(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let p1 = unique_provider("lc1");
     let p2 = unique_provider("lc2");
     let t0 = now_micros();
-    let (_, a) = bind(&store, &minimal_identity(&p1, "1"), None, t0).await;
-    let (_, b) = bind(&store, &minimal_identity(&p2, "1"), None, t0).await;
+    let (_, a) = bind(&store, decide, &minimal_identity(&p1, "1"), None, t0).await;
+    let (_, b) = bind(&store, decide, &minimal_identity(&p2, "1"), None, t0).await;
     let a_before = get_user(&store, &a.user_id).await;
     let b_before = get_user(&store, &b.user_id).await;
     let users_before = users(&store).await;

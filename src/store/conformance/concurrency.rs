@@ -5,7 +5,7 @@
 
 use super::*;
 
-pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>) {
+pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>, decide: Decide) {
     const LOGINS: usize = 20;
     migrated(&store).await;
     let provider = unique_provider("race");
@@ -27,6 +27,7 @@ pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>) {
                     .bind_login(
                         &identity,
                         &create_policy(),
+                        decide,
                         Some(&token),
                         Some("web"),
                         now,
@@ -77,7 +78,7 @@ pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
+pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: Decide) {
     const LOGINS: usize = 10;
     migrated(&store).await;
     let web = unique_provider("cl-web");
@@ -85,7 +86,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
     let union_id = unique("union");
     let group = union_policy(&[&web, &app], true);
     let t0 = now_micros();
-    let (_, owner) = bind(&store, &with_union(&web, "w", &union_id), None, t0).await;
+    let (_, owner) = bind(&store, decide, &with_union(&web, "w", &union_id), None, t0).await;
     let before = users(&store).await;
 
     let identity = with_union(&app, "a", &union_id);
@@ -101,7 +102,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .bind_login(&identity, &group, None, None, t0, None)
+                    .bind_login(&identity, &group, decide, None, None, t0, None)
                     .await
             })
         })
@@ -128,7 +129,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
     // the union id's user: one takes it, the others find it taken and fall
     // through to making their own users — none fails.
     let union_id = unique("union");
-    let (_, owner) = bind(&store, &with_union(&web, "w2", &union_id), None, t0).await;
+    let (_, owner) = bind(&store, decide, &with_union(&web, "w2", &union_id), None, t0).await;
     let before = users(&store).await;
     let barrier = Arc::new(tokio::sync::Barrier::new(LOGINS));
     let tasks: Vec<_> = (0..LOGINS)
@@ -138,7 +139,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .bind_login(&identity, &group, None, None, t0, None)
+                    .bind_login(&identity, &group, decide, None, None, t0, None)
                     .await
             })
         })
@@ -164,7 +165,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>) {
     assert_eq!(owner_now.identities.len(), 2);
 }
 
-pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>) {
+pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>, decide: Decide) {
     const ROUNDS: usize = 4;
     const CONTENDERS: usize = 6;
     migrated(&store).await;
@@ -180,8 +181,14 @@ pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>) {
                 contenders.push(unique("app-user"));
             } else {
                 let home = unique_provider("home");
-                let (_, made) =
-                    bind(&store, &minimal_identity(&home, &i.to_string()), None, now).await;
+                let (_, made) = bind(
+                    &store,
+                    decide,
+                    &minimal_identity(&home, &i.to_string()),
+                    None,
+                    now,
+                )
+                .await;
                 contenders.push(made.user_id);
             }
         }
@@ -278,12 +285,12 @@ pub async fn concurrent_links_of_one_identity_bind_once(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn concurrent_token_writes_one_wins(store: Arc<dyn Store>) {
+pub async fn concurrent_token_writes_one_wins(store: Arc<dyn Store>, decide: Decide) {
     const WRITERS: usize = 8;
     migrated(&store).await;
     let provider = unique_provider("cas-race");
     let now = now_micros();
-    bind(&store, &minimal_identity(&provider, "1"), None, now).await;
+    bind(&store, decide, &minimal_identity(&provider, "1"), None, now).await;
     store
         .put_token(&provider, "1", &sealed("start", now), None)
         .await

@@ -4,7 +4,7 @@
 
 use super::*;
 
-pub async fn migrate_is_idempotent(store: Arc<dyn Store>) {
+pub async fn migrate_is_idempotent(store: Arc<dyn Store>, decide: Decide) {
     // Replicas starting together migrate at the same time.
     let (a, b, c) = tokio::join!(store.migrate(), store.migrate(), store.migrate());
     a.expect("concurrent migrate");
@@ -18,6 +18,7 @@ pub async fn migrate_is_idempotent(store: Arc<dyn Store>) {
     let (outcome, _, _) = bound(
         login(
             &store,
+            decide,
             &minimal_identity(&provider, "1"),
             &create_policy(),
             Some(&token),
@@ -35,13 +36,13 @@ pub async fn migrate_is_idempotent(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn ping_answers(store: Arc<dyn Store>) {
+pub async fn ping_answers(store: Arc<dyn Store>, _: Decide) {
     store.ping().await.expect("ping before migrate");
     migrated(&store).await;
     store.ping().await.expect("ping after migrate");
 }
 
-pub async fn text_round_trips_exactly(store: Arc<dyn Store>) {
+pub async fn text_round_trips_exactly(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = format!("{}-微信-'\"", unique_provider("text"));
     let tricky = [
@@ -73,6 +74,7 @@ pub async fn text_round_trips_exactly(store: Arc<dyn Store>) {
                 .bind_login(
                     &identity,
                     &create_policy(),
+                    decide,
                     Some(&token),
                     Some(text),
                     now_micros(),
@@ -154,7 +156,7 @@ pub async fn text_round_trips_exactly(store: Arc<dyn Store>) {
     assert_eq!(events, vec![empty_detail, failed]);
 }
 
-pub async fn timestamps_round_trip_exactly(store: Arc<dyn Store>) {
+pub async fn timestamps_round_trip_exactly(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("time");
     let utc = |nanos: i128| OffsetDateTime::from_unix_timestamp_nanos(nanos).expect("in range");
@@ -173,7 +175,7 @@ pub async fn timestamps_round_trip_exactly(store: Arc<dyn Store>) {
     for (i, moment) in moments.into_iter().enumerate() {
         let subject = format!("t{i}");
         let identity = minimal_identity(&provider, &subject);
-        let (_, created) = bind(&store, &identity, None, moment).await;
+        let (_, created) = bind(&store, decide, &identity, None, moment).await;
         assert_eq!(created.created_at, moment, "moment {i}");
         assert_eq!(created.last_login_at, moment, "moment {i}");
         let found = store
@@ -187,7 +189,7 @@ pub async fn timestamps_round_trip_exactly(store: Arc<dyn Store>) {
         assert_eq!(user.identities[0].created_at, moment, "moment {i}");
 
         let later = moment + Duration::microseconds(1);
-        let (_, returning) = bind(&store, &identity, None, later).await;
+        let (_, returning) = bind(&store, decide, &identity, None, later).await;
         let found = store
             .find_binding(&provider, &subject)
             .await
@@ -260,7 +262,7 @@ pub async fn timestamps_round_trip_exactly(store: Arc<dyn Store>) {
     // later, within the microsecond the databases keep.
     let precise = utc(1_700_000_000_123_456_789);
     let identity = minimal_identity(&provider, "nanos");
-    let (_, created) = bind(&store, &identity, None, precise).await;
+    let (_, created) = bind(&store, decide, &identity, None, precise).await;
     let found = store
         .find_binding(&provider, "nanos")
         .await

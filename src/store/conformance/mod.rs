@@ -11,7 +11,9 @@
 //! The contract is split by capability (`database`, `bindings`, `audit`,
 //! `users`, `tokens`); races between writers are in `concurrency`, like
 //! dex's `conformance.go` and `transactions.go`. The binding *policy* is not
-//! here: it is `login::binding::decide`, unit-tested without a store.
+//! here: every entry point takes the `Decide` its logins hand to
+//! `bind_login` (callers pass `login::binding::decide`, unit-tested without
+//! a store), so the suite, like the stores, never imports `login`.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -21,7 +23,7 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, LoginKey, Store, StoreError,
+    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Decide, LoginKey, Store, StoreError,
     TokenRow, UserQuery,
 };
 use crate::domain::{
@@ -30,14 +32,15 @@ use crate::domain::{
 };
 
 /// A scenario, boxed so the list below can name them all.
-pub type Scenario = fn(Arc<dyn Store>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Each takes the store and the binding policy its logins apply.
+pub type Scenario = fn(Arc<dyn Store>, Decide) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
         /// Every scenario with its name; a backend's test binary runs each one
         /// (and checks that it covers this whole list).
         pub const SCENARIOS: &[(&str, Scenario)] = &[
-            $((stringify!($name), |store| Box::pin($name(store)))),*
+            $((stringify!($name), |store, decide| Box::pin($name(store, decide)))),*
         ];
     };
 }
@@ -82,10 +85,11 @@ scenarios!(
     list_tokens_pages_in_key_order,
 );
 
-/// Runs every scenario, one after another, on one store.
-pub async fn run_all(store: Arc<dyn Store>) {
+/// Runs every scenario, one after another, on one store, binding logins
+/// by `decide`.
+pub async fn run_all(store: Arc<dyn Store>, decide: Decide) {
     for (_, scenario) in SCENARIOS {
-        scenario(Arc::clone(&store)).await;
+        scenario(Arc::clone(&store), decide).await;
     }
 }
 
@@ -203,13 +207,14 @@ async fn users(store: &Arc<dyn Store>) -> u64 {
 
 async fn login(
     store: &Arc<dyn Store>,
+    decide: Decide,
     identity: &Identity,
     policy: &BindPolicy,
     tokens: Option<&SealedToken>,
     now: OffsetDateTime,
 ) -> BindResult {
     store
-        .bind_login(identity, policy, tokens, Some("web"), now, None)
+        .bind_login(identity, policy, decide, tokens, Some("web"), now, None)
         .await
         .expect("bind_login")
 }
@@ -228,12 +233,13 @@ fn bound(result: BindResult) -> (Outcome, Binding, Option<&'static str>) {
 /// A login under `auto_create`, which always binds.
 async fn bind(
     store: &Arc<dyn Store>,
+    decide: Decide,
     identity: &Identity,
     actor: Option<&str>,
     now: OffsetDateTime,
 ) -> (Outcome, Binding) {
     let result = store
-        .bind_login(identity, &create_policy(), None, actor, now, None)
+        .bind_login(identity, &create_policy(), decide, None, actor, now, None)
         .await
         .expect("bind_login");
     let (outcome, binding, linked_by) = bound(result);

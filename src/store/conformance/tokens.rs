@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
+pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("tokens");
     let t0 = now_micros();
@@ -11,6 +11,7 @@ pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
     let (outcome, binding, _) = bound(
         login(
             &store,
+            decide,
             &minimal_identity(&provider, "1"),
             &create_policy(),
             Some(&first),
@@ -29,6 +30,7 @@ pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
     bound(
         login(
             &store,
+            decide,
             &minimal_identity(&provider, "1"),
             &create_policy(),
             Some(&second),
@@ -52,6 +54,7 @@ pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
     bound(
         login(
             &store,
+            decide,
             &minimal_identity(&provider, "1"),
             &create_policy(),
             Some(&third),
@@ -66,6 +69,7 @@ pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
     bound(
         login(
             &store,
+            decide,
             &minimal_identity(&provider, "1"),
             &create_policy(),
             None,
@@ -79,6 +83,7 @@ pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
     let (_, other, _) = bound(
         login(
             &store,
+            decide,
             &minimal_identity(&provider, "2"),
             &create_policy(),
             None,
@@ -93,11 +98,19 @@ pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
     // An identity linked by a rule gets its tokens too.
     let app = unique_provider("tokens-app");
     let union_id = unique("union");
-    bind(&store, &with_union(&provider, "3", &union_id), None, t2).await;
+    bind(
+        &store,
+        decide,
+        &with_union(&provider, "3", &union_id),
+        None,
+        t2,
+    )
+    .await;
     let linked_token = sealed("linked", t2);
     let (_, _, linked_by) = bound(
         login(
             &store,
+            decide,
             &with_union(&app, "3", &union_id),
             &union_policy(&[&provider, &app], false),
             Some(&linked_token),
@@ -112,7 +125,7 @@ pub async fn tokens_are_stored_on_login_and_replaced(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn token_writes_compare_and_swap(store: Arc<dyn Store>) {
+pub async fn token_writes_compare_and_swap(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("cas");
     let t0 = now_micros();
@@ -134,7 +147,7 @@ pub async fn token_writes_compare_and_swap(store: Arc<dyn Store>) {
             .expect("delete_token")
     );
 
-    bind(&store, &minimal_identity(&provider, "1"), None, t0).await;
+    bind(&store, decide, &minimal_identity(&provider, "1"), None, t0).await;
     let put = |token: &SealedToken, expected: Option<i64>| {
         let (store, provider, token) = (Arc::clone(&store), provider.clone(), token.clone());
         async move { store.put_token(&provider, "1", &token, expected).await }
@@ -179,7 +192,7 @@ pub async fn token_writes_compare_and_swap(store: Arc<dyn Store>) {
     assert_eq!(token(&store, &provider, "1").await, Some(stored(&one, 1)));
 
     // Tokens of other identities are separate.
-    bind(&store, &minimal_identity(&provider, "2"), None, t0).await;
+    bind(&store, decide, &minimal_identity(&provider, "2"), None, t0).await;
     assert_eq!(
         store
             .put_token(&provider, "2", &two, None)
@@ -190,7 +203,7 @@ pub async fn token_writes_compare_and_swap(store: Arc<dyn Store>) {
     assert_eq!(token(&store, &provider, "1").await, Some(stored(&one, 1)));
 }
 
-pub async fn mark_token_unusable_compares_versions(store: Arc<dyn Store>) {
+pub async fn mark_token_unusable_compares_versions(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("unusable");
     let t0 = now_micros();
@@ -198,6 +211,7 @@ pub async fn mark_token_unusable_compares_versions(store: Arc<dyn Store>) {
     let (_, made, _) = bound(
         login(
             &store,
+            decide,
             &minimal_identity(&provider, "1"),
             &create_policy(),
             Some(&first),
@@ -247,19 +261,26 @@ pub async fn mark_token_unusable_compares_versions(store: Arc<dyn Store>) {
     );
 
     // Nothing to mark: an identity without a token, or no identity.
-    bind(&store, &minimal_identity(&provider, "2"), None, t0).await;
+    bind(&store, decide, &minimal_identity(&provider, "2"), None, t0).await;
     not_found(store.mark_token_unusable(&provider, "2", 1).await);
     not_found(store.mark_token_unusable(&provider, "3", 1).await);
 }
 
-pub async fn list_tokens_pages_in_key_order(store: Arc<dyn Store>) {
+pub async fn list_tokens_pages_in_key_order(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("keys");
     let now = now_micros();
     let subjects: Vec<String> = (0..7).map(|i| format!("s{i}")).collect();
     // Written out of key order.
     for subject in subjects.iter().rev() {
-        bind(&store, &minimal_identity(&provider, subject), None, now).await;
+        bind(
+            &store,
+            decide,
+            &minimal_identity(&provider, subject),
+            None,
+            now,
+        )
+        .await;
         store
             .put_token(&provider, subject, &sealed(subject, now), None)
             .await
@@ -270,7 +291,14 @@ pub async fn list_tokens_pages_in_key_order(store: Arc<dyn Store>) {
         .await
         .expect("put");
     // An identity without a token is not listed.
-    bind(&store, &minimal_identity(&provider, "s35"), None, now).await;
+    bind(
+        &store,
+        decide,
+        &minimal_identity(&provider, "s35"),
+        None,
+        now,
+    )
+    .await;
 
     // From just before this provider, pages of three until another
     // provider's row (or the end) shows up.

@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub async fn users_are_read_with_their_identities(store: Arc<dyn Store>) {
+pub async fn users_are_read_with_their_identities(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     // Names whose order is the same under any collation.
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -13,7 +13,7 @@ pub async fn users_are_read_with_their_identities(store: Arc<dyn Store>) {
 
     // Made by a login at `c`, then given `a` and `b`, out of provider order.
     let c = full_identity(&pc, "3");
-    let (_, made) = bind(&store, &c, None, t0).await;
+    let (_, made) = bind(&store, decide, &c, None, t0).await;
     let b = minimal_identity(&pb, "2");
     link(&store, &made.user_id, &b, Some(&sealed("b", tb)), tb)
         .await
@@ -27,7 +27,7 @@ pub async fn users_are_read_with_their_identities(store: Arc<dyn Store>) {
         .await
         .expect("link a");
     let later = tc + Duration::seconds(5);
-    bind(&store, &c, None, later).await;
+    bind(&store, decide, &c, None, later).await;
 
     let expected = User {
         id: made.user_id.clone(),
@@ -76,7 +76,7 @@ pub async fn users_are_read_with_their_identities(store: Arc<dyn Store>) {
     assert_eq!(listed, vec![expected]);
 }
 
-pub async fn list_users_filters_and_pages(store: Arc<dyn Store>) {
+pub async fn list_users_filters_and_pages(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let provider = unique_provider("list");
     let other = unique_provider("list-other");
@@ -89,6 +89,7 @@ pub async fn list_users_filters_and_pages(store: Arc<dyn Store>) {
     for (i, s) in [30, 0, 40, 10, 30, 20, 30].into_iter().enumerate() {
         let (_, binding) = bind(
             &store,
+            decide,
             &minimal_identity(&provider, &format!("s{i}")),
             None,
             at(s),
@@ -98,7 +99,14 @@ pub async fn list_users_filters_and_pages(store: Arc<dyn Store>) {
     }
     // One user from elsewhere who also has an identity at `provider`, one
     // who has none.
-    let (_, both) = bind(&store, &minimal_identity(&other, "both"), None, at(25)).await;
+    let (_, both) = bind(
+        &store,
+        decide,
+        &minimal_identity(&other, "both"),
+        None,
+        at(25),
+    )
+    .await;
     link(
         &store,
         &both.user_id,
@@ -108,7 +116,14 @@ pub async fn list_users_filters_and_pages(store: Arc<dyn Store>) {
     )
     .await
     .expect("link");
-    let (_, elsewhere) = bind(&store, &minimal_identity(&other, "only"), None, at(35)).await;
+    let (_, elsewhere) = bind(
+        &store,
+        decide,
+        &minimal_identity(&other, "only"),
+        None,
+        at(35),
+    )
+    .await;
 
     let list = |query: UserQuery| {
         let store = Arc::clone(&store);
@@ -223,7 +238,7 @@ pub async fn list_users_filters_and_pages(store: Arc<dyn Store>) {
     );
 }
 
-pub async fn unlink_identity_rules(store: Arc<dyn Store>) {
+pub async fn unlink_identity_rules(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let p1 = unique_provider("ul1");
     let p2 = unique_provider("ul2");
@@ -241,6 +256,7 @@ pub async fn unlink_identity_rules(store: Arc<dyn Store>) {
     let (_, made, _) = bound(
         login(
             &store,
+            decide,
             &minimal_identity(&p1, "1"),
             &create_policy(),
             Some(&one),
@@ -345,7 +361,7 @@ pub async fn unlink_identity_rules(store: Arc<dyn Store>) {
         .expect("relink");
 
     // The unlinked identity is unbound: its next login is a first login.
-    let (outcome, fresh) = bind(&store, &minimal_identity(&p1, "1"), None, t1).await;
+    let (outcome, fresh) = bind(&store, decide, &minimal_identity(&p1, "1"), None, t1).await;
     assert_eq!(outcome, Outcome::UserCreated);
     assert_ne!(fresh.user_id, user_id);
 
@@ -353,7 +369,7 @@ pub async fn unlink_identity_rules(store: Arc<dyn Store>) {
     // see "not the last one"; exactly one goes.
     for round in 0..4 {
         let (q1, q2) = (unique_provider("race-ul1"), unique_provider("race-ul2"));
-        let (_, made) = bind(&store, &minimal_identity(&q1, "1"), None, t0).await;
+        let (_, made) = bind(&store, decide, &minimal_identity(&q1, "1"), None, t0).await;
         link(&store, &made.user_id, &minimal_identity(&q2, "2"), None, t0)
             .await
             .expect("link");
@@ -390,7 +406,7 @@ pub async fn unlink_identity_rules(store: Arc<dyn Store>) {
     }
 }
 
-pub async fn delete_user_cascades_and_keeps_the_audit_trail(store: Arc<dyn Store>) {
+pub async fn delete_user_cascades_and_keeps_the_audit_trail(store: Arc<dyn Store>, decide: Decide) {
     migrated(&store).await;
     let p1 = unique_provider("del1");
     let p2 = unique_provider("del2");
@@ -402,6 +418,7 @@ pub async fn delete_user_cascades_and_keeps_the_audit_trail(store: Arc<dyn Store
     let (_, made, _) = bound(
         login(
             &store,
+            decide,
             &minimal_identity(&p1, "1"),
             &create_policy(),
             Some(&sealed("one", t0)),
@@ -423,6 +440,7 @@ pub async fn delete_user_cascades_and_keeps_the_audit_trail(store: Arc<dyn Store
     let (_, bystander, _) = bound(
         login(
             &store,
+            decide,
             &minimal_identity(&p1, "other"),
             &create_policy(),
             Some(&sealed("other", t0)),
@@ -494,7 +512,7 @@ pub async fn delete_user_cascades_and_keeps_the_audit_trail(store: Arc<dyn Store
 
     not_found(store.delete_user(&user_id, None, t1).await);
     // Its identities are free again: the next login makes a new user.
-    let (outcome, fresh) = bind(&store, &minimal_identity(&p1, "1"), None, t1).await;
+    let (outcome, fresh) = bind(&store, decide, &minimal_identity(&p1, "1"), None, t1).await;
     assert_eq!(outcome, Outcome::UserCreated);
     assert_ne!(fresh.user_id, user_id);
 }

@@ -1210,16 +1210,17 @@ impl Shared {
 // ---------------------------------------------------------------------------
 // Keys
 
-struct SigningKey {
-    kid: String,
-    algorithm: Algorithm,
-    key: EncodingKey,
+pub(super) struct SigningKey {
+    pub(super) kid: String,
+    pub(super) algorithm: Algorithm,
+    pub(super) key: EncodingKey,
     /// The public JWK, as published.
-    jwk: Value,
+    pub(super) jwk: Value,
 }
 
 /// Indexed by [`Alg::index`]: the published keys and the rotated ones.
-struct Keys {
+/// Other OIDC emulators (GitLab) sign with the same fixtures.
+pub(super) struct Keys {
     current: [SigningKey; 3],
     rotated: [SigningKey; 3],
 }
@@ -1227,7 +1228,7 @@ struct Keys {
 const JWKS_JSON: &str = include_str!("../keys/jwks.json");
 
 impl Keys {
-    fn load() -> Keys {
+    pub(super) fn load() -> Keys {
         let jwks: Value = serde_json::from_str(JWKS_JSON).expect("keys/jwks.json");
         let key = |name: &str, pem: &str, alg: Alg| {
             let jwk = jwks[name].clone();
@@ -1270,7 +1271,7 @@ impl Keys {
         }
     }
 
-    fn pick(&self, alg: Alg, rotated: bool) -> &SigningKey {
+    pub(super) fn pick(&self, alg: Alg, rotated: bool) -> &SigningKey {
         if rotated {
             &self.rotated[alg.index()]
         } else {

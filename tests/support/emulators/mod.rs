@@ -427,8 +427,11 @@ pub fn query_of(url: &str) -> Vec<(String, String)> {
 }
 pub mod acwing;
 pub mod custom;
+pub mod dingtalk;
+pub mod feishu;
 pub mod gitee;
 pub mod github;
+pub mod gitlab;
 pub mod google;
 pub mod https;
 pub mod qiita;

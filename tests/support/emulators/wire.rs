@@ -240,6 +240,8 @@ pub(super) const SECRET_PARAMS: &[&str] = &[
     "authCode",
     "renewalToken",
     "credential",
+    "clientSecret",
+    "refreshToken",
 ];
 
 /// `params` with the value of each [`SECRET_PARAMS`] one replaced by

@@ -1,5 +1,8 @@
 //! Value types shared by the login use cases, the providers and the stores.
-//! They know nothing of protobuf or SQL.
+//! They know nothing of protobuf or SQL. `binding`: the binding policy's
+//! types (`BindPolicy`, `Facts`, `Decision`, `Decide`) that a store applies.
+
+pub mod binding;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
