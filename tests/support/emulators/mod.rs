@@ -333,8 +333,19 @@ impl Core {
         }
     }
 
-    pub fn record(&self, request: SeenRequest) {
-        lock(&self.seen).push(request);
+    /// Logs a request; returns where, for [`set_status`](Self::set_status).
+    pub fn record(&self, request: SeenRequest) -> usize {
+        let mut seen = lock(&self.seen);
+        seen.push(request);
+        seen.len() - 1
+    }
+
+    /// The status a logged request was answered with (a no-op once the log
+    /// was cleared).
+    pub fn set_status(&self, at: usize, status: u16) {
+        if let Some(request) = lock(&self.seen).get_mut(at) {
+            request.status = status;
+        }
     }
 
     pub fn requests(&self) -> Vec<SeenRequest> {
@@ -354,26 +365,24 @@ impl Core {
     }
 
     /// [`answer`](Self::answer) with faults keyed by the emulator's own
-    /// endpoints. A fault that never answers (hang, dropped connection) is
-    /// logged first, with status 0.
+    /// endpoints. The request is logged on arrival, so a test can see a call
+    /// in progress, and gets its status once answered; a fault that never
+    /// answers (hang, dropped connection) leaves it at 0.
     pub async fn answer_with<E: Copy + Eq + Hash>(
         &self,
         faults: &Faults<E>,
         key: E,
-        mut seen: SeenRequest,
+        seen: SeenRequest,
         normal: impl FnOnce() -> Response,
     ) -> Response {
         let silent = matches!(faults.get(key), Some(Fault::Hang | Fault::CloseConnection));
-        if silent {
-            self.record(seen.clone());
-        }
+        let at = self.record(seen);
         let response = match faults.apply(key).await {
             Some(r) => r,
             None => normal(),
         };
         if !silent {
-            seen.status = response.status().as_u16();
-            self.record(seen);
+            self.set_status(at, response.status().as_u16());
         }
         response
     }
