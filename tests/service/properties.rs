@@ -288,6 +288,7 @@ fn begin_request() -> impl Strategy<Value = BeginLogin> {
             redirect_uri,
             scopes,
             return_to,
+            ..Default::default()
         })
 }
 
@@ -322,7 +323,7 @@ proptest! {
         } else {
             state
         };
-        let req = CompleteLogin { state, code, error, error_description };
+        let req = CompleteLogin { state, code, error, error_description, ..Default::default() };
         if let Err(e) = rig.runtime.block_on(rig.login.complete(req, None)) {
             assert_documented(e)?;
         }

@@ -11,7 +11,10 @@ use authbroker::{
     config::{HttpSettings, ProviderConfig},
     domain::Identity,
     http::HttpClient,
-    provider::{Provider, ProviderError, Registry, TokenSet, spec::ProviderSpec},
+    provider::{
+        AuthorizeParams, CallbackParams, Provider, ProviderError, Registry, TokenSet,
+        spec::ProviderSpec,
+    },
     state::{PendingLogin, PkceVerifier, StateToken},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -139,17 +142,24 @@ async fn engine_login(
     seed: &str,
 ) -> (TokenSet, Identity) {
     let login = pending(provider);
-    let url = provider.authorize_url(&login).await.unwrap();
+    let url = provider
+        .authorize_url(&login, &AuthorizeParams::default())
+        .await
+        .unwrap();
     let callback = emulator
         .approve(url.as_str(), seed)
         .unwrap_or_else(|e| panic!("{}: {e}", emulator.kind()));
     assert_eq!(param(&callback, "state"), login.state.as_str());
     let tokens = provider
-        .exchange_code(&param(&callback, "code"), &login)
+        .exchange_code(
+            &param(&callback, "code"),
+            &login,
+            &CallbackParams::default(),
+        )
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", emulator.kind()));
     let identity = provider
-        .fetch_identity(&tokens, &login)
+        .fetch_identity(&tokens, &login, &CallbackParams::default())
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", emulator.kind()));
     (tokens, identity)
@@ -327,10 +337,18 @@ async fn engine_sees_errors_and_faults() {
         emulator.add_user("f");
         // A code used twice is rejected with the provider's own code.
         let login = pending(p.as_ref());
-        let url = p.authorize_url(&login).await.unwrap();
+        let url = p
+            .authorize_url(&login, &AuthorizeParams::default())
+            .await
+            .unwrap();
         let code = param(&emulator.approve(url.as_str(), "f").unwrap(), "code");
-        p.exchange_code(&code, &login).await.unwrap();
-        let reused = p.exchange_code(&code, &login).await.unwrap_err();
+        p.exchange_code(&code, &login, &CallbackParams::default())
+            .await
+            .unwrap();
+        let reused = p
+            .exchange_code(&code, &login, &CallbackParams::default())
+            .await
+            .unwrap_err();
         let want = match kind {
             "acwing" => "40001",
             "qiita" => "unauthorized",
@@ -345,9 +363,15 @@ async fn engine_sees_errors_and_faults() {
         // A 503 on the token step is "unavailable".
         emulator.set_fault(Step::Token, Fault::Status503);
         let login = pending(p.as_ref());
-        let url = p.authorize_url(&login).await.unwrap();
+        let url = p
+            .authorize_url(&login, &AuthorizeParams::default())
+            .await
+            .unwrap();
         let code = param(&emulator.approve(url.as_str(), "f").unwrap(), "code");
-        let err = p.exchange_code(&code, &login).await.unwrap_err();
+        let err = p
+            .exchange_code(&code, &login, &CallbackParams::default())
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, ProviderError::Unavailable { .. }),
             "{kind}: {err}"
@@ -361,16 +385,27 @@ async fn engine_sees_errors_and_faults() {
         emulator.clear_faults();
         emulator.set_fault(Step::Identity, Fault::Garbage);
         let login = pending(p.as_ref());
-        let url = p.authorize_url(&login).await.unwrap();
+        let url = p
+            .authorize_url(&login, &AuthorizeParams::default())
+            .await
+            .unwrap();
         let code = param(&emulator.approve(url.as_str(), "f").unwrap(), "code");
-        let tokens = p.exchange_code(&code, &login).await.unwrap();
-        let err = p.fetch_identity(&tokens, &login).await.unwrap_err();
+        let tokens = p
+            .exchange_code(&code, &login, &CallbackParams::default())
+            .await
+            .unwrap();
+        let err = p
+            .fetch_identity(&tokens, &login, &CallbackParams::default())
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, ProviderError::BadResponse { .. }),
             "{kind}: {err}"
         );
         emulator.clear_faults();
-        p.fetch_identity(&tokens, &login).await.unwrap();
+        p.fetch_identity(&tokens, &login, &CallbackParams::default())
+            .await
+            .unwrap();
         assert_no_violations(emulator);
     }
 }
@@ -1136,7 +1171,7 @@ fn nimbus_spec_parses_and_differs_from_every_preset() {
     assert!(spec.refresh_token_single_use && spec.pkce);
     assert_eq!(
         spec.requests[0].headers["X-Nimbus-Api"],
-        custom::API_VERSION
+        custom::API_VERSION.parse().unwrap()
     );
     for (name, text) in authbroker::provider::presets::PRESETS {
         let preset = ProviderSpec::parse(text).unwrap();

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use authbroker::{
     config::{HttpSettings, ProviderConfig},
     http::HttpClient,
-    provider::Registry,
+    provider::{AuthorizeParams, CallbackParams, Registry},
     state::{PendingLogin, PkceVerifier, StateToken},
 };
 use reqwest::{StatusCode, header};
@@ -1419,14 +1419,20 @@ async fn engine_login_with(
         created_at: now,
         expires_at: now + time::Duration::minutes(10),
     };
-    let url = provider.authorize_url(&login).await.unwrap();
+    let url = provider
+        .authorize_url(&login, &AuthorizeParams::default())
+        .await
+        .unwrap();
     let back = emu.approve(url.as_str(), seed).unwrap();
     assert_eq!(param(&back, "state"), login.state.as_str());
     let tokens = provider
-        .exchange_code(&param(&back, "code"), &login)
+        .exchange_code(&param(&back, "code"), &login, &CallbackParams::default())
         .await
         .unwrap();
-    let identity = provider.fetch_identity(&tokens, &login).await.unwrap();
+    let identity = provider
+        .fetch_identity(&tokens, &login, &CallbackParams::default())
+        .await
+        .unwrap();
     let got = ExpectedIdentity {
         subject: identity.subject,
         union_id: identity.union_id.unwrap_or_default(),
