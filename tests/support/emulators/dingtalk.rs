@@ -116,8 +116,8 @@ impl DingtalkEmulator {
             users: Mutex::default(),
         });
         let router = Router::new()
-            .route(TOKEN_PATH, any(token))
-            .route(ME_PATH, any(me))
+            .route(TOKEN_PATH, any(handle))
+            .route(ME_PATH, any(handle))
             .with_state(shared.clone());
         let (base_url, task) = serve(router).await;
         DingtalkEmulator {
@@ -371,7 +371,9 @@ impl Dingtalk {
     }
 }
 
-async fn token(
+/// The one handler: each path is logged under its step, and an armed fault
+/// answers before DingTalk does.
+async fn handle(
     State(d): State<Arc<Dingtalk>>,
     method: Method,
     uri: Uri,
@@ -379,25 +381,16 @@ async fn token(
     body: Bytes,
 ) -> Response {
     let req = Req::new(method, &uri, &headers, &body);
-    let step = if param(&req.json, "grantType") == Some("refresh_token") {
-        Step::Refresh
-    } else {
-        Step::Token
+    let step = match uri.path() {
+        ME_PATH => Step::Identity,
+        _ if param(&req.json, "grantType") == Some("refresh_token") => Step::Refresh,
+        _ => Step::Token,
     };
     let seen = req.seen(step);
-    d.core.answer(step, seen, || d.token(&req)).await
-}
-
-async fn me(
-    State(d): State<Arc<Dingtalk>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Req::new(method, &uri, &headers, &body);
-    let seen = req.seen(Step::Identity);
     d.core
-        .answer(Step::Identity, seen, || d.me(&req, &headers))
+        .answer(step, seen, || match step {
+            Step::Identity => d.me(&req, &headers),
+            _ => d.token(&req),
+        })
         .await
 }

@@ -143,8 +143,8 @@ impl FeishuEmulator {
             users: Mutex::default(),
         });
         let router = Router::new()
-            .route(TOKEN_PATH, any(token))
-            .route(USER_INFO_PATH, any(user_info))
+            .route(TOKEN_PATH, any(handle))
+            .route(USER_INFO_PATH, any(handle))
             .with_state(shared.clone());
         let (base_url, task) = serve(router).await;
         FeishuEmulator {
@@ -462,7 +462,9 @@ impl Feishu {
     }
 }
 
-async fn token(
+/// The one handler: each path is logged under its step, and an armed fault
+/// answers before Feishu does.
+async fn handle(
     State(f): State<Arc<Feishu>>,
     method: Method,
     uri: Uri,
@@ -470,25 +472,16 @@ async fn token(
     body: Bytes,
 ) -> Response {
     let req = Req::new(method, &uri, &headers, &body);
-    let step = if param(&req.json, "grant_type") == Some("refresh_token") {
-        Step::Refresh
-    } else {
-        Step::Token
+    let step = match uri.path() {
+        USER_INFO_PATH => Step::Identity,
+        _ if param(&req.json, "grant_type") == Some("refresh_token") => Step::Refresh,
+        _ => Step::Token,
     };
     let seen = req.seen(step);
-    f.core.answer(step, seen, || f.token(&req)).await
-}
-
-async fn user_info(
-    State(f): State<Arc<Feishu>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Req::new(method, &uri, &headers, &body);
-    let seen = req.seen(Step::Identity);
     f.core
-        .answer(Step::Identity, seen, || f.user_info(&req, &headers))
+        .answer(step, seen, || match step {
+            Step::Identity => f.user_info(&req, &headers),
+            _ => f.token(&req),
+        })
         .await
 }

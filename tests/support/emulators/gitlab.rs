@@ -163,11 +163,11 @@ impl GitlabEmulator {
             users: Mutex::default(),
         });
         let router = Router::new()
-            .route(DISCOVERY_PATH, any(discovery))
-            .route(JWKS_PATH, any(jwks))
-            .route(TOKEN_PATH, any(token))
-            .route(USERINFO_PATH, any(userinfo))
-            .route(REVOKE_PATH, any(revoke))
+            .route(DISCOVERY_PATH, any(handle))
+            .route(JWKS_PATH, any(handle))
+            .route(TOKEN_PATH, any(handle))
+            .route(USERINFO_PATH, any(handle))
+            .route(REVOKE_PATH, any(handle))
             .with_state(shared.clone());
         let (base_url, task) = serve(router).await;
         // Set before anyone knows the port, so no request can miss it.
@@ -614,98 +614,32 @@ impl Gitlab {
 }
 
 // ---------------------------------------------------------------------------
-// Handlers: each logs the request and lets an armed fault answer first.
+// The one handler: every path is logged under its step, and an armed
+// fault answers before GitLab does.
 
 async fn handle(
-    gitlab: &Gitlab,
-    step: Step,
-    (method, uri, headers, body): (Method, Uri, HeaderMap, Bytes),
-    normal: impl FnOnce(&Gitlab, &Req, &HeaderMap) -> Response,
+    State(g): State<Arc<Gitlab>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let req = Req::new(method, &uri, &headers, &body);
-    let seen = req.seen(step);
-    gitlab
-        .core
-        .answer(step, seen, || normal(gitlab, &req, &headers))
-        .await
-}
-
-async fn discovery(
-    State(g): State<Arc<Gitlab>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        &g,
-        Step::Discovery,
-        (method, uri, headers, body),
-        |g, _, _| answer(StatusCode::OK, JSON_UTF8, g.discovery_document()),
-    )
-    .await
-}
-
-async fn jwks(
-    State(g): State<Arc<Gitlab>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        &g,
-        Step::Discovery,
-        (method, uri, headers, body),
-        |g, _, _| answer(StatusCode::OK, JSON_UTF8, g.jwks_document()),
-    )
-    .await
-}
-
-async fn token(
-    State(g): State<Arc<Gitlab>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Req::new(method.clone(), &uri, &headers, &body);
-    let step = if req.param("grant_type") == Some("refresh_token") {
-        Step::Refresh
-    } else {
-        Step::Token
+    let step = match uri.path() {
+        DISCOVERY_PATH | JWKS_PATH => Step::Discovery,
+        TOKEN_PATH if req.param("grant_type") == Some("refresh_token") => Step::Refresh,
+        TOKEN_PATH => Step::Token,
+        USERINFO_PATH => Step::Identity,
+        _ => Step::Revoke,
     };
-    handle(&g, step, (method, uri, headers, body), Gitlab::token).await
-}
-
-async fn userinfo(
-    State(g): State<Arc<Gitlab>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        &g,
-        Step::Identity,
-        (method, uri, headers, body),
-        Gitlab::userinfo,
-    )
-    .await
-}
-
-async fn revoke(
-    State(g): State<Arc<Gitlab>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        &g,
-        Step::Revoke,
-        (method, uri, headers, body),
-        Gitlab::revoke,
-    )
-    .await
+    let seen = req.seen(step);
+    g.core
+        .answer(step, seen, || match uri.path() {
+            DISCOVERY_PATH => answer(StatusCode::OK, JSON_UTF8, g.discovery_document()),
+            JWKS_PATH => answer(StatusCode::OK, JSON_UTF8, g.jwks_document()),
+            TOKEN_PATH => g.token(&req, &headers),
+            USERINFO_PATH => g.userinfo(&req, &headers),
+            _ => g.revoke(&req, &headers),
+        })
+        .await
 }
