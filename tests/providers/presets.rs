@@ -220,7 +220,7 @@ scopes = ["email"]
         "providers.typo.spec: unknown field `subjekt`",
         "providers.qq.fetch_userinfo: only OIDC providers take this option",
         "providers.qq.spec: only kind = \"oauth2\" takes a spec",
-        "providers.corp.endpoints.issuer: kind \"oidc\" needs the issuer URL",
+        "providers.corp.issuer: kind \"oidc\" needs the issuer URL",
         "providers.corp.scopes: OIDC needs the \"openid\" scope",
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
