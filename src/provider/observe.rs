@@ -31,6 +31,8 @@ fn result_label<T>(result: &Result<T, ProviderError>) -> &'static str {
         Err(ProviderError::Tls { .. }) => "tls_error",
         Err(ProviderError::BadResponse { .. }) => "bad_response",
         Err(ProviderError::InvalidIdToken { .. }) => "invalid_id_token",
+        // Checked on the callback before any request; listed for the match.
+        Err(ProviderError::IssuerMismatch { .. }) => "issuer_mismatch",
     }
 }
 

@@ -308,7 +308,6 @@ impl Slots {
         decide: impl FnOnce(&Slot, Instant) -> (Option<Option<Slot>>, Outcome),
     ) -> Outcome {
         let mut outcome = Outcome::Missing;
-        let mut tombstone = None;
         self.live.entry(*token).and_compute_with(|current| {
             let Some(slot) = current.map(|e| e.into_value()) else {
                 return Op::Nop;
@@ -321,7 +320,12 @@ impl Slots {
                 Some(None) => {
                     // Counted before moka applies it: see `Count::reconcile_locked`.
                     self.count.taken.fetch_add(1, Ordering::SeqCst);
-                    tombstone = Some(slot.evict_at().max(now + DEADLINE_MARGIN));
+                    // The tombstone goes in while this entry is still locked:
+                    // a claim that finds the entry gone must find the
+                    // tombstone, or a replay racing the finish is told
+                    // STATE_UNKNOWN instead of STATE_ALREADY_USED.
+                    self.used
+                        .insert(*token, slot.evict_at().max(now + DEADLINE_MARGIN));
                     Op::Remove
                 }
                 // Housekeeping does not wait for this closure: if it dropped
@@ -336,9 +340,6 @@ impl Slots {
                 Some(Some(next)) => Op::Put(next),
             }
         });
-        if let Some(until) = tombstone {
-            self.used.insert(*token, until);
-        }
         outcome
     }
 
@@ -586,6 +587,43 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         for s in &won {
             assert!(store.claim(Kind::Login, s, &fp(), now).await.is_ok());
+        }
+    }
+
+    /// A replay racing the finish of the login it replays: the replay must
+    /// see the login in progress or used, never an unknown state (the
+    /// tombstone was once written after the entry was gone, and one replay
+    /// in a few thousand read STATE_UNKNOWN in between).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_replay_racing_the_finish_is_never_unknown() {
+        let store = Arc::new(MemoryStateStore::new(limits(
+            100_000,
+            Duration::from_secs(60),
+        )));
+        let replayer = Fingerprint::of(&["another code"]);
+        for _ in 0..2_000 {
+            let (s, l) = conformance::login(time::Duration::minutes(10));
+            store.put(&s, l).await.unwrap();
+            let now = OffsetDateTime::now_utc();
+            let c = store.claim(Kind::Login, &s, &fp(), now).await.unwrap();
+            let replay = {
+                let (store, s) = (store.clone(), s);
+                tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    for _ in 0..20 {
+                        answers.push(store.claim(Kind::Login, &s, &replayer, now).await.err());
+                        tokio::task::yield_now().await;
+                    }
+                    answers
+                })
+            };
+            store.finish(Kind::Login, &s, c.attempt).await.unwrap();
+            for answer in replay.await.unwrap() {
+                assert!(
+                    matches!(answer, Some(StateError::AlreadyUsed)),
+                    "a replay got {answer:?}"
+                );
+            }
         }
     }
 
