@@ -15,6 +15,8 @@
 //! - `harness`: settings, the running app, its gRPC channels.
 //! - `calls`: one call of each scenario, and how a failure is described.
 //! - `runner`: N concurrent callers for a fixed time; latency histograms.
+//! - `cpu`: what each call cost — the server's threads, the Postgres
+//!   backends, the store's round trips — and the sandbox's sockets.
 //! - `phases`: the in-process metrics recorder and where a login's time goes.
 //! - `memory`: RSS per pending login with a million held (memory backend).
 //! - `report`: the printed tables, ratios and target verdicts.
@@ -26,6 +28,8 @@
 mod bench_db;
 #[path = "loadgen/calls.rs"]
 mod calls;
+#[path = "loadgen/cpu.rs"]
+mod cpu;
 #[path = "loadgen/harness.rs"]
 mod harness;
 #[path = "loadgen/machine.rs"]
@@ -49,7 +53,8 @@ use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
 
 use crate::{
     calls::{Scenario, Shared},
-    harness::RunningApp,
+    cpu::Probe,
+    harness::{RunningApp, Runtimes},
     phases::Breakdown,
     runner::{Interleaved, Level, Row},
     state_backend::{Backend, StateTarget},
@@ -183,19 +188,42 @@ fn main() -> ExitCode {
         eprintln!("loadgen: a metrics recorder is already installed");
         return ExitCode::FAILURE;
     }
-    // Client and server share this runtime (and so the machine's cores): the
-    // default worker count is one thread per core.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("loadgen: cannot start the Tokio runtime: {e}");
+    // Three runtimes, each one worker per core as Tokio's default: the
+    // callers' (this one), the app's, and the sandbox provider's. They share
+    // the machine's cores, but the app's threads are its own, so their CPU
+    // clocks are the server's cost.
+    let runtime = |name: Option<&str>| {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all();
+        if let Some(name) = name {
+            // Blocking threads (SQLite's) too; kept alive, so none exits
+            // between two samples and takes its CPU time with it.
+            builder
+                .thread_name(name)
+                .thread_keep_alive(Duration::from_secs(24 * 3600));
+        }
+        builder.build()
+    };
+    let (callers, server, provider) = match (
+        runtime(None),
+        runtime(Some(cpu::SERVER_THREAD)),
+        runtime(Some(cpu::PROVIDER_THREAD)),
+    ) {
+        (Ok(c), Ok(s), Ok(p)) => (c, s, p),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            eprintln!("loadgen: cannot start the Tokio runtimes: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, snapshotter)) {
+    let runtimes = Runtimes {
+        server: server.handle().clone(),
+        provider: provider.handle().clone(),
+    };
+    let result = callers.block_on(run(args, snapshotter, runtimes));
+    // Whatever tasks are left (pool connections, the sandbox) end with them.
+    server.shutdown_background();
+    provider.shutdown_background();
+    match result {
         Ok(0) => ExitCode::SUCCESS,
         Ok(errors) => {
             eprintln!("loadgen: {errors} calls failed; the figures above are not clean");
@@ -210,7 +238,7 @@ fn main() -> ExitCode {
 
 /// Sets up the database, runs everything, and always drops the database
 /// and deletes a Redis run's keys. Returns the number of failed calls.
-async fn run(args: Args, snapshotter: Snapshotter) -> anyhow::Result<u64> {
+async fn run(args: Args, snapshotter: Snapshotter, runtimes: Runtimes) -> anyhow::Result<u64> {
     if args.verbose {
         authbroker::telemetry::init(&Default::default());
     }
@@ -231,10 +259,19 @@ async fn run(args: Args, snapshotter: Snapshotter) -> anyhow::Result<u64> {
     let result = if args.sqlite {
         let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
         let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        bench(&args, &state, &url, &snapshotter).await
+        bench(&args, &state, &url, &snapshotter, &runtimes, None).await
     } else {
         let db = bench_db::BenchDatabase::create(&args.database_url).await?;
-        let result = bench(&args, &state, &db.url, &snapshotter).await;
+        let backends = db.backends().await?;
+        let result = bench(
+            &args,
+            &state,
+            &db.url,
+            &snapshotter,
+            &runtimes,
+            Some(backends),
+        )
+        .await;
         if let Err(e) = db.drop_database().await {
             eprintln!("loadgen: warning: {e:#}");
         }
@@ -271,6 +308,8 @@ async fn bench(
     state: &StateTarget,
     database_url: &str,
     snapshotter: &Snapshotter,
+    runtimes: &Runtimes,
+    backends: Option<cpu::Backends>,
 ) -> anyhow::Result<u64> {
     let mut settings = harness::settings(database_url, args.pool_size, args.max_pending)?;
     state.apply(&mut settings);
@@ -289,13 +328,18 @@ async fn bench(
         Some(memory::measure(settings.clone(), args.pending).await?)
     };
 
-    let app = RunningApp::start(settings, args.channels).await?;
+    let app = RunningApp::start(settings, args.channels, runtimes).await?;
     eprintln!("app listening on {}", app.addr);
-    let outcome = grpc_scenarios(args, &app, snapshotter).await;
+    let probe = Probe {
+        backends,
+        sandbox_port: app.sandbox_port,
+    };
+    let outcome = grpc_scenarios(args, &app, snapshotter, &probe).await;
     app.stop().await;
     let (rows, breakdowns, interleaved) = outcome?;
 
     report::throughput(&rows);
+    report::costs(&rows);
     report::ratios(&rows, &args.concurrency);
     report::breakdowns(&breakdowns);
     if let Some(m) = &memory {
@@ -313,6 +357,7 @@ async fn grpc_scenarios(
     args: &Args,
     app: &RunningApp,
     snapshotter: &Snapshotter,
+    probe: &Probe,
 ) -> anyhow::Result<(Vec<Row>, Vec<Breakdown>, Option<Interleaved>)> {
     let (duration, warmup) = args.level_timing();
     let shared = Arc::new(Shared::new(app, args.returning_users)?);
@@ -337,7 +382,7 @@ async fn grpc_scenarios(
                 duration,
                 warmup,
             };
-            let measured = runner::measure(&shared, level, snapshotter).await?;
+            let measured = runner::measure(&shared, level, snapshotter, probe).await?;
             if let Some(b) = measured.breakdown {
                 breakdowns.push(b);
             }

@@ -34,6 +34,12 @@ impl BenchDatabase {
         })
     }
 
+    /// A session on the admin database that finds this database's backends.
+    pub async fn backends(&self) -> anyhow::Result<crate::cpu::Backends> {
+        let client = connect(&self.admin_url).await?;
+        Ok(crate::cpu::Backends::new(client, self.name.clone()))
+    }
+
     /// `WITH (FORCE)` (Postgres 13+) ends the sessions the app's pool may
     /// still hold; older servers get a plain DROP.
     pub async fn drop_database(self) -> anyhow::Result<()> {

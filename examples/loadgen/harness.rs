@@ -9,7 +9,7 @@ use authbroker::{
     config::{ApiKeyConfig, Mode, ProviderConfig, Role, Settings},
 };
 use sha2::{Digest, Sha256};
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{runtime::Handle, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -65,22 +65,44 @@ fn sandbox_provider() -> anyhow::Result<ProviderConfig> {
     toml::from_str(&table).context("the sandbox provider's configuration")
 }
 
-/// An app serving on its own task, and the channels callers share.
+/// The runtimes besides the callers': the app's own, whose threads' CPU is
+/// the server's, and the sandbox provider's.
+#[derive(Clone)]
+pub struct Runtimes {
+    pub server: Handle,
+    pub provider: Handle,
+}
+
+/// An app serving on its own runtime, and the channels callers share.
 pub struct RunningApp {
     pub addr: SocketAddr,
+    /// Where the sandbox provider listens.
+    pub sandbox_port: Option<u16>,
     pub channels: Vec<Channel>,
     shutdown: oneshot::Sender<()>,
     handle: JoinHandle<anyhow::Result<()>>,
 }
 
 impl RunningApp {
-    pub async fn start(settings: Settings, channels: usize) -> anyhow::Result<RunningApp> {
-        let app = Application::build(settings, Mode::Serve)
+    /// Built on the provider's runtime, where the app starts the sandbox's
+    /// server task, and served on the server's: the app's database
+    /// connections and provider HTTP connections are made while serving,
+    /// so their tasks run there too.
+    pub async fn start(
+        settings: Settings,
+        channels: usize,
+        runtimes: &Runtimes,
+    ) -> anyhow::Result<RunningApp> {
+        let app = runtimes
+            .provider
+            .spawn(Application::build(settings, Mode::Serve))
             .await
+            .context("the app's build task failed")?
             .context("cannot build the app")?;
         let addr = app.local_addr();
+        let sandbox_port = app.sandbox_url().and_then(|u| u.port());
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(app.run_until_stopped(async {
+        let handle = runtimes.server.spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
         let mut opened = Vec::with_capacity(channels.max(1));
@@ -89,6 +111,7 @@ impl RunningApp {
         }
         let app = RunningApp {
             addr,
+            sandbox_port,
             channels: opened,
             shutdown,
             handle,

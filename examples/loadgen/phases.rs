@@ -51,6 +51,9 @@ impl Stat {
 /// The server's timings of one run: login phases and provider HTTP calls.
 #[derive(Debug, Default)]
 pub struct ServerTimings {
+    /// The store's round trips since the previous call (the recorder's
+    /// snapshot drains counters too).
+    pub round_trips: u64,
     /// By `phase`.
     pub login: BTreeMap<String, Stat>,
     /// By provider `step` (`token`, `userinfo`, …).
@@ -67,11 +70,17 @@ impl ServerTimings {
 pub fn take(snapshotter: &Snapshotter) -> ServerTimings {
     let mut login: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut provider: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut round_trips = 0;
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        let DebugValue::Histogram(values) = value else {
-            continue;
-        };
         let key = key.key();
+        let values = match value {
+            DebugValue::Histogram(values) => values,
+            DebugValue::Counter(n) if key.name() == authbroker::store::ROUND_TRIPS => {
+                round_trips += n;
+                continue;
+            }
+            _ => continue,
+        };
         let (series, label) = match key.name() {
             LOGIN_PHASE => (&mut login, "phase"),
             PROVIDER_REQUEST => (&mut provider, "step"),
@@ -92,6 +101,7 @@ pub fn take(snapshotter: &Snapshotter) -> ServerTimings {
             .collect()
     };
     ServerTimings {
+        round_trips,
         login: summarize(login),
         provider: summarize(provider),
     }

@@ -91,6 +91,43 @@ pub fn throughput(rows: &[Row]) {
     println!();
 }
 
+/// What each call cost: the server's threads, the Postgres backends, the
+/// store's round trips; and the sockets to the sandbox.
+pub fn costs(rows: &[Row]) {
+    println!(
+        "== Cost per successful call (server = the app's runtime threads only; the sandbox and \
+         the callers run on threads of their own) =="
+    );
+    println!(
+        "{:<28} {:>5} {:>12} {:>13} {:>12} {:>17}",
+        "scenario", "conc", "server µs", "postgres µs", "round trips", "sandbox est / tw"
+    );
+    let opt = |v: Option<f64>, digits: usize| {
+        v.map_or_else(|| "—".to_string(), |v| format!("{v:.digits$}"))
+    };
+    for r in rows {
+        println!(
+            "{:<28} {:>5} {:>12.1} {:>13} {:>12} {:>17}",
+            r.scenario.name(),
+            r.concurrency,
+            r.cost.server_us,
+            opt(r.cost.postgres_us, 1),
+            opt(r.cost.round_trips, 2),
+            format!(
+                "{} / {}",
+                r.cost.sandbox_established, r.cost.sandbox_time_wait
+            ),
+        );
+    }
+    println!(
+        "(postgres µs: CPU of the benchmark database's client backends, from /proc/PID/schedstat; \
+         round trips: flushes of the store's Postgres connections; sandbox est / tw: sockets to \
+         the sandbox established / in TIME_WAIT after the level — a TIME_WAIT count far below the \
+         logins means the HTTP clients reuse their connections)"
+    );
+    println!();
+}
+
 fn find(rows: &[Row], scenario: Scenario, concurrency: usize) -> Option<&Row> {
     rows.iter()
         .find(|r| r.scenario == scenario && r.concurrency == concurrency)

@@ -14,6 +14,7 @@ use metrics_util::debugging::Snapshotter;
 
 use crate::{
     calls::{Caller, LoginTimes, Scenario, Shared},
+    cpu::{PerCall, Probe},
     phases::{self, Breakdown},
 };
 
@@ -42,6 +43,8 @@ pub struct Row {
     pub p50_us: u64,
     pub p99_us: u64,
     pub first_errors: Vec<String>,
+    /// CPU, round trips and sandbox sockets per successful call.
+    pub cost: PerCall,
 }
 
 impl Row {
@@ -133,23 +136,23 @@ pub async fn measure(
     shared: &Arc<Shared>,
     level: Level,
     snapshotter: &Snapshotter,
+    probe: &Probe,
 ) -> anyhow::Result<Measured> {
     let (warm, _) = run_for(shared, level.scenario, level.concurrency, level.warmup).await?;
     for e in &warm.first_errors {
         eprintln!("  warm-up error: {e}");
     }
     // Every warm-up call has finished, so this drains exactly their samples.
-    let _ = phases::take(snapshotter);
+    let before = probe.sample(phases::take(snapshotter).round_trips).await?;
     let (tally, elapsed) =
         run_for(shared, level.scenario, level.concurrency, level.duration).await?;
-    let breakdown = level.scenario.is_full_login().then(|| {
-        Breakdown::new(
-            level.scenario,
-            level.concurrency,
-            &tally,
-            phases::take(snapshotter),
-        )
-    });
+    let server = phases::take(snapshotter);
+    let after = probe.sample(server.round_trips).await?;
+    let cost = probe.per_call(&before, &after, tally.ok);
+    let breakdown = level
+        .scenario
+        .is_full_login()
+        .then(|| Breakdown::new(level.scenario, level.concurrency, &tally, server));
     for e in &tally.first_errors {
         eprintln!("  error: {e}");
     }
@@ -163,6 +166,7 @@ pub async fn measure(
         p50_us: tally.total.value_at_quantile(0.50),
         p99_us: tally.total.value_at_quantile(0.99),
         first_errors: tally.first_errors,
+        cost,
     };
     Ok(Measured { row, breakdown })
 }

@@ -31,6 +31,11 @@ pub use crate::domain::binding::{BindPolicy, Decide};
 use crate::domain::binding::{Decision, Rule};
 use crate::domain::{AuditEvent, AuditKind, Binding, Identity, Outcome, SealedToken, User};
 
+/// Counter of the flights of messages the Postgres store sends its server
+/// (BEGIN, a statement or a pipelined batch, COMMIT): its round trips,
+/// counted where every message passes (the connection's TLS stream).
+pub const ROUND_TRIPS: &str = "authbroker_store_round_trips_total";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the connection; retryable.

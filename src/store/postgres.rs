@@ -164,7 +164,7 @@ impl PostgresStore {
     pub fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
         // Parse errors name the bad option, never the password.
         let (config, tls) = parse_url(url).map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
-        let pool = pool(config, tls, pool_size).map_err(|e| {
+        let pool = pool(config, tls.counting_round_trips(), pool_size).map_err(|e| {
             StoreError::Internal(anyhow::Error::new(e).context("building the pool"))
         })?;
         Ok(PostgresStore { pool })

@@ -228,6 +228,8 @@ struct Checks {
 pub(crate) struct MakeTls {
     connector: TlsConnector,
     checks: Arc<Checks>,
+    /// Count each flight of messages to the server (`counting_round_trips`).
+    count_round_trips: bool,
 }
 
 impl MakeTls {
@@ -250,7 +252,20 @@ impl MakeTls {
         Ok(MakeTls {
             connector: TlsConnector::from(Arc::new(config)),
             checks: Arc::new(checks),
+            count_round_trips: false,
         })
+    }
+
+    /// Connections made by this connector count every flight of messages
+    /// they send in `store::ROUND_TRIPS` — BEGIN, a statement, a pipelined
+    /// batch, COMMIT: each flush of written bytes is one round trip. The
+    /// TLS stream is the one place every message passes, so nothing in the
+    /// store's SQL has to remember to count. Plain connections
+    /// (`sslmode=disable`, or `prefer` to a server without TLS) are not
+    /// counted.
+    pub(crate) fn counting_round_trips(mut self) -> Self {
+        self.count_round_trips = true;
+        self
     }
 }
 
@@ -274,6 +289,7 @@ impl MakeTlsConnect<Socket> for MakeTls {
             name,
             connector: self.connector.clone(),
             checks: self.checks.clone(),
+            count_round_trips: self.count_round_trips,
         })
     }
 }
@@ -283,6 +299,7 @@ pub(crate) struct Connect {
     name: ServerName<'static>,
     connector: TlsConnector,
     checks: Arc<Checks>,
+    count_round_trips: bool,
 }
 
 impl TlsConnect<Socket> for Connect {
@@ -293,7 +310,15 @@ impl TlsConnect<Socket> for Connect {
     fn connect(self, socket: Socket) -> Self::Future {
         Box::pin(async move {
             match self.connector.connect(self.name, socket).await {
-                Ok(stream) => Ok(TlsStream(stream)),
+                Ok(stream) => Ok(TlsStream {
+                    inner: stream,
+                    round_trips: if self.count_round_trips {
+                        ::metrics::counter!(crate::store::ROUND_TRIPS)
+                    } else {
+                        ::metrics::Counter::noop()
+                    },
+                    written: false,
+                }),
                 Err(e) => Err(TlsError::from_handshake(e, &self.checks)),
             }
         })
@@ -408,7 +433,13 @@ impl ServerCertVerifier for Verifier {
 }
 
 /// A TLS connection to the server.
-pub(crate) struct TlsStream(tokio_rustls::client::TlsStream<Socket>);
+pub(crate) struct TlsStream {
+    inner: tokio_rustls::client::TlsStream<Socket>,
+    round_trips: ::metrics::Counter,
+    /// Bytes were written since the last flush: the next flush sends a
+    /// flight.
+    written: bool,
+}
 
 impl tokio_postgres::tls::TlsStream for TlsStream {
     /// RFC 5929's `tls-server-end-point`: the server certificate's hash,
@@ -416,7 +447,7 @@ impl tokio_postgres::tls::TlsStream for TlsStream {
     /// None for a signature with no single hash (RSA-PSS, Ed25519): SCRAM
     /// then goes without channel binding.
     fn channel_binding(&self) -> ChannelBinding {
-        let (_, session) = self.0.get_ref();
+        let (_, session) = self.inner.get_ref();
         session
             .peer_certificates()
             .and_then(|certs| certs.first())
@@ -451,7 +482,7 @@ impl AsyncRead for TlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -461,15 +492,22 @@ impl AsyncWrite for TlsStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.written |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if self.written && flushed.is_ready() {
+            self.written = false;
+            self.round_trips.increment(1);
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -477,11 +515,13 @@ impl AsyncWrite for TlsStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.written |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.inner.is_write_vectored()
     }
 }
 
