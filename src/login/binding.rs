@@ -133,6 +133,8 @@ mod tests {
         AuditNote { kind, detail }
     }
 
+    /// The Postgres store's one-statement returning login applies exactly
+    /// this answer in SQL (`store::postgres::one_statement`).
     #[test]
     fn an_existing_binding_signs_in_whatever_the_policy() {
         let facts = Facts {

@@ -22,6 +22,7 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use self::one_statement::Applied;
 use super::filter;
 
 use super::{
@@ -39,6 +40,7 @@ mod embedded {
     refinery::embed_migrations!("migrations/postgres");
 }
 
+mod one_statement;
 mod tls;
 pub(crate) use tls::{MakeTls, parse_url};
 
@@ -193,19 +195,26 @@ impl PostgresStore {
         }
         let login_id = login.map(|k| k.id);
         for _ in 0..BIND_ATTEMPTS {
+            // One round trip for the common logins; the rest fall through.
+            let fast = one_statement::bind(
+                &client, identity, policy, decide, tokens, actor, now, login_id,
+            );
+            match fast.await {
+                Ok(Applied::Done(result)) => return Ok(result),
+                Ok(Applied::Raced) => continue,
+                Ok(Applied::Declined) => {}
+                Err(Failure::Db(e)) if is_login_id_taken(&e) => {
+                    return already_committed(&client, login_id, e).await;
+                }
+                Err(e) => return Err(e),
+            }
             let tx = client.transaction().await?;
             // An error drops `tx`, which rolls it back.
             let attempt = bind_attempt(&tx, identity, policy, decide, tokens, actor, now, login_id);
             let step = match attempt.await {
                 Err(Failure::Db(e)) if is_login_id_taken(&e) => {
-                    // An earlier attempt of this login committed while this
-                    // one was binding (its acknowledgement was lost, not its
-                    // commit): answer with what it did.
                     drop(tx);
-                    if let Some(done) = committed_login(&client, login_id.unwrap_or("")).await? {
-                        return Ok(done);
-                    }
-                    return Err(Failure::Db(e));
+                    return already_committed(&client, login_id, e).await;
                 }
                 other => other?,
             };
@@ -866,6 +875,20 @@ impl UserDirectory for PostgresStore {
             .instrument(store_span("counting users"))
             .await
             .map_err(|e| e.into_store_error("counting users"))
+    }
+}
+
+/// An earlier attempt of this login committed while this one was binding
+/// (its acknowledgement was lost, not its commit): answer with what it did.
+/// `taken` is the unique violation that said so.
+async fn already_committed<C: GenericClient>(
+    client: &C,
+    login_id: Option<&str>,
+    taken: tokio_postgres::Error,
+) -> Result<BindResult, Failure> {
+    match committed_login(client, login_id.unwrap_or("")).await? {
+        Some(done) => Ok(done),
+        None => Err(Failure::Db(taken)),
     }
 }
 

@@ -5,19 +5,26 @@
 
 use super::*;
 
+/// 20, then 200 first logins of one identity at once: more than any pool
+/// has connections, so most of them queue and lose the race to bind.
 pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>, decide: Decide) {
-    const LOGINS: usize = 20;
     migrated(&store).await;
+    for logins in [20, 200] {
+        first_logins_race(&store, decide, logins).await;
+    }
+}
+
+async fn first_logins_race(store: &Arc<dyn Store>, decide: Decide, logins: usize) {
     let provider = unique_provider("race");
     let identity = full_identity(&provider, "race-1");
-    let before = users(&store).await;
+    let before = users(store).await;
     let now = now_micros();
 
     // The barrier releases every task at once so their transactions overlap.
-    let barrier = Arc::new(tokio::sync::Barrier::new(LOGINS));
-    let tasks: Vec<_> = (0..LOGINS)
+    let barrier = Arc::new(tokio::sync::Barrier::new(logins));
+    let tasks: Vec<_> = (0..logins)
         .map(|i| {
-            let store = Arc::clone(&store);
+            let store = Arc::clone(store);
             let identity = identity.clone();
             let barrier = Arc::clone(&barrier);
             let token = sealed(&format!("race-{i}"), now);
@@ -37,14 +44,18 @@ pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>, deci
             })
         })
         .collect();
-    let mut results = Vec::with_capacity(LOGINS);
+    let mut results = Vec::with_capacity(logins);
     for task in tasks {
         let (outcome, binding, linked_by) = bound(task.await.expect("task").expect("bind_login"));
         assert_eq!(linked_by, None);
         results.push((outcome, binding));
     }
 
-    assert_eq!(users(&store).await, before + 1, "exactly one user");
+    assert_eq!(
+        users(store).await,
+        before + 1,
+        "exactly one user of {logins}"
+    );
     let created = results
         .iter()
         .filter(|(outcome, _)| *outcome == Outcome::UserCreated)
@@ -63,15 +74,15 @@ pub async fn concurrent_first_logins_create_one_user(store: Arc<dyn Store>, deci
     assert_eq!(&found.user_id, user_id);
     // Every login wrote its token once, one after another: no write was lost
     // and the version counted them all.
-    let token = token(&store, &provider, "race-1").await.expect("token");
-    assert_eq!(token.version, LOGINS as i64);
+    let token = token(store, &provider, "race-1").await.expect("token");
+    assert_eq!(token.version, logins as i64);
     assert!(token.usable);
 
-    let events = audit(&store, by_provider(&provider)).await;
+    let events = audit(store, by_provider(&provider)).await;
     let count = |kind| events.iter().filter(|e| e.kind == kind).count();
     assert_eq!(count(AuditKind::UserCreated), 1);
-    assert_eq!(count(AuditKind::LoginSucceeded), LOGINS);
-    assert_eq!(events.len(), LOGINS + 1, "nothing else is audited");
+    assert_eq!(count(AuditKind::LoginSucceeded), logins);
+    assert_eq!(events.len(), logins + 1, "nothing else is audited");
     assert!(
         events.iter().all(|e| e.user_id.as_ref() == Some(user_id)),
         "audit events must name the one user"
