@@ -601,6 +601,10 @@ pub struct ProviderConfig {
     /// Ask for and report the provider's cross-app id (QQ `unionid`).
     #[serde(default)]
     pub union_id: bool,
+    /// Settings a preset declares in its `[options]`, each with a default
+    /// (microsoft's `tenant`, apple's `team_id`; docs/providers.md).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
     /// OIDC: also call the userinfo endpoint and merge its claims.
     #[serde(default)]
     pub fetch_userinfo: bool,
@@ -660,6 +664,7 @@ impl Default for ProviderConfig {
             private_key_id: None,
             authorize_params: BTreeMap::new(),
             union_id: false,
+            options: BTreeMap::new(),
             fetch_userinfo: false,
             spec: None,
             policy: None,
@@ -1011,6 +1016,7 @@ fn dev_defaults() -> Settings {
             private_key_id: None,
             authorize_params: BTreeMap::new(),
             union_id: false,
+            options: BTreeMap::new(),
             fetch_userinfo: false,
             spec: None,
             policy: None,

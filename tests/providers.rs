@@ -11,6 +11,8 @@ mod conformance;
 mod emulators;
 #[path = "providers/github.rs"]
 mod github;
+#[path = "providers/microsoft_apple.rs"]
+mod microsoft_apple;
 #[path = "providers/oidc.rs"]
 mod oidc;
 #[path = "providers/presets.rs"]

@@ -100,6 +100,15 @@ impl ClientKey {
         let key = key.map_err(|_| format!("not a PEM private key for {alg:?}"))?;
         Ok(ClientKey { key, alg, kid })
     }
+
+    /// `claims` as a JWT signed with this key, its `kid` in the header (a
+    /// self-minted client secret, `signed_secret`).
+    pub fn sign(&self, claims: &impl Serialize) -> Result<String, String> {
+        let mut header = Header::new(self.alg);
+        header.kid = self.kid.clone();
+        jsonwebtoken::encode(&header, claims, &self.key)
+            .map_err(|_| "the JWT could not be signed".to_string())
+    }
 }
 
 /// How long a client assertion is valid: long enough for one request.

@@ -10,13 +10,17 @@
 //! either schema; `registry` builds providers from presets and config.
 
 pub mod body;
+pub mod claims;
 pub mod client_auth;
 pub mod engine;
 mod observe;
 pub mod oidc;
+pub mod preset_options;
 pub mod presets;
 pub mod registry;
+pub mod signed_secret;
 pub mod spec;
+pub mod tenant;
 
 pub use registry::Registry;
 

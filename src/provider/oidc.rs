@@ -27,12 +27,15 @@ use url::Url;
 use super::{
     AuthorizeParams, CallbackParams, Provider, ProviderError, ProviderInfo, Refresh, Revoke,
     TokenSet, Unavailable, body,
+    claims::ClaimMapping,
     client_auth::{ClientKey, TokenAuth},
     engine::{SpecParts, SpecProvider},
+    signed_secret::{SignedSecret, SignedSecretSpec},
     spec::{
         AuthorizeSpec, ErrorSpec, FieldRef, IdentitySpec, Part, Paths, ProviderSpec, RequestAuth,
         RequestSpec, RevokeMethod, RevokeSpec, Template, TokenSpec,
     },
+    tenant::TenantIssuer,
 };
 use crate::{
     domain::Identity,
@@ -54,6 +57,24 @@ pub struct OidcSpec {
     /// Extra fixed authorize parameters.
     #[serde(default)]
     pub authorize_params: BTreeMap<String, String>,
+    /// Settings config gives under `options`, with their defaults (`""`:
+    /// config must set it); `{name}` in `issuer` is replaced by the value.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// One server, many tenant issuers (Entra): how discovery and ID
+    /// tokens name the tenant.
+    #[serde(default)]
+    pub tenant_issuer: Option<TenantIssuer>,
+    /// Where the identity comes from, where OIDC's defaults do not fit.
+    #[serde(default)]
+    pub claims: ClaimMapping,
+    /// The client secret is a JWT the client signs with its key (Apple).
+    #[serde(default)]
+    pub client_secret_jwt: Option<SignedSecretSpec>,
+    /// Callback `error` values that mean "the user said no", besides
+    /// `access_denied` (Apple's `user_cancelled_authorize`).
+    #[serde(default)]
+    pub denied: Vec<String>,
 }
 
 fn openid_scopes() -> Vec<String> {
@@ -100,6 +121,10 @@ pub struct OidcConfig {
     /// Accept `http://` endpoints off loopback from discovery.
     pub allow_insecure_http: bool,
     pub http: HttpClient,
+    pub tenant_issuer: Option<TenantIssuer>,
+    pub claims: ClaimMapping,
+    /// Mints the client secret, instead of `client_secret`.
+    pub signed_secret: Option<Arc<SignedSecret>>,
 }
 
 pub struct OidcProvider {
@@ -112,6 +137,11 @@ pub struct OidcProvider {
 /// Discovery's answer, turned into an engine.
 struct Discovered {
     engine: SpecProvider,
+    /// The issuer discovery names: ID tokens are checked against it.
+    issuer: String,
+    /// When the minted client secret the engine holds is half-way through
+    /// its life, and the engine is rebuilt with a fresh one.
+    secret_renew_at: Option<Instant>,
     jwks_uri: Url,
     /// RFC 9207: the issuer promises `iss` on every callback.
     iss_parameter: bool,
@@ -222,10 +252,32 @@ impl OidcProvider {
     /// Discovery, fetched once per TTL; concurrent first callers share one
     /// fetch (moka's `try_get_with` coalesces them).
     async fn discovered(&self) -> Result<Arc<Discovered>, ProviderError> {
-        self.discovery
+        let found = self
+            .discovery
             .try_get_with((), self.discover())
             .await
-            .map_err(|e| (*e).clone())
+            .map_err(|e| (*e).clone())?;
+        if found.secret_renew_at.is_some_and(|at| Instant::now() >= at) {
+            self.discovery.invalidate(&()).await;
+            return self
+                .discovery
+                .try_get_with((), self.discover())
+                .await
+                .map_err(|e| (*e).clone());
+        }
+        Ok(found)
+    }
+
+    /// The client secret for the engine: the configured one, or one minted
+    /// now (and when it should be re-minted).
+    fn client_secret(&self) -> Result<(SecretString, Option<Instant>), ProviderError> {
+        match &self.config.signed_secret {
+            None => Ok((self.config.client_secret.clone(), None)),
+            Some(signer) => signer
+                .current()
+                .map(|(secret, renew_at)| (secret, Some(renew_at)))
+                .map_err(|why| self.bad("token", format!("client secret: {why}"))),
+        }
     }
 
     async fn fetch_json(
@@ -275,8 +327,12 @@ impl OidcProvider {
         let (doc, _) = self.fetch_json("discovery", url).await?;
         let doc: DiscoveryDoc = serde_json::from_value(doc)
             .map_err(|e| self.bad("discovery", format!("discovery document: {e}")))?;
-        // OIDC Discovery §4.3: the document must name the issuer we asked.
-        if doc.issuer.trim_end_matches('/') != base {
+        // OIDC Discovery §4.3: the document must name the issuer we asked
+        // (or, for a multi-tenant issuer, that issuer's template).
+        let tenant_ok = |t: &TenantIssuer| t.accepts_discovery(base, &doc.issuer);
+        if doc.issuer.trim_end_matches('/') != base
+            && !self.config.tenant_issuer.as_ref().is_some_and(tenant_ok)
+        {
             return Err(self.bad(
                 "discovery",
                 "the discovery document names a different issuer",
@@ -300,6 +356,8 @@ impl OidcProvider {
     async fn discover(&self) -> Result<Arc<Discovered>, ProviderError> {
         let c = &self.config;
         let doc = self.discovery_doc().await?;
+        let (client_secret, secret_renew_at) = self.client_secret()?;
+        let issuer = doc.issuer.trim_end_matches('/').to_string();
         if let Some(refused) = self.endpoints_in_clear(&doc).into_iter().next() {
             return Err(self.bad("discovery", refused));
         }
@@ -413,7 +471,7 @@ impl OidcProvider {
             spec,
             endpoints,
             client_id: c.client_id.clone(),
-            client_secret: c.client_secret.clone(),
+            client_secret,
             token_auth: Some(token_auth),
             client_key: c.client_key.clone(),
             options: Default::default(),
@@ -421,6 +479,8 @@ impl OidcProvider {
         });
         Ok(Arc::new(Discovered {
             engine,
+            issuer,
+            secret_renew_at,
             jwks_uri,
             iss_parameter,
         }))
@@ -619,13 +679,29 @@ impl OidcProvider {
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY.as_secs();
         validation.set_audience(&[c.client_id.as_str()]);
-        let mut issuers = vec![c.issuer.clone()];
-        issuers.extend(c.issuer_aliases.iter().cloned());
-        validation.set_issuer(&issuers);
+        // A multi-tenant issuer is checked below, once the tenant claim is
+        // known to be signed.
+        if c.tenant_issuer.is_none() {
+            let mut issuers = vec![c.issuer.clone()];
+            issuers.extend(c.issuer_aliases.iter().cloned());
+            validation.set_issuer(&issuers);
+        }
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         let claims = jsonwebtoken::decode::<Value>(id_token, &key, &validation)
             .map_err(|e| self.invalid(describe_jwt_error(&e)))?
             .claims;
+        if let Some(tenant) = &c.tenant_issuer {
+            let expected = tenant
+                .expected_issuer(&discovered.issuer, &claims)
+                .ok_or_else(|| self.invalid("no tenant claim to check the issuer against"))?;
+            let iss = claims
+                .get("iss")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if iss.trim_end_matches('/') != expected {
+                return Err(self.invalid("issued by another issuer (iss)"));
+            }
+        }
 
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let iat = claims
@@ -665,7 +741,11 @@ impl OidcProvider {
 /// tried in the identity mapping's order (userinfo, then the ID token); the
 /// first whose `email` is this one answers, and without `email_verified`
 /// there the email is unverified.
-fn verified_beside<'a>(get: impl Fn(&str, &str) -> Option<&'a Value>, email: &str) -> bool {
+fn verified_beside<'a>(
+    get: impl Fn(&str, &str) -> Option<&'a Value>,
+    email: &str,
+    claim: &str,
+) -> bool {
     ["userinfo", "id_token"]
         .into_iter()
         .find(|doc| {
@@ -673,7 +753,7 @@ fn verified_beside<'a>(get: impl Fn(&str, &str) -> Option<&'a Value>, email: &st
                 .and_then(body::scalar_string)
                 .is_some_and(|e| e.trim() == email)
         })
-        .and_then(|doc| get(doc, "/email_verified"))
+        .and_then(|doc| get(doc, &format!("/{claim}")))
         .and_then(body::scalar_bool)
         == Some(true)
 }
@@ -766,10 +846,18 @@ impl Provider for OidcProvider {
             return Err(self.invalid("userinfo is about another subject"));
         }
         let mut identity = discovered.engine.map_identity(&docs)?;
+        let mapping = &self.config.claims;
+        let get = |doc: &str, at: &str| docs.get(doc, at);
+        if let Some(subject) = mapping.subject(get) {
+            identity.subject = subject.map_err(|e| self.bad("identity", e.to_string()))?;
+        }
+        if identity.display_name.is_none() {
+            identity.display_name = mapping.display_name(get);
+        }
         identity.email_verified = identity
             .email
             .as_deref()
-            .is_some_and(|email| verified_beside(|doc, at| docs.get(doc, at), email));
+            .is_some_and(|email| verified_beside(get, email, &mapping.email_verified));
         Ok(identity)
     }
 
@@ -855,6 +943,7 @@ mod tests {
                         .and_then(|(_, v)| v.pointer(at))
                 },
                 email,
+                "email_verified",
             )
         };
         let verified = serde_json::json!({"email": "a@x.example", "email_verified": true});

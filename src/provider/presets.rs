@@ -23,8 +23,10 @@ pub const PRESETS: &[(&str, &str)] = &[
 
 /// Built-in OpenID Connect presets (schema: `oidc::OidcSpec`).
 pub const OIDC_PRESETS: &[(&str, &str)] = &[
+    ("apple", include_str!("../../providers/apple.toml")),
     ("gitlab", include_str!("../../providers/gitlab.toml")),
     ("google", include_str!("../../providers/google.toml")),
+    ("microsoft", include_str!("../../providers/microsoft.toml")),
 ];
 
 pub fn preset(kind: &str) -> Option<Result<ProviderSpec, String>> {

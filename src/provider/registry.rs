@@ -16,7 +16,8 @@ use super::{
     client_auth::{ClientKey, TokenAuth},
     engine::{SpecParts, SpecProvider},
     oidc::{self, OidcConfig, OidcProvider},
-    presets,
+    preset_options, presets,
+    signed_secret::{SignedSecret, SignedSecretSpec},
     spec::ProviderSpec,
 };
 use crate::{config::ProviderConfig, http::HttpClient};
@@ -185,6 +186,69 @@ fn client_key(at: &str, cfg: &ProviderConfig, problems: &mut Vec<String>) -> Opt
     ClientKey::from_pem(&pem, cfg.private_key_alg, cfg.private_key_id.clone())
         .map_err(|e| problems.push(format!("{at}.private_key_file: {}: {e}", path.display())))
         .ok()
+}
+
+/// What a preset that mints its client secret signs it with: the spec,
+/// the key from `private_key_file` (of the spec's type, known by
+/// `private_key_id`) and the issuer from the spec's option.
+fn secret_signer(
+    at: &str,
+    cfg: &ProviderConfig,
+    spec: &SignedSecretSpec,
+    options: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) -> Option<(SignedSecretSpec, ClientKey, String)> {
+    problems.extend(
+        spec.check()
+            .into_iter()
+            .map(|p| format!("{at}: preset {p}")),
+    );
+    if cfg.client_secret.is_some() || cfg.client_secret_file.is_some() {
+        problems.push(format!(
+            "{at}.client_secret: {:?} signs its own client secret with private_key_file; \
+             leave client_secret out",
+            cfg.kind
+        ));
+    }
+    if cfg.token_auth == Some(TokenAuth::PrivateKeyJwt) {
+        problems.push(format!(
+            "{at}.token_auth: {:?} sends its signed secret as a client secret, not private_key_jwt",
+            cfg.kind
+        ));
+    }
+    let Some(path) = &cfg.private_key_file else {
+        problems.push(format!(
+            "{at}.private_key_file: {:?} signs its client secret with the key the provider issued; \
+             set private_key_file and private_key_id",
+            cfg.kind
+        ));
+        return None;
+    };
+    let Some(kid) = cfg.private_key_id.clone().filter(|k| !k.trim().is_empty()) else {
+        problems.push(format!(
+            "{at}.private_key_id: required (the key's id, as the provider shows it)"
+        ));
+        return None;
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| {
+            problems.push(format!(
+                "{at}.private_key_file: cannot read {}: {e}",
+                path.display()
+            ))
+        })
+        .ok()?;
+    let key = ClientKey::from_pem(&pem, spec.alg, Some(kid))
+        .map_err(|e| problems.push(format!("{at}.private_key_file: {}: {e}", path.display())))
+        .ok()?;
+    // resolve() has reported a missing option already.
+    let issuer = options.get(&spec.issuer_option)?.clone();
+    Some((spec.clone(), key, issuer))
+}
+
+/// Whether `kind` is a preset that signs its own client secret.
+fn mints_secret(kind: &str) -> bool {
+    matches!(presets::oidc_preset(kind), Some(Ok(p)) if p.client_secret_jwt.is_some())
 }
 
 fn info_for(
@@ -359,16 +423,34 @@ fn build_oidc(
     {
         problems.push(format!("{at}.issuer: {e}"));
     }
+    let declared = preset
+        .as_ref()
+        .map(|p| p.options.clone())
+        .unwrap_or_default();
+    let options = preset_options::resolve(at, &declared, &cfg.options)
+        .map_err(|mut errs| problems.append(&mut errs))
+        .unwrap_or_default();
     let configured_issuer = cfg.issuer.as_ref().or(cfg.endpoints.get("issuer"));
     let issuer = match (configured_issuer, &preset) {
-        (Some(i), _) => Some(i.trim_end_matches('/').to_string()),
-        (None, Some(p)) => Some(p.issuer.clone()),
+        // A configured issuer may keep the preset's `{tenant}` too (another
+        // cloud's host, the same tenants).
+        (Some(i), _) => Some(preset_options::fill(i.trim_end_matches('/'), &options)),
+        (None, Some(p)) => Some(preset_options::fill(&p.issuer, &options)),
         (None, None) => {
             problems.push(format!(
                 "{at}.issuer: kind \"oidc\" needs the issuer URL (discovery is read from ISSUER/.well-known/openid-configuration)"
             ));
             None
         }
+    };
+    let (tenant_issuer, claims, secret_spec, denied) = match &preset {
+        Some(p) => (
+            p.tenant_issuer.clone(),
+            p.claims.clone(),
+            p.client_secret_jwt.clone(),
+            p.denied.clone(),
+        ),
+        None => Default::default(),
     };
     let (display_name, aliases, default_scopes, mut authorize_params) = match preset {
         Some(p) => (
@@ -385,11 +467,19 @@ fn build_oidc(
         ),
     };
     let mut info = info_for(name, cfg, &display_name, &default_scopes);
+    info.denied.extend(denied);
     if !info.scopes.iter().any(|s| s == "openid") {
         problems.push(format!("{at}.scopes: OIDC needs the \"openid\" scope"));
     }
     authorize_params.extend(cfg.authorize_params.clone());
-    let client_key = client_key(at, cfg, problems);
+    // A preset that mints its secret signs it with the configured key.
+    let signer = secret_spec
+        .as_ref()
+        .and_then(|spec| secret_signer(at, cfg, spec, &options, problems));
+    let client_key = match secret_spec {
+        Some(_) => None,
+        None => client_key(at, cfg, problems),
+    };
     match (cfg.token_auth, &client_key) {
         (Some(TokenAuth::PrivateKeyJwt), None) => problems.push(format!(
             "{at}.token_auth: private_key_jwt needs private_key_file"
@@ -409,6 +499,9 @@ fn build_oidc(
     let allow_insecure_http = cfg.allow_insecure_http;
     let http = http.clone();
     Some(Box::new(move |client_id, client_secret| {
+        let signed_secret = signer.map(|(spec, key, team)| {
+            Arc::new(SignedSecret::new(&spec, key, team, client_id.clone()))
+        });
         Arc::new(OidcProvider::new(OidcConfig {
             info,
             issuer,
@@ -422,6 +515,9 @@ fn build_oidc(
             fetch_userinfo,
             allow_insecure_http,
             http,
+            tenant_issuer,
+            claims,
+            signed_secret,
         })) as Arc<dyn Provider>
     }))
 }
@@ -486,6 +582,8 @@ fn credentials(
         _ if is_sandbox => Some(SecretString::from(SANDBOX_CLIENT_SECRET)),
         // The client signs an assertion instead (RFC 7523); no secret.
         _ if cfg.token_auth == Some(TokenAuth::PrivateKeyJwt) => Some(SecretString::from("")),
+        // The preset signs its own (`secret_signer`).
+        (None, None) if mints_secret(&cfg.kind) => Some(SecretString::from("")),
         _ => {
             let env_name = at.replace('.', "__").to_ascii_uppercase();
             problems.push(format!(

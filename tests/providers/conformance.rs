@@ -116,9 +116,26 @@ impl Suite {
         (begun.state, query)
     }
 
+    /// The callback's other parameters go along as `callback_params`, as
+    /// a web app passes them (Apple's first-login `user`).
     async fn login(&self, seed: &str) -> Result<pb::CompleteLoginResponse, tonic::Status> {
         let (state, query) = self.authorize(seed).await;
-        self.app.complete(&state, &query["code"]).await
+        let callback_params = query
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "code" | "state"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let request = pb::CompleteLoginRequest {
+            state,
+            code: query["code"].clone(),
+            callback_params,
+            ..Default::default()
+        };
+        self.app
+            .client()
+            .complete_login(authed(request, LOGIN_KEY))
+            .await
+            .map(|r| r.into_inner())
     }
 
     async fn users(&self) -> u64 {
@@ -433,12 +450,14 @@ mod scenario {
     pub async fn revoke(suite: &Suite) {
         let kind = suite.kind();
         let provider = suite.provider();
+        // An OIDC provider can revoke only if discovery names an endpoint.
+        let can_revoke = provider.revoker().is_some() && provider.can_revoke().await;
         assert_eq!(
-            provider.revoker().is_some(),
+            can_revoke,
             suite.emu.capabilities().revoke,
             "{kind}: revoke support"
         );
-        let Some(revoker) = provider.revoker() else {
+        let Some(revoker) = provider.revoker().filter(|_| can_revoke) else {
             return;
         };
         suite.emu.add_user("ada");
@@ -521,6 +540,8 @@ use crate::support::emulators::{
     weibo::WeiboEmulator,
 };
 
+use crate::support::emulators::{apple::AppleEmulator, microsoft::MicrosoftEmulator};
+
 conformance! {
     qq => QqEmulator::start();
     wechat => WechatEmulator::start();
@@ -539,6 +560,8 @@ conformance! {
     lark => FeishuEmulator::start_lark();
     // GitLab with userinfo, so identity-step faults apply there too.
     gitlab_with_userinfo => GitlabEmulator::start(), tweak |c| c.fetch_userinfo = true;
+    microsoft => MicrosoftEmulator::start();
+    apple => AppleEmulator::start();
 }
 
 /// A provider's `expires_in` of 99999999999999 seconds once overflowed the

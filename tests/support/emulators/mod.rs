@@ -435,6 +435,7 @@ pub fn query_of(url: &str) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 pub mod acwing;
+pub mod apple;
 pub mod custom;
 pub mod dingtalk;
 pub mod feishu;
@@ -443,6 +444,8 @@ pub mod github;
 pub mod gitlab;
 pub mod google;
 pub mod https;
+pub mod microsoft;
+pub mod oidc_authorize;
 pub mod qiita;
 pub mod qq;
 pub mod wechat;
