@@ -600,7 +600,9 @@ impl OidcProvider {
                 let ours = std::iter::once(&self.config.issuer)
                     .chain(&self.config.issuer_aliases)
                     .any(|i| i.trim_end_matches('/') == iss);
-                if ours {
+                // A multi-tenant issuer answers as the user's tenant.
+                let tenant = |t: &TenantIssuer| t.accepts_discovery(&self.config.issuer, iss);
+                if ours || self.config.tenant_issuer.as_ref().is_some_and(tenant) {
                     return Ok(());
                 }
                 "names another issuer"
