@@ -594,6 +594,14 @@ pub struct ProviderConfig {
     /// ... and the `kid` the provider knows it by.
     #[serde(default)]
     pub private_key_id: Option<String>,
+    /// A provider that signs its answers (Alipay): its RSA public key, PEM
+    /// or the bare base64 its console shows, inline (or from the
+    /// environment, `AUTHBROKER__PROVIDERS__NAME__PROVIDER_PUBLIC_KEY`) ...
+    #[serde(default)]
+    pub provider_public_key: Option<String>,
+    /// ... or from a file.
+    #[serde(default)]
+    pub provider_public_key_file: Option<PathBuf>,
     /// Fixed authorize parameters added to every login (`access_type`,
     /// `prompt` …); the login's own ones (state, client_id …) are refused.
     #[serde(default)]
@@ -662,6 +670,8 @@ impl Default for ProviderConfig {
             private_key_file: None,
             private_key_alg: KeyAlg::default(),
             private_key_id: None,
+            provider_public_key: None,
+            provider_public_key_file: None,
             authorize_params: BTreeMap::new(),
             union_id: false,
             options: BTreeMap::new(),
@@ -1014,6 +1024,8 @@ fn dev_defaults() -> Settings {
             private_key_file: None,
             private_key_alg: KeyAlg::default(),
             private_key_id: None,
+            provider_public_key: None,
+            provider_public_key_file: None,
             authorize_params: BTreeMap::new(),
             union_id: false,
             options: BTreeMap::new(),

@@ -17,9 +17,10 @@ use super::{
     TokenSet, Unavailable, body,
     client_auth::{ClientAuth, ClientKey, TokenAuth},
     observe,
+    signing::Signer,
     spec::{
-        ErrorSpec, FieldPath, Part, Paths, ProviderSpec, RequestAuth, RevokeMethod, Template,
-        TokenMethod, TokenSpec,
+        ErrorSpec, FieldPath, Part, Paths, ProviderSpec, RequestAuth, RequestMethod, RevokeMethod,
+        Template, TokenMethod, TokenSpec,
     },
 };
 use crate::{domain::Identity, http::HttpClient, state::PendingLogin};
@@ -45,6 +46,8 @@ pub struct SpecProvider {
     /// The authorize URL's fixed parts for each redirect URI with the
     /// default scopes: what nearly every BeginLogin asks for.
     authorize_templates: Vec<(Arc<str>, AuthorizeTemplate)>,
+    /// Signs every request and checks every answer (a spec's `[signing]`).
+    signer: Option<Signer>,
 }
 
 /// An authorize URL without its per-login parameters, already encoded.
@@ -84,6 +87,7 @@ impl SpecProvider {
             options: parts.options,
             http: parts.http,
             authorize_templates: Vec::new(),
+            signer: None,
         };
         // Without an authorize endpoint (a spec that skipped
         // Registry::build's checks) no template is kept and BeginLogin
@@ -100,6 +104,12 @@ impl SpecProvider {
             })
             .collect();
         provider
+    }
+
+    /// The same provider, signing its requests and checking its answers.
+    pub fn with_signer(mut self, signer: Option<Signer>) -> Self {
+        self.signer = signer;
+        self
     }
 
     fn endpoint(&self, name: &str) -> Result<&Url, ProviderError> {
@@ -160,7 +170,15 @@ impl SpecProvider {
             return Err(self.bad(step, format!("unexpected redirect (HTTP {status})")));
         }
         let doc = body::parse(&answer.body);
-        if let Some(code) = doc.as_ref().and_then(|d| error_code(d, errors)) {
+        let code = doc.as_ref().and_then(|d| error_code(d, errors));
+        if status.is_success()
+            && let Some(signer) = &self.signer
+        {
+            signer
+                .check_answer(&answer.body, code.is_some())
+                .map_err(|what| self.bad(step, what))?;
+        }
+        if let Some(code) = code {
             return Err(self.rejected(step, code));
         }
         if !status.is_success() {
@@ -193,6 +211,7 @@ impl SpecProvider {
         let credentials = self.client_credentials(step, t)?;
         params.extend(credentials.params);
         params.extend(t.params.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.sign(step, &mut params)?;
         let mut url = self.endpoint(&t.endpoint)?.clone();
         let request = match t.method {
             TokenMethod::PostForm => self.http.request(Method::POST, url).form(&params),
@@ -215,6 +234,14 @@ impl SpecProvider {
         Ok(t.headers
             .iter()
             .fold(request, |r, (k, v)| r.header(k.as_str(), v.as_str())))
+    }
+
+    /// Adds the signature to a request's parameters, for a spec that signs.
+    fn sign(&self, step: &str, params: &mut Vec<(String, String)>) -> Result<(), ProviderError> {
+        match &self.signer {
+            Some(signer) => signer.sign(params).map_err(|what| self.bad(step, what)),
+            None => Ok(()),
+        }
     }
 
     /// The client's credentials for a request described by `t` (a token
@@ -399,14 +426,22 @@ impl SpecProvider {
                 .iter()
                 .filter(|(option, _)| self.options.contains(*option))
                 .flat_map(|(_, q)| q.iter());
+            let mut params = Vec::new();
             for (k, template) in r.query.iter().chain(conditional) {
                 let value = docs.render(template, &self.client_id).ok_or_else(|| {
                     self.bad(&r.name, format!("no value for query parameter {k}"))
                 })?;
-                url.query_pairs_mut().append_pair(k, &value);
+                params.push((k.clone(), value));
             }
+            self.sign(&r.name, &mut params)?;
             let token = tokens.access_token.expose_secret();
-            let mut request = self.http.request(Method::GET, url);
+            let mut request = match r.method {
+                RequestMethod::Get => {
+                    url.query_pairs_mut().extend_pairs(&params);
+                    self.http.request(Method::GET, url)
+                }
+                RequestMethod::PostForm => self.http.request(Method::POST, url).form(&params),
+            };
             request = authorize(request, r.auth, token);
             for (k, template) in &r.headers {
                 let value = docs

@@ -2,12 +2,14 @@
 //! one spec-driven OAuth2 engine ([`engine`]) fed a [`spec::ProviderSpec`]
 //! from a preset data file under `providers/` ([`presets`]). Code exists
 //! only for what data cannot say: OpenID Connect's discovery and ID-token
-//! checks ([`oidc`]). Each preset's wire format is described in
-//! `docs/providers.md`, one section per preset.
+//! checks ([`oidc`]), and the RSA signatures on a signed gateway's
+//! requests and answers ([`signing`], a spec's `[signing]`). Each preset's
+//! wire format is described in `docs/providers.md`, one section per preset.
 //!
-//! Imports run one way: `spec` and `body` know nothing else here; `engine`
-//! reads specs; `oidc` builds engines; `presets` parses the files into
-//! either schema; `registry` builds providers from presets and config.
+//! Imports run one way: `spec`, `body` and `signing` know nothing else
+//! here; `engine` reads specs; `oidc` builds engines; `presets` parses the
+//! files into either schema; `registry` builds providers from presets and
+//! config.
 
 pub mod body;
 pub mod claims;
@@ -19,6 +21,7 @@ pub mod preset_options;
 pub mod presets;
 pub mod registry;
 pub mod signed_secret;
+pub mod signing;
 pub mod spec;
 pub mod tenant;
 

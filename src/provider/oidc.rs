@@ -201,6 +201,7 @@ fn max_age(cache_control: &str) -> Option<Duration> {
 fn identity_mapping() -> IdentitySpec {
     IdentitySpec {
         subject: paths(&["id_token:/sub"]),
+        subject_by_option: BTreeMap::new(),
         union_id: Paths::default(),
         username: paths(&[
             "userinfo:/preferred_username",
@@ -425,6 +426,7 @@ impl OidcProvider {
                 vec![RequestSpec {
                     name: "userinfo".into(),
                     endpoint: "userinfo_url".into(),
+                    method: Default::default(),
                     auth: RequestAuth::Bearer,
                     query: BTreeMap::new(),
                     query_when: BTreeMap::new(),
@@ -442,6 +444,8 @@ impl OidcProvider {
                 ..TokenSpec::default()
             }),
             refresh_token_single_use: false,
+            signing: None,
+            options: BTreeMap::new(),
             revoke: revoke.map(|_| RevokeSpec {
                 endpoint: "revoke_url".into(),
                 method: RevokeMethod::PostForm,

@@ -9,6 +9,7 @@ use super::{oidc::OidcSpec, spec::ProviderSpec};
 /// Built-in OAuth2 presets (schema: `spec::ProviderSpec`).
 pub const PRESETS: &[(&str, &str)] = &[
     ("acwing", include_str!("../../providers/acwing.toml")),
+    ("alipay", include_str!("../../providers/alipay.toml")),
     ("dingtalk", include_str!("../../providers/dingtalk.toml")),
     ("feishu", include_str!("../../providers/feishu.toml")),
     ("gitee", include_str!("../../providers/gitee.toml")),

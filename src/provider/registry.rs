@@ -18,6 +18,7 @@ use super::{
     oidc::{self, OidcConfig, OidcProvider},
     preset_options, presets,
     signed_secret::{SignedSecret, SignedSecretSpec},
+    signing::{KeyError, Signer},
     spec::ProviderSpec,
 };
 use crate::{config::ProviderConfig, http::HttpClient};
@@ -331,6 +332,8 @@ fn build_oauth2(
         ));
     }
     spec.authorize.params.extend(cfg.authorize_params.clone());
+    choose_subject(at, cfg, &mut spec, problems);
+    let signer = signer_for(at, cfg, &spec, problems);
     let client_key = client_key(at, cfg, problems);
     match (cfg.token_auth, &client_key) {
         (Some(TokenAuth::PrivateKeyJwt), None) => problems.push(format!(
@@ -363,18 +366,100 @@ fn build_oauth2(
         .collect();
     let http = http.clone();
     Some(Box::new(move |client_id, client_secret| {
-        Arc::new(SpecProvider::new(SpecParts {
-            info,
-            spec,
-            endpoints,
-            client_id,
-            client_secret,
-            token_auth,
-            client_key,
-            options,
-            http,
-        })) as Arc<dyn Provider>
+        Arc::new(
+            SpecProvider::new(SpecParts {
+                info,
+                spec,
+                endpoints,
+                client_id,
+                client_secret,
+                token_auth,
+                client_key,
+                options,
+                http,
+            })
+            .with_signer(signer),
+        ) as Arc<dyn Provider>
     }))
+}
+
+/// The subject the preset's `subject` option picks, where it has one
+/// (Alipay's `user_id` or `open_id`); other options are refused here.
+fn choose_subject(
+    at: &str,
+    cfg: &ProviderConfig,
+    spec: &mut ProviderSpec,
+    problems: &mut Vec<String>,
+) {
+    let options = match preset_options::resolve(at, &spec.options, &cfg.options) {
+        Ok(options) => options,
+        Err(mut found) => return problems.append(&mut found),
+    };
+    let Some(choice) = options.get("subject") else {
+        return;
+    };
+    match spec.identity.subject_by_option.get(choice) {
+        Some(paths) => spec.identity.subject = paths.clone(),
+        None => problems.push(format!(
+            "{at}.options.subject: {choice:?} is not one of {}",
+            spec.identity
+                .subject_by_option
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// For a spec that signs its calls: the client secret is the app's RSA
+/// private key, and the provider's public key checks the answers.
+fn signer_for(
+    at: &str,
+    cfg: &ProviderConfig,
+    spec: &ProviderSpec,
+    problems: &mut Vec<String>,
+) -> Option<Signer> {
+    let public = match (&cfg.provider_public_key, &cfg.provider_public_key_file) {
+        (Some(_), Some(_)) => {
+            problems.push(format!(
+                "{at}: set provider_public_key or provider_public_key_file, not both"
+            ));
+            return None;
+        }
+        (Some(key), None) => Some(key.clone()),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                problems.push(format!(
+                    "{at}.provider_public_key_file: cannot read {}: {e}",
+                    path.display()
+                ));
+                return None;
+            }
+        },
+        (None, None) => None,
+    };
+    let Some(signing) = &spec.signing else {
+        if public.is_some() {
+            problems.push(format!(
+                "{at}.provider_public_key: only for providers that sign their answers"
+            ));
+        }
+        return None;
+    };
+    // A missing secret is reported by `credentials` already.
+    let (_, private) = credentials(at, cfg, &mut Vec::new())?;
+    Signer::new(signing.clone(), &private, public.as_deref())
+        .map_err(|e| {
+            let field = match e {
+                KeyError::Private => "client_secret (the app's private key)",
+                KeyError::Public | KeyError::PublicMissing => "provider_public_key",
+                KeyError::Spec(_) => "kind",
+            };
+            problems.push(format!("{at}.{field}: {e}"));
+        })
+        .ok()
 }
 
 fn build_oidc(

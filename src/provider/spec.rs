@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, fmt, str::FromStr};
 use serde::{Deserialize, Deserializer};
 
 pub use super::client_auth::TokenAuth;
+use super::signing::SigningSpec;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +46,14 @@ pub struct ProviderSpec {
     pub refresh_token_single_use: bool,
     #[serde(default)]
     pub revoke: Option<RevokeSpec>,
+    /// Every request signed and every answer checked, instead of a client
+    /// secret (Alipay's gateway); see `signing`.
+    #[serde(default)]
+    pub signing: Option<SigningSpec>,
+    /// Settings the preset takes from `[providers.NAME.options]`, each with
+    /// its default (`identity.subject_by_option`).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
 }
 
 fn space() -> String {
@@ -199,6 +208,9 @@ pub struct RequestSpec {
     pub name: String,
     /// Name of the endpoint to call.
     pub endpoint: String,
+    /// GET with `query` in the URL, or POST with it as a form body.
+    #[serde(default)]
+    pub method: RequestMethod,
     #[serde(default)]
     pub auth: RequestAuth,
     /// Query parameters; values are templates (`{token:/access_token}`,
@@ -221,11 +233,23 @@ pub struct RequestSpec {
     pub errors: Option<ErrorSpec>,
 }
 
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestMethod {
+    #[default]
+    Get,
+    PostForm,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySpec {
     /// The stable user id. First present value wins, for every field.
     pub subject: Paths,
+    /// Where the subject is read instead, by the value of the option
+    /// `subject` (Alipay's `user_id` or `open_id`).
+    #[serde(default)]
+    pub subject_by_option: BTreeMap<String, Paths>,
     #[serde(default)]
     pub union_id: Paths,
     #[serde(default)]
@@ -520,7 +544,23 @@ impl ProviderSpec {
             }
             docs.push(r.name.clone());
         }
+        if let Some(signing) = &self.signing {
+            problems.extend(signing.check());
+        }
         let id = &self.identity;
+        if !id.subject_by_option.is_empty() {
+            match self.options.get("subject") {
+                None => problems.push(
+                    "identity.subject_by_option: declare the option in [options] subject".into(),
+                ),
+                Some(default) if !id.subject_by_option.contains_key(default) => {
+                    problems.push(format!(
+                        "options.subject: default {default:?} is not in identity.subject_by_option"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         if id.subject.0.is_empty() {
             problems.push("identity.subject: at least one field is required".into());
         }
@@ -532,7 +572,13 @@ impl ProviderSpec {
             ("avatar_url", &id.avatar_url),
             ("email", &id.email),
             ("email_verified", &id.email_verified),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            id.subject_by_option
+                .values()
+                .map(|p| ("subject_by_option", p)),
+        ) {
             for f in &paths.0 {
                 if !docs.contains(&f.doc) {
                     problems.push(format!(

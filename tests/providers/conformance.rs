@@ -113,6 +113,10 @@ impl Suite {
         if let Some(code) = query.remove("authCode") {
             query.insert("code".into(), code);
         }
+        // Alipay's is `auth_code` (docs/providers.md#alipay).
+        if let Some(code) = query.remove("auth_code") {
+            query.insert("code".into(), code);
+        }
         (begun.state, query)
     }
 
@@ -534,10 +538,10 @@ macro_rules! scenarios {
 }
 
 use crate::support::emulators::{
-    acwing::AcwingEmulator, custom::CustomEmulator, dingtalk::DingtalkEmulator,
-    feishu::FeishuEmulator, gitee::GiteeEmulator, github::GithubEmulator, gitlab::GitlabEmulator,
-    google::GoogleEmulator, qiita::QiitaEmulator, qq::QqEmulator, wechat::WechatEmulator,
-    weibo::WeiboEmulator,
+    acwing::AcwingEmulator, alipay::AlipayEmulator, custom::CustomEmulator,
+    dingtalk::DingtalkEmulator, feishu::FeishuEmulator, gitee::GiteeEmulator,
+    github::GithubEmulator, gitlab::GitlabEmulator, google::GoogleEmulator, qiita::QiitaEmulator,
+    qq::QqEmulator, wechat::WechatEmulator, weibo::WeiboEmulator,
 };
 
 use crate::support::emulators::{apple::AppleEmulator, microsoft::MicrosoftEmulator};
@@ -557,6 +561,7 @@ conformance! {
     gitlab => GitlabEmulator::start();
     dingtalk => DingtalkEmulator::start();
     feishu => FeishuEmulator::start();
+    alipay => AlipayEmulator::start();
     lark => FeishuEmulator::start_lark();
     // GitLab with userinfo, so identity-step faults apply there too.
     gitlab_with_userinfo => GitlabEmulator::start(), tweak |c| c.fetch_userinfo = true;
@@ -587,4 +592,84 @@ async fn an_overflowing_token_lifetime_is_a_bad_response() {
         .await;
     let err = suite.login("n").await.unwrap_err();
     assert!(err.message().contains("expires_in"), "{}", err.message());
+}
+
+/// Alipay's answers are trusted only under the Alipay public key: with
+/// another key configured, a genuine answer is a bad response and no user
+/// is made.
+#[tokio::test]
+async fn alipay_answers_under_another_key_are_refused() {
+    let emu = AlipayEmulator::start().await;
+    emu.add_user("ada");
+    let suite = Suite::start(Arc::new(emu), Backend::Sqlite, |c| {
+        c.provider_public_key = Some(AlipayEmulator::app_public_key());
+    })
+    .await;
+    suite
+        .fails("ada", Code::Internal, "PROVIDER_BAD_RESPONSE")
+        .await;
+    suite.assert_no_violations();
+}
+
+/// `options.subject = "user_id"` binds the `2088…` id instead of `open_id`.
+#[tokio::test]
+async fn alipay_binds_user_id_when_configured() {
+    let emu = AlipayEmulator::start().await;
+    emu.add_user("ada");
+    let user_id = emu.user("ada").unwrap().user_id;
+    let suite = Suite::start(Arc::new(emu), Backend::Sqlite, |c| {
+        c.options.insert("subject".into(), "user_id".into());
+    })
+    .await;
+    let done = suite.login("ada").await.unwrap();
+    assert_eq!(identity_of(&done).subject, user_id);
+    suite.assert_no_violations();
+}
+
+/// check-config names the Alipay key that is wrong, and never prints it.
+#[tokio::test]
+async fn alipay_key_problems_name_the_key() {
+    let emu = AlipayEmulator::start().await;
+    let build = |tweak: &dyn Fn(&mut ProviderConfig)| {
+        let mut config = emu.provider_config();
+        tweak(&mut config);
+        let http = HttpClient::new(&HttpSettings::default()).unwrap();
+        Registry::build(&[(NAME.to_string(), config)].into(), &http, None)
+            .err()
+            .unwrap_or_default()
+    };
+    assert!(build(&|_| {}).is_empty());
+    let problems = build(&|c| c.client_secret = Some("MIIBnot-a-key".into()));
+    assert!(
+        problems.len() == 1 && problems[0].starts_with("providers.p.client_secret"),
+        "{problems:?}"
+    );
+    assert!(!problems[0].contains("MIIB"), "{problems:?}");
+    let problems = build(&|c| c.provider_public_key = None);
+    assert!(
+        problems.len() == 1 && problems[0].contains("provider_public_key: is required"),
+        "{problems:?}"
+    );
+    let problems = build(&|c| {
+        c.options.insert("subject".into(), "alipay_user_id".into());
+    });
+    assert!(
+        problems.len() == 1 && problems[0].contains("options.subject"),
+        "{problems:?}"
+    );
+    // Only a provider that signs its answers takes the key.
+    let mut github = crate::support::emulators::github::GithubEmulator::start()
+        .await
+        .provider_config();
+    github.provider_public_key = Some(AlipayEmulator::alipay_public_key());
+    let http = HttpClient::new(&HttpSettings::default()).unwrap();
+    let problems = Registry::build(&[(NAME.to_string(), github)].into(), &http, None)
+        .err()
+        .unwrap_or_default();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("provider_public_key: only for providers that sign")),
+        "{problems:?}"
+    );
 }

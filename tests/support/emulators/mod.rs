@@ -435,6 +435,7 @@ pub fn query_of(url: &str) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 pub mod acwing;
+pub mod alipay;
 pub mod apple;
 pub mod custom;
 pub mod dingtalk;

@@ -242,6 +242,8 @@ pub(super) const SECRET_PARAMS: &[&str] = &[
     "credential",
     "clientSecret",
     "refreshToken",
+    "auth_code",
+    "auth_token",
 ];
 
 /// `params` with the value of each [`SECRET_PARAMS`] one replaced by
