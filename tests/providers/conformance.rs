@@ -673,3 +673,32 @@ async fn alipay_key_problems_name_the_key() {
         "{problems:?}"
     );
 }
+
+/// The README's Alipay example (outside the tested preset blocks, for its
+/// key files) builds once its paths point at real keys.
+#[tokio::test]
+async fn the_readme_alipay_example_builds() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("[providers.alipay]")
+        .expect("an Alipay example");
+    let block = &readme[start..];
+    let block = &block[..block.find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("alipay-public.pem");
+    std::fs::write(&public, AlipayEmulator::alipay_public_key()).unwrap();
+    let private = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/keys/rsa.pem");
+    let block = block
+        .replace("/run/secrets/alipay-app-private.pem", private)
+        .replace("/run/secrets/alipay-public.pem", public.to_str().unwrap());
+    use figment::providers::{Format, Serialized, Toml};
+    let settings = Settings::from_figment(
+        figment::Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(&block)),
+    )
+    .unwrap();
+    let http = HttpClient::new(&settings.http).unwrap();
+    if let Err(p) = Registry::build(&settings.providers, &http, None) {
+        panic!("README's Alipay example: {p:#?}");
+    }
+}
