@@ -46,8 +46,8 @@ pub fn header(machine: &Machine, run: &str, state: &str) {
         machine.cores, machine.cpu_model, machine.memory_gib, machine.os
     );
     println!(
-        "note: client and server run in this one process on one Tokio runtime \
-         ({} worker threads) and share these {} cores",
+        "note: callers, server and sandbox run in this one process, each on a Tokio runtime \
+         of its own ({} worker threads each), and share these {} cores with Postgres",
         machine.cores, machine.cores
     );
     println!("run: {run}");

@@ -34,8 +34,7 @@ use crate::store::BindResult;
 /// second waits for the first to commit, then rewrites the row it left.
 /// No row: the identity is unbound and nothing was written.
 ///
-/// Parameters: $1 provider, $2 subject, $3–$8 profile, $9 now, $10 actor,
-/// $11 login id, $12–$15 token (key id NULL: none).
+/// Parameters: the login's (`LoginParams`).
 const RETURNING_LOGIN: &str = "\
 WITH touched AS (
     UPDATE identities SET union_id = $3, username = $4, display_name = $5,
@@ -66,27 +65,26 @@ SELECT user_id, created_at FROM touched";
 /// the foreign key from the identity to it is checked at the statement's
 /// end, when both exist.
 ///
-/// Parameters: $1 provider, $2 subject, $3 new user id, $4–$9 profile,
-/// $10 now, $11 actor, $12 login id, $13–$16 token, $17 audit kinds,
-/// $18 their details.
+/// Parameters: the login's (`LoginParams`), then $16 the new user's id,
+/// $17 the audit kinds and $18 their details.
 const FIRST_LOGIN: &str = "\
 WITH bound AS (
     INSERT INTO identities (provider, subject, user_id, union_id, username,
         display_name, avatar_url, email, email_verified, created_at, last_login_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
+    VALUES ($1, $2, $16, $3, $4, $5, $6, $7, $8, $9, $9)
     ON CONFLICT (provider, subject) DO NOTHING
     RETURNING user_id
 ), made AS (
-    INSERT INTO users (id, created_at) SELECT user_id, $10 FROM bound
+    INSERT INTO users (id, created_at) SELECT user_id, $9 FROM bound
 ), token AS (
     INSERT INTO provider_tokens
         (provider, subject, key_id, nonce, ciphertext, version, usable, updated_at)
-    SELECT $1, $2, $13::text, $14::bytea, $15::bytea, 1, TRUE, $16::timestamptz
-    FROM bound WHERE $13::text IS NOT NULL
+    SELECT $1, $2, $12::text, $13::bytea, $14::bytea, 1, TRUE, $15::timestamptz
+    FROM bound WHERE $12::text IS NOT NULL
 ), audit AS (
     INSERT INTO audit_events
         (at, kind, actor, provider, subject, user_id, reason, detail, login_id)
-    SELECT $10, n.kind, $11::text, $1, $2, bound.user_id, NULL, n.detail, $12::text
+    SELECT $9, n.kind, $10::text, $1, $2, bound.user_id, NULL, n.detail, $11::text
     FROM bound, unnest($17::text[], $18::text[]) WITH ORDINALITY AS n (kind, detail, ord)
     ORDER BY n.ord
 )
@@ -115,29 +113,9 @@ pub(super) async fn bind<C: GenericClient>(
     login_id: Option<&str>,
 ) -> Result<Applied, Failure> {
     let token = TokenParams::of(tokens);
+    let login = login_params(identity, &now, &actor, &login_id, &token);
     let returning = client.prepare_cached(RETURNING_LOGIN).await?;
-    let found = client
-        .query_opt(
-            &returning,
-            &[
-                &identity.provider,
-                &identity.subject,
-                &identity.union_id,
-                &identity.username,
-                &identity.display_name,
-                &identity.avatar_url,
-                &identity.email,
-                &identity.email_verified,
-                &now,
-                &actor,
-                &login_id,
-                &token.key_id,
-                &token.nonce,
-                &token.ciphertext,
-                &token.updated_at,
-            ],
-        )
-        .await?;
+    let found = client.query_opt(&returning, &login).await?;
     if let Some(row) = found {
         let user_id: String = row.try_get(0)?;
         let facts = Facts {
@@ -171,31 +149,43 @@ pub(super) async fn bind<C: GenericClient>(
     let kinds: Vec<&str> = decision.audit.iter().map(|n| n.kind.as_str()).collect();
     let details: Vec<Option<&str>> = decision.audit.iter().map(|n| n.detail).collect();
     let first = client.prepare_cached(FIRST_LOGIN).await?;
-    let params: [&(dyn ToSql + Sync); 18] = [
+    let mut params = login.to_vec();
+    params.extend([&user_id as &(dyn ToSql + Sync), &kinds, &details]);
+    if client.query_opt(&first, &params).await?.is_none() {
+        return Ok(Applied::Raced);
+    }
+    let binding = binding::binding_after(identity, user_id, None, now);
+    Ok(Applied::Done(crate::store::applied(&decision, binding)))
+}
+
+/// $1 provider, $2 subject, $3–$8 profile, $9 now, $10 actor, $11 login
+/// id, $12–$15 token (key id NULL: none): what both statements start with.
+type LoginParams<'a> = [&'a (dyn ToSql + Sync); 15];
+
+fn login_params<'a>(
+    identity: &'a Identity,
+    now: &'a OffsetDateTime,
+    actor: &'a Option<&str>,
+    login_id: &'a Option<&str>,
+    token: &'a TokenParams<'_>,
+) -> LoginParams<'a> {
+    [
         &identity.provider,
         &identity.subject,
-        &user_id,
         &identity.union_id,
         &identity.username,
         &identity.display_name,
         &identity.avatar_url,
         &identity.email,
         &identity.email_verified,
-        &now,
-        &actor,
-        &login_id,
+        now,
+        actor,
+        login_id,
         &token.key_id,
         &token.nonce,
         &token.ciphertext,
         &token.updated_at,
-        &kinds,
-        &details,
-    ];
-    if client.query_opt(&first, &params).await?.is_none() {
-        return Ok(Applied::Raced);
-    }
-    let binding = binding::binding_after(identity, user_id, None, now);
-    Ok(Applied::Done(crate::store::applied(&decision, binding)))
+    ]
 }
 
 /// A token as statement parameters, all NULL when there is none.
