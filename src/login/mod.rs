@@ -25,7 +25,7 @@ use crate::{
     state::{
         Claimed, Fingerprint, Kind, Pending, PendingLogin, StateError, StateStore, StateToken,
     },
-    store::{AuditLog, BindResult, BindingStore, Conflict, LoginKey, StoreError},
+    store::{AuditLog, BindResult, BindingStore, Conflict, LoginKey, LoginRecord, StoreError},
     tokens::TokenService,
     vault::VaultError,
 };
@@ -734,13 +734,15 @@ impl LoginService {
                 &identity,
                 policy,
                 binding::decide,
-                sealed.as_ref(),
-                actor,
-                now_micros(),
-                Some(LoginKey {
-                    id: &login_id,
-                    retry: attempt > 1,
-                }),
+                LoginRecord {
+                    tokens: sealed.as_ref(),
+                    actor,
+                    now: now_micros(),
+                    login: Some(LoginKey {
+                        id: &login_id,
+                        retry: attempt > 1,
+                    }),
+                },
             )
             .await;
         record_phase("store", started);

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::{
     AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, Database, Decide,
-    LoginKey, Store, StoreError, TokenRow, TokenStore, UserDirectory, UserQuery,
+    LoginRecord, Store, StoreError, TokenRow, TokenStore, UserDirectory, UserQuery,
 };
 use crate::domain::{AuditEvent, Binding, Identity, SealedToken, User};
 
@@ -72,15 +72,12 @@ impl BindingStore for Interposed {
         identity: &Identity,
         policy: &BindPolicy,
         decide: Decide,
-        tokens: Option<&SealedToken>,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-        login: Option<LoginKey<'_>>,
+        record: LoginRecord<'_>,
     ) -> Result<BindResult, StoreError> {
         self.hooks.before_bind().await?;
         let result = self
             .inner
-            .bind_login(identity, policy, decide, tokens, actor, now, login)
+            .bind_login(identity, policy, decide, record)
             .await;
         self.hooks.after_bind(result).await
     }

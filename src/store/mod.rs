@@ -99,6 +99,30 @@ pub struct LoginKey<'a> {
     pub retry: bool,
 }
 
+/// What a login writes besides the binding: the provider token that
+/// replaces the identity's stored one, who asked, when, and the login's key
+/// (see `LoginKey`). One value because every backend carries all four to
+/// the same statements.
+#[derive(Clone, Copy, Debug)]
+pub struct LoginRecord<'a> {
+    pub tokens: Option<&'a SealedToken>,
+    pub actor: Option<&'a str>,
+    pub now: OffsetDateTime,
+    pub login: Option<LoginKey<'a>>,
+}
+
+impl<'a> LoginRecord<'a> {
+    /// A login at `now` that stores no token and names no actor or key.
+    pub fn at(now: OffsetDateTime) -> LoginRecord<'a> {
+        LoginRecord {
+            tokens: None,
+            actor: None,
+            now,
+            login: None,
+        }
+    }
+}
+
 /// The committed result of the login whose `login_succeeded` event carries
 /// `$1` as its login id, with what tells its outcome apart: whether the same
 /// login created the user, the rule that linked it, and the identity's
@@ -237,10 +261,10 @@ pub trait BindingStore: Send + Sync + 'static {
     /// and applies its `Decision` in the same transaction. Bound:
     /// the profile and `last_login_at` are refreshed → `SignedIn`. Linked
     /// by a rule → `SignedIn` with `linked_by`; created → `UserCreated`;
-    /// `LinkRequired` writes nothing. `tokens`, when given, replace the
-    /// identity's stored token. Concurrent first logins of one identity make
-    /// exactly one user and all return it. Writes the decision's audit
-    /// events, each with `login`'s id; a `login` whose id already has a
+    /// `LinkRequired` writes nothing. `record.tokens`, when given, replace
+    /// the identity's stored token. Concurrent first logins of one identity
+    /// make exactly one user and all return it. Writes the decision's audit
+    /// events, each with `record.login`'s id; a login whose id already has a
     /// committed `login_succeeded` is answered with that result (see
     /// `LoginKey`).
     async fn bind_login(
@@ -248,10 +272,7 @@ pub trait BindingStore: Send + Sync + 'static {
         identity: &Identity,
         policy: &BindPolicy,
         decide: Decide,
-        tokens: Option<&SealedToken>,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-        login: Option<LoginKey<'_>>,
+        record: LoginRecord<'_>,
     ) -> Result<BindResult, StoreError>;
 
     /// Binds `identity` to `user_id` (an app's own opaque id or an existing

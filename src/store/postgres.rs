@@ -27,8 +27,8 @@ use super::filter;
 
 use super::{
     AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, COMMITTED_LOGIN_SQL,
-    CommittedLogin, Conflict, Database, LoginKey, StoreError, TokenRow, TokenStore, UserDirectory,
-    UserQuery,
+    CommittedLogin, Conflict, Database, LoginRecord, StoreError, TokenRow, TokenStore,
+    UserDirectory, UserQuery,
 };
 use tracing::Instrument;
 
@@ -181,24 +181,22 @@ impl PostgresStore {
         identity: &Identity,
         policy: &BindPolicy,
         decide: Decide,
-        tokens: Option<&SealedToken>,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-        login: Option<LoginKey<'_>>,
+        record: LoginRecord<'_>,
     ) -> Result<BindResult, Failure> {
-        let now = truncate_to_micros(now);
+        let record = LoginRecord {
+            now: truncate_to_micros(record.now),
+            ..record
+        };
         let mut client = self.client().await?;
-        if let Some(key) = login.filter(|k| k.retry)
+        if let Some(key) = record.login.filter(|k| k.retry)
             && let Some(done) = committed_login(&client, key.id).await?
         {
             return Ok(done);
         }
-        let login_id = login.map(|k| k.id);
+        let login_id = record.login.map(|k| k.id);
         for _ in 0..BIND_ATTEMPTS {
             // One round trip for the common logins; the rest fall through.
-            let fast = one_statement::bind(
-                &client, identity, policy, decide, tokens, actor, now, login_id,
-            );
+            let fast = one_statement::bind(&client, identity, policy, decide, record);
             match fast.await {
                 Ok(Applied::Done(result)) => return Ok(result),
                 Ok(Applied::Raced) => continue,
@@ -210,7 +208,7 @@ impl PostgresStore {
             }
             let tx = client.transaction().await?;
             // An error drops `tx`, which rolls it back.
-            let attempt = bind_attempt(&tx, identity, policy, decide, tokens, actor, now, login_id);
+            let attempt = bind_attempt(&tx, identity, policy, decide, record);
             let step = match attempt.await {
                 Err(Failure::Db(e)) if is_login_id_taken(&e) => {
                     drop(tx);
@@ -689,12 +687,9 @@ impl BindingStore for PostgresStore {
         identity: &Identity,
         policy: &BindPolicy,
         decide: Decide,
-        tokens: Option<&SealedToken>,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-        login: Option<LoginKey<'_>>,
+        record: LoginRecord<'_>,
     ) -> Result<BindResult, StoreError> {
-        self.bind_login_inner(identity, policy, decide, tokens, actor, now, login)
+        self.bind_login_inner(identity, policy, decide, record)
             .instrument(store_span("binding a login"))
             .await
             .map_err(|e| e.into_store_error("binding a login"))
@@ -906,11 +901,12 @@ async fn bind_attempt<C: GenericClient>(
     identity: &Identity,
     policy: &BindPolicy,
     decide: Decide,
-    tokens: Option<&SealedToken>,
-    actor: Option<&str>,
-    now: OffsetDateTime,
-    login_id: Option<&str>,
+    record: LoginRecord<'_>,
 ) -> Result<Step<BindResult>, Failure> {
+    let LoginRecord {
+        tokens, actor, now, ..
+    } = record;
+    let login_id = record.login.map(|k| k.id);
     let Step::Done(gathered) = gather(tx, identity, policy).await? else {
         return Ok(Step::Retry);
     };

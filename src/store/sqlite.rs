@@ -23,8 +23,8 @@ use tracing::Instrument;
 
 use super::{
     AuditLog, AuditQuery, AuditRecord, BindPolicy, BindResult, BindingStore, COMMITTED_LOGIN_SQL,
-    CommittedLogin, Conflict, Database, LoginKey, StoreError, TokenRow, TokenStore, UserDirectory,
-    UserQuery,
+    CommittedLogin, Conflict, Database, LoginKey, LoginRecord, StoreError, TokenRow, TokenStore,
+    UserDirectory, UserQuery,
 };
 use crate::domain::binding::{self, Candidate, Decide, Facts, Lookup, UserChoice};
 use crate::domain::{AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, SealedToken, User};
@@ -160,29 +160,24 @@ impl BindingStore for SqliteStore {
         identity: &Identity,
         policy: &BindPolicy,
         decide: Decide,
-        tokens: Option<&SealedToken>,
-        actor: Option<&str>,
-        now: OffsetDateTime,
-        login: Option<LoginKey<'_>>,
+        record: LoginRecord<'_>,
     ) -> Result<BindResult, StoreError> {
         let identity = identity.clone();
         let policy = policy.clone();
-        let tokens = tokens.cloned();
-        let actor = actor.map(str::to_owned);
-        let login = login.map(|k| (k.id.to_owned(), k.retry));
+        let tokens = record.tokens.cloned();
+        let actor = record.actor.map(str::to_owned);
+        let login = record.login.map(|k| (k.id.to_owned(), k.retry));
+        let now = record.now;
         self.run("binding a login", move |conn| {
-            bind_login(
-                conn,
-                &identity,
-                &policy,
-                decide,
-                tokens.as_ref(),
-                actor.as_deref(),
+            let record = LoginRecord {
+                tokens: tokens.as_ref(),
+                actor: actor.as_deref(),
                 now,
-                login
+                login: login
                     .as_ref()
                     .map(|(id, retry)| LoginKey { id, retry: *retry }),
-            )
+            };
+            bind_login(conn, &identity, &policy, decide, record)
         })
         .await
     }
@@ -515,11 +510,14 @@ fn bind_login(
     identity: &Identity,
     policy: &BindPolicy,
     decide: Decide,
-    tokens: Option<&SealedToken>,
-    actor: Option<&str>,
-    now: OffsetDateTime,
-    login: Option<LoginKey<'_>>,
+    record: LoginRecord<'_>,
 ) -> Result<BindResult, Failure> {
+    let LoginRecord {
+        tokens,
+        actor,
+        now,
+        login,
+    } = record;
     let now_us = to_micros(now);
     let now = from_micros(now_us).map_err(|e| Failure::Corrupt(e.to_string()))?;
     // IMMEDIATE takes the write lock up front: with a deferred transaction,

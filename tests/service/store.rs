@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use authbroker::domain::{Identity, Outcome, now_micros};
 use authbroker::login::binding::decide;
 use authbroker::store::{
-    self, AuditLog, AuditQuery, BindPolicy, BindResult, BindingStore, Database, PostgresStore,
-    SqliteStore, Store, StoreError, TokenStore, UserDirectory, UserQuery, conformance,
+    self, AuditLog, AuditQuery, BindPolicy, BindResult, BindingStore, Database, LoginRecord,
+    PostgresStore, SqliteStore, Store, StoreError, TokenStore, UserDirectory, UserQuery,
+    conformance,
 };
 
 /// `auto_create`: every login binds.
@@ -167,7 +168,7 @@ async fn sqlite_creates_parent_directories_and_persists() {
         let store = SqliteStore::open(&path).expect("open creates directories");
         store.migrate().await.expect("migrate");
         let result = store
-            .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
+            .bind_login(&identity, &create(), decide, LoginRecord::at(now_micros()))
             .await
             .expect("bind");
         let BindResult::Bound {
@@ -220,7 +221,7 @@ async fn sqlite_locked_by_another_process_is_unavailable() {
     };
     let started = Instant::now();
     let err = store
-        .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
+        .bind_login(&identity, &create(), decide, LoginRecord::at(now_micros()))
         .await
         .expect_err("the write lock is held elsewhere");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
@@ -228,7 +229,7 @@ async fn sqlite_locked_by_another_process_is_unavailable() {
 
     other.execute_batch("ROLLBACK").expect("release");
     let result = store
-        .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
+        .bind_login(&identity, &create(), decide, LoginRecord::at(now_micros()))
         .await
         .expect("works once the lock is released");
     assert_eq!(outcome(result), Outcome::UserCreated);
@@ -249,7 +250,7 @@ async fn postgres_unreachable_is_unavailable_and_fails_fast() {
     let ping = store.ping().await.expect_err("nothing listens");
     assert!(matches!(ping, StoreError::Unavailable(_)), "{ping:?}");
     let bind = store
-        .bind_login(&identity, &create(), decide, None, None, now_micros(), None)
+        .bind_login(&identity, &create(), decide, LoginRecord::at(now_micros()))
         .await
         .expect_err("nothing listens");
     assert!(matches!(bind, StoreError::Unavailable(_)), "{bind:?}");

@@ -174,10 +174,7 @@ pub async fn audit_events_filter_order_and_limit(store: Arc<dyn Store>, decide: 
     assert!(all[0].id > all[1].id);
 }
 
-pub async fn audit_events_filter_by_kind_and_time_and_page_by_id(
-    store: Arc<dyn Store>,
-    _: Decide,
-) {
+pub async fn audit_events_filter_by_kind_and_time_and_page_by_id(store: Arc<dyn Store>, _: Decide) {
     migrated(&store).await;
     let provider = unique_provider("audit-pages");
     let base = now_micros();

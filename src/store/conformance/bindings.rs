@@ -230,13 +230,15 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>, de
             &identity,
             &create_policy(),
             decide,
-            None,
-            Some("web"),
-            now_micros(),
-            Some(LoginKey {
-                id: &id,
-                retry: false,
-            }),
+            LoginRecord {
+                tokens: None,
+                actor: Some("web"),
+                now: now_micros(),
+                login: Some(LoginKey {
+                    id: &id,
+                    retry: false,
+                }),
+            },
         )
         .await
         .expect("first attempt");
@@ -248,10 +250,12 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>, de
                 &identity,
                 &create_policy(),
                 decide,
-                None,
-                Some("web"),
-                now_micros() + Duration::seconds(5),
-                Some(LoginKey { id: &id, retry }),
+                LoginRecord {
+                    tokens: None,
+                    actor: Some("web"),
+                    now: now_micros() + Duration::seconds(5),
+                    login: Some(LoginKey { id: &id, retry }),
+                },
             )
             .await
             .expect("retry");
@@ -278,13 +282,15 @@ pub async fn a_retried_login_returns_what_it_committed(store: Arc<dyn Store>, de
             &identity,
             &create_policy(),
             decide,
-            None,
-            Some("web"),
-            now_micros(),
-            Some(LoginKey {
-                id: &other,
-                retry: true,
-            }),
+            LoginRecord {
+                tokens: None,
+                actor: Some("web"),
+                now: now_micros(),
+                login: Some(LoginKey {
+                    id: &other,
+                    retry: true,
+                }),
+            },
         )
         .await
         .expect("next login");
@@ -490,10 +496,12 @@ pub async fn link_required_writes_nothing(store: Arc<dyn Store>, decide: Decide)
                     identity,
                     policy,
                     decide,
-                    Some(&token),
-                    Some("web"),
-                    t0,
-                    None,
+                    LoginRecord {
+                        tokens: Some(&token),
+                        actor: Some("web"),
+                        now: t0,
+                        login: None,
+                    },
                 )
                 .await
                 .expect("bind_login");

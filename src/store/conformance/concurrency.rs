@@ -35,10 +35,12 @@ async fn first_logins_race(store: &Arc<dyn Store>, decide: Decide, logins: usize
                         &identity,
                         &create_policy(),
                         decide,
-                        Some(&token),
-                        Some("web"),
-                        now,
-                        None,
+                        LoginRecord {
+                            tokens: Some(&token),
+                            actor: Some("web"),
+                            now,
+                            login: None,
+                        },
                     )
                     .await
             })
@@ -113,7 +115,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: De
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .bind_login(&identity, &group, decide, None, None, t0, None)
+                    .bind_login(&identity, &group, decide, LoginRecord::at(t0))
                     .await
             })
         })
@@ -150,7 +152,7 @@ pub async fn concurrent_first_logins_link_once(store: Arc<dyn Store>, decide: De
             tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .bind_login(&identity, &group, decide, None, None, t0, None)
+                    .bind_login(&identity, &group, decide, LoginRecord::at(t0))
                     .await
             })
         })

@@ -75,10 +75,12 @@ pub async fn text_round_trips_exactly(store: Arc<dyn Store>, decide: Decide) {
                     &identity,
                     &create_policy(),
                     decide,
-                    Some(&token),
-                    Some(text),
-                    now_micros(),
-                    None,
+                    LoginRecord {
+                        tokens: Some(&token),
+                        actor: Some(text),
+                        now: now_micros(),
+                        login: None,
+                    },
                 )
                 .await
                 .expect("bind_login"),

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
 use super::{
-    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Decide, LoginKey, Store, StoreError,
-    TokenRow, UserQuery,
+    AuditQuery, AuditRecord, BindPolicy, BindResult, Conflict, Decide, LoginKey, LoginRecord,
+    Store, StoreError, TokenRow, UserQuery,
 };
 use crate::domain::{
     AuditEvent, AuditKind, Binding, Identity, LinkedIdentity, Outcome, SealedToken, User,
@@ -214,7 +214,17 @@ async fn login(
     now: OffsetDateTime,
 ) -> BindResult {
     store
-        .bind_login(identity, policy, decide, tokens, Some("web"), now, None)
+        .bind_login(
+            identity,
+            policy,
+            decide,
+            LoginRecord {
+                tokens,
+                actor: Some("web"),
+                now,
+                login: None,
+            },
+        )
         .await
         .expect("bind_login")
 }
@@ -239,7 +249,17 @@ async fn bind(
     now: OffsetDateTime,
 ) -> (Outcome, Binding) {
     let result = store
-        .bind_login(identity, &create_policy(), decide, None, actor, now, None)
+        .bind_login(
+            identity,
+            &create_policy(),
+            decide,
+            LoginRecord {
+                tokens: None,
+                actor,
+                now,
+                login: None,
+            },
+        )
         .await
         .expect("bind_login");
     let (outcome, binding, linked_by) = bound(result);

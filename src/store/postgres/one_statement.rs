@@ -24,7 +24,7 @@ use tokio_postgres::types::ToSql;
 use super::{Failure, truncate_to_micros};
 use crate::domain::binding::{self, AuditNote, BindPolicy, Decide, Facts, UserChoice};
 use crate::domain::{AuditKind, Identity, SealedToken};
-use crate::store::BindResult;
+use crate::store::{BindResult, LoginRecord};
 
 /// A returning login: refresh the profile and `last_login_at` (the row is
 /// rewritten for `last_login_at` anyway; with `union_id` and `email`
@@ -107,11 +107,12 @@ pub(super) async fn bind<C: GenericClient>(
     identity: &Identity,
     policy: &BindPolicy,
     decide: Decide,
-    tokens: Option<&SealedToken>,
-    actor: Option<&str>,
-    now: OffsetDateTime,
-    login_id: Option<&str>,
+    record: LoginRecord<'_>,
 ) -> Result<Applied, Failure> {
+    let LoginRecord {
+        tokens, actor, now, ..
+    } = record;
+    let login_id = record.login.map(|k| k.id);
     let token = TokenParams::of(tokens);
     let login = login_params(identity, &now, &actor, &login_id, &token);
     let returning = client.prepare_cached(RETURNING_LOGIN).await?;

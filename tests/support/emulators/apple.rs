@@ -89,7 +89,7 @@ pub struct AppleUser {
 impl AppleUser {
     fn new(seed: &str) -> AppleUser {
         let h = derive_u64(&["apple-flags", seed]);
-        let private_email = h % 2 == 0;
+        let private_email = h.is_multiple_of(2);
         let login: String = seed
             .chars()
             .filter(|c| c.is_ascii_alphanumeric())

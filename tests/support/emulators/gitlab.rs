@@ -107,7 +107,7 @@ impl GitlabUser {
             id,
             name: format!("{} Lovelace", seed),
             email: format!("{username}@example.org"),
-            email_verified: h % 3 != 0,
+            email_verified: !h.is_multiple_of(3),
             public_email: h
                 .is_multiple_of(2)
                 .then(|| format!("{username}.public@example.net")),

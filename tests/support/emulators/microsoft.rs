@@ -111,7 +111,7 @@ fn guid(parts: &[&str]) -> String {
 impl MicrosoftUser {
     fn new(seed: &str) -> MicrosoftUser {
         let h = derive_u64(&["microsoft-flags", seed]);
-        let personal = h % 3 == 0;
+        let personal = h.is_multiple_of(3);
         let tid = if personal {
             CONSUMERS_TENANT.to_string()
         } else {
@@ -131,8 +131,8 @@ impl MicrosoftUser {
             oid: guid(&["oid", seed]),
             sub: derive(&["sub", seed, CLIENT_ID], ALNUM, 43),
             name: format!("{seed} Lovelace"),
-            email: (h % 5 != 0).then(|| preferred_username.clone()),
-            domain_verified: !personal && h % 2 == 0,
+            email: (!h.is_multiple_of(5)).then(|| preferred_username.clone()),
+            domain_verified: !personal && h.is_multiple_of(2),
             preferred_username,
             tid,
         }
@@ -365,18 +365,18 @@ impl Microsoft {
     }
 
     /// Basic or form credentials, whichever the client chose (not both).
-    fn client_ok(&self, req: &Req, headers: &HeaderMap) -> Result<(), Response> {
+    fn client_ok(&self, req: &Req, headers: &HeaderMap) -> Result<(), Box<Response>> {
         let basic = basic_credentials(headers);
         let form = req.param("client_secret");
         let (id, secret) = match (basic, form) {
             (Some(_), Some(_)) => {
                 self.violation(req, "client credentials both in Basic and in the body");
-                return Err(self.aadsts(
+                return Err(Box::new(self.aadsts(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
                     90023,
                     "Multiple client authentication methods were used.",
-                ));
+                )));
             }
             (Some((id, secret)), None) => (id, secret),
             (None, Some(secret)) => (
@@ -384,29 +384,29 @@ impl Microsoft {
                 secret.to_string(),
             ),
             (None, None) => {
-                return Err(self.aadsts(
+                return Err(Box::new(self.aadsts(
                     StatusCode::UNAUTHORIZED,
                     "invalid_client",
                     7000218,
                     "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
-                ));
+                )));
             }
         };
         if id != CLIENT_ID {
-            return Err(self.aadsts(
+            return Err(Box::new(self.aadsts(
                 StatusCode::BAD_REQUEST,
                 "unauthorized_client",
                 700016,
                 "Application with identifier was not found in the directory.",
-            ));
+            )));
         }
         if secret != CLIENT_SECRET {
-            return Err(self.aadsts(
+            return Err(Box::new(self.aadsts(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 7000215,
                 "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
-            ));
+            )));
         }
         Ok(())
     }
@@ -425,7 +425,7 @@ impl Microsoft {
             self.violation(req, "a JSON body (the endpoint takes a form)");
         }
         if let Err(refused) = self.client_ok(req, headers) {
-            return refused;
+            return *refused;
         }
         match req.param("grant_type") {
             Some("authorization_code") => self.exchange(req),
