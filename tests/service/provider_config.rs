@@ -79,8 +79,23 @@ fn every_readme_example_builds_and_names_its_default_scopes() {
         );
         kinds.insert(cfg.kind.clone());
     }
+    // apple and alipay need key files: their examples follow the block and
+    // are built by tests/providers (microsoft_apple.rs, conformance.rs).
     for kind in [
-        "qq", "wechat", "weibo", "gitee", "acwing", "qiita", "github", "google", "oidc",
+        "qq",
+        "wechat",
+        "weibo",
+        "gitee",
+        "acwing",
+        "qiita",
+        "github",
+        "google",
+        "oidc",
+        "gitlab",
+        "dingtalk",
+        "feishu",
+        "lark",
+        "microsoft",
     ] {
         assert!(kinds.contains(kind), "README has no example for {kind}");
     }
