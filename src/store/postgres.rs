@@ -689,10 +689,11 @@ impl BindingStore for PostgresStore {
         decide: Decide,
         record: LoginRecord<'_>,
     ) -> Result<BindResult, StoreError> {
-        self.bind_login_inner(identity, policy, decide, record)
-            .instrument(store_span("binding a login"))
-            .await
-            .map_err(|e| e.into_store_error("binding a login"))
+        traced(
+            "binding a login",
+            self.bind_login_inner(identity, policy, decide, record),
+        )
+        .await
     }
 
     async fn link_identity(
@@ -703,10 +704,11 @@ impl BindingStore for PostgresStore {
         actor: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<Binding, StoreError> {
-        self.link_identity_inner(user_id, identity, tokens, actor, now)
-            .instrument(store_span("linking an identity"))
-            .await
-            .map_err(|e| e.into_store_error("linking an identity"))
+        traced(
+            "linking an identity",
+            self.link_identity_inner(user_id, identity, tokens, actor, now),
+        )
+        .await
     }
 
     async fn find_binding(
@@ -714,10 +716,11 @@ impl BindingStore for PostgresStore {
         provider: &str,
         subject: &str,
     ) -> Result<Option<Binding>, StoreError> {
-        self.find_binding_inner(provider, subject)
-            .instrument(store_span("finding a binding"))
-            .await
-            .map_err(|e| e.into_store_error("finding a binding"))
+        traced(
+            "finding a binding",
+            self.find_binding_inner(provider, subject),
+        )
+        .await
     }
 
     async fn find_identity(
@@ -725,10 +728,11 @@ impl BindingStore for PostgresStore {
         provider: &str,
         subject: &str,
     ) -> Result<Option<Identity>, StoreError> {
-        self.find_identity_inner(provider, subject)
-            .instrument(store_span("finding an identity"))
-            .await
-            .map_err(|e| e.into_store_error("finding an identity"))
+        traced(
+            "finding an identity",
+            self.find_identity_inner(provider, subject),
+        )
+        .await
     }
 }
 
@@ -739,10 +743,7 @@ impl TokenStore for PostgresStore {
         provider: &str,
         subject: &str,
     ) -> Result<Option<SealedToken>, StoreError> {
-        self.get_token_inner(provider, subject)
-            .instrument(store_span("reading a token"))
-            .await
-            .map_err(|e| e.into_store_error("reading a token"))
+        traced("reading a token", self.get_token_inner(provider, subject)).await
     }
 
     async fn put_token(
@@ -752,10 +753,11 @@ impl TokenStore for PostgresStore {
         token: &SealedToken,
         expected_version: Option<i64>,
     ) -> Result<i64, StoreError> {
-        self.put_token_inner(provider, subject, token, expected_version)
-            .instrument(store_span("writing a token"))
-            .await
-            .map_err(|e| e.into_store_error("writing a token"))
+        traced(
+            "writing a token",
+            self.put_token_inner(provider, subject, token, expected_version),
+        )
+        .await
     }
 
     async fn mark_token_unusable(
@@ -764,17 +766,19 @@ impl TokenStore for PostgresStore {
         subject: &str,
         expected_version: i64,
     ) -> Result<(), StoreError> {
-        self.mark_token_unusable_inner(provider, subject, expected_version)
-            .instrument(store_span("marking a token unusable"))
-            .await
-            .map_err(|e| e.into_store_error("marking a token unusable"))
+        traced(
+            "marking a token unusable",
+            self.mark_token_unusable_inner(provider, subject, expected_version),
+        )
+        .await
     }
 
     async fn delete_token(&self, provider: &str, subject: &str) -> Result<bool, StoreError> {
-        self.delete_token_inner(provider, subject)
-            .instrument(store_span("deleting a token"))
-            .await
-            .map_err(|e| e.into_store_error("deleting a token"))
+        traced(
+            "deleting a token",
+            self.delete_token_inner(provider, subject),
+        )
+        .await
     }
 
     async fn list_tokens(
@@ -782,43 +786,33 @@ impl TokenStore for PostgresStore {
         after: Option<(&str, &str)>,
         limit: u32,
     ) -> Result<Vec<TokenRow>, StoreError> {
-        self.list_tokens_inner(after, limit)
-            .instrument(store_span("listing tokens"))
-            .await
-            .map_err(|e| e.into_store_error("listing tokens"))
+        traced("listing tokens", self.list_tokens_inner(after, limit)).await
     }
 }
 
 #[async_trait]
 impl AuditLog for PostgresStore {
     async fn record_audit(&self, event: &AuditEvent) -> Result<(), StoreError> {
-        async {
+        let work = async {
             let client = self.client().await?;
             insert_audit(&client, event).await
-        }
-        .instrument(store_span("recording an audit event"))
-        .await
-        .map_err(|e| e.into_store_error("recording an audit event"))
+        };
+        traced("recording an audit event", work).await
     }
 
     async fn list_audit_events(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-        self.list_audit_events_inner(query)
-            .instrument(store_span("listing audit events"))
-            .await
-            .map_err(|e| e.into_store_error("listing audit events"))
+        traced("listing audit events", self.list_audit_events_inner(query)).await
     }
 }
 
 #[async_trait]
 impl UserDirectory for PostgresStore {
     async fn get_user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
-        async {
+        let work = async {
             let client = self.client().await?;
             load_user(&client, user_id).await
-        }
-        .instrument(store_span("reading a user"))
-        .await
-        .map_err(|e| e.into_store_error("reading a user"))
+        };
+        traced("reading a user", work).await
     }
 
     async fn find_user_by_identity(
@@ -826,17 +820,15 @@ impl UserDirectory for PostgresStore {
         provider: &str,
         subject: &str,
     ) -> Result<Option<User>, StoreError> {
-        self.find_user_by_identity_inner(provider, subject)
-            .instrument(store_span("finding a user by identity"))
-            .await
-            .map_err(|e| e.into_store_error("finding a user by identity"))
+        traced(
+            "finding a user by identity",
+            self.find_user_by_identity_inner(provider, subject),
+        )
+        .await
     }
 
     async fn list_users(&self, query: &UserQuery) -> Result<Vec<User>, StoreError> {
-        self.list_users_inner(query)
-            .instrument(store_span("listing users"))
-            .await
-            .map_err(|e| e.into_store_error("listing users"))
+        traced("listing users", self.list_users_inner(query)).await
     }
 
     async fn unlink_identity(
@@ -847,10 +839,11 @@ impl UserDirectory for PostgresStore {
         actor: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<User, StoreError> {
-        self.unlink_identity_inner(user_id, provider, force, actor, now)
-            .instrument(store_span("unlinking an identity"))
-            .await
-            .map_err(|e| e.into_store_error("unlinking an identity"))
+        traced(
+            "unlinking an identity",
+            self.unlink_identity_inner(user_id, provider, force, actor, now),
+        )
+        .await
     }
 
     async fn delete_user(
@@ -859,17 +852,15 @@ impl UserDirectory for PostgresStore {
         actor: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.delete_user_inner(user_id, actor, now)
-            .instrument(store_span("deleting a user"))
-            .await
-            .map_err(|e| e.into_store_error("deleting a user"))
+        traced(
+            "deleting a user",
+            self.delete_user_inner(user_id, actor, now),
+        )
+        .await
     }
 
     async fn count_users(&self) -> Result<u64, StoreError> {
-        self.count_users_inner()
-            .instrument(store_span("counting users"))
-            .await
-            .map_err(|e| e.into_store_error("counting users"))
+        traced("counting users", self.count_users_inner()).await
     }
 }
 
@@ -1514,6 +1505,17 @@ enum Failure {
     Contention,
     #[error("unexpected data in the database: {0}")]
     Corrupt(String),
+}
+
+/// One store operation as callers see it: inside its span, and with its
+/// failure told as a `StoreError` that says what was being done.
+async fn traced<T>(
+    doing: &'static str,
+    work: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, StoreError> {
+    work.instrument(store_span(doing))
+        .await
+        .map_err(|e| e.into_store_error(doing))
 }
 
 impl Failure {
