@@ -19,6 +19,7 @@ use tonic_health::{
 
 use crate::{
     admin::{AdminService, ProviderSummary},
+    check,
     config::StateBackend,
     config::{Mode, Role, Settings},
     grpc::{
@@ -40,7 +41,7 @@ use crate::{
     metrics::MetricsServer,
     provider::Registry,
     sandbox::SandboxServer,
-    state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateStore},
+    state::{MemoryStateStore, PostgresStateStore, RedisStateStore, StateLimits, StateStore},
     store::{self, Database, Store},
     telemetry::cause_chain,
     tls::ServerTls,
@@ -116,7 +117,7 @@ impl Application {
         mode: Mode,
         wrap: Wrap,
     ) -> anyhow::Result<Application> {
-        let problems = settings.validate(mode);
+        let problems = check::settings(&settings, mode);
         if !problems.is_empty() {
             anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
         }
@@ -449,7 +450,7 @@ fn incoming(
 async fn open_state_store(
     settings: &Settings,
 ) -> anyhow::Result<(Arc<dyn StateStore>, Option<Arc<MemoryStateStore>>)> {
-    let limits = settings.state_limits();
+    let limits = StateLimits::from_settings(settings);
     let url = settings.state_url().unwrap_or_default();
     Ok(match settings.state.backend {
         StateBackend::Memory => {

@@ -10,9 +10,9 @@ use figment::{
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use crate::provider::client_auth::{KeyAlg, TokenAuth};
-
+mod token_auth;
 mod vault;
+pub use token_auth::{KeyAlg, TokenAuth};
 pub use vault::{KeyMaterial, VAULT_KEY_LEN, VaultKeyConfig, VaultSettings};
 
 /// Root of the configuration file.
@@ -212,18 +212,6 @@ impl Settings {
     pub fn attempt_lease(&self) -> Duration {
         self.http.timeout * 4 + Duration::from_secs(30)
     }
-
-    /// The limits every state backend applies.
-    pub fn state_limits(&self) -> crate::state::StateLimits {
-        crate::state::StateLimits {
-            capacity: self.login.max_pending,
-            // Entries outlive their TTL by one more TTL so a late callback
-            // is told "expired" rather than "unknown".
-            grace: self.login.state_ttl,
-            lease: self.attempt_lease(),
-            retry_window: self.login.retry_window,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -394,8 +382,8 @@ impl Settings {
         problems
     }
 
-    /// `[server]`'s limits, and whether `[server.tls]`'s files make a
-    /// working TLS setup.
+    /// `[server]`'s limits. Whether `[server.tls]`'s files make a working
+    /// TLS setup is `check`'s to judge.
     fn validate_listener(&self) -> Vec<String> {
         let server = &self.server;
         let mut problems = Vec::new();
@@ -431,9 +419,6 @@ impl Settings {
         }
         if server.max_header_list_size < 1024 {
             problems.push("server.max_header_list_size: must be at least 1024 (bytes)".into());
-        }
-        if let Some(tls) = &server.tls {
-            problems.extend(crate::tls::check(tls));
         }
         problems
     }
@@ -719,13 +704,8 @@ impl Settings {
                 Some(_) => {}
             },
             StateBackend::Postgres => match self.state_url() {
+                // Its parameters are `check`'s to judge.
                 Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                    // An unset state.url is database.url, checked under its own name.
-                    if state.url.is_some()
-                        && let Err(why) = crate::store::postgres::parse_url(url)
-                    {
-                        problems.push(format!("state.url: {why}"));
-                    }
                 }
                 Some(url) => problems.push(format!(
                     "state.url: the postgres backend needs a postgres:// url (state.url, or \
@@ -791,7 +771,9 @@ impl Settings {
         fig.extract().map_err(|e| LoadError(Box::new(e)))
     }
 
-    /// Every structural problem at once. Provider specs are checked by
+    /// Every problem config can judge alone, at once. What needs another
+    /// module (TLS files, Postgres URL parameters, provider URLs in clear)
+    /// is added by `check::settings`; provider specs are checked by
     /// `provider::Registry::build`, which `check-config` also runs.
     pub fn validate(&self, mode: Mode) -> Vec<String> {
         let mut problems = Vec::new();
@@ -805,12 +787,6 @@ impl Settings {
                 "database.url: expected postgres://…, sqlite://PATH or sqlite::memory:, got {:?}",
                 redact_url(db)
             ));
-        }
-        // Its parameters, sslmode and a readable sslrootcert among them.
-        if (db.starts_with("postgres://") || db.starts_with("postgresql://"))
-            && let Err(why) = crate::store::postgres::parse_url(db)
-        {
-            problems.push(format!("database.url: {why}"));
         }
         if self.database.pool_size == 0 {
             problems.push("database.pool_size: must be at least 1".into());
@@ -930,8 +906,8 @@ impl Settings {
     }
 
     /// What `serve` runs only when opted into by name (`dev` implies every
-    /// opt-in): sandbox providers, `http://` provider URLs off loopback, and
-    /// open mode on an address other than loopback.
+    /// opt-in): sandbox providers and open mode on an address other than
+    /// loopback. (`http://` provider URLs off loopback are `check`'s.)
     fn unsafe_without_opt_in(&self) -> Vec<String> {
         let mut problems = Vec::new();
         for (name, p) in self.providers.iter().filter(|(_, p)| p.enabled) {
@@ -941,21 +917,6 @@ impl Settings {
                     "{at}.allow_sandbox: a sandbox provider signs in anyone who types a name, \
                      with a verified email; set {at}.allow_sandbox = true to serve it anyway"
                 ));
-            }
-            if p.allow_insecure_http {
-                continue;
-            }
-            for (key, url) in p.configured_urls() {
-                if let Ok(url) = url::Url::parse(url)
-                    && crate::http::in_clear_off_loopback(&url)
-                {
-                    problems.push(format!(
-                        "{at}.{key}: {} is http:// on a host other than loopback, so the client \
-                         secret and tokens would cross the network in clear; use https://, or set \
-                         {at}.allow_insecure_http = true",
-                        url.origin().ascii_serialization()
-                    ));
-                }
             }
         }
         let auth = &self.auth;
@@ -982,7 +943,7 @@ impl ProviderConfig {
     /// Every URL this table sets, with its key: the issuer and endpoint
     /// overrides, and for `kind = "oauth2"` the spec's endpoints. (The
     /// presets' own URLs are all https; a test in `provider::spec` checks.)
-    fn configured_urls(&self) -> Vec<(String, &str)> {
+    pub fn configured_urls(&self) -> Vec<(String, &str)> {
         let mut urls: Vec<(String, &str)> = self
             .endpoints
             .iter()
@@ -1209,36 +1170,6 @@ mod tests {
     }
 
     #[test]
-    fn postgres_url_parameters_are_checked() {
-        let problems = |toml: &str| -> Vec<String> {
-            from_toml(toml)
-                .validate(Mode::Dev)
-                .into_iter()
-                .filter(|p| p.starts_with("database.url") || p.starts_with("state.url"))
-                .collect()
-        };
-        let ok = "[database]\nurl = \"postgres://u:secret@db/app?sslmode=require\"";
-        assert!(problems(ok).is_empty(), "{:?}", problems(ok));
-        let p = problems("[database]\nurl = \"postgres://u:secret@db/app?sslmode=verify\"");
-        assert!(p.len() == 1 && p[0].contains("sslmode=\"verify\""), "{p:?}");
-        assert!(!p[0].contains("secret"), "{p:?}");
-        let p = problems(
-            "[database]\nurl = \"postgres://db/app?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"",
-        );
-        assert!(
-            p[0].starts_with("database.url: sslrootcert: cannot read"),
-            "{p:?}"
-        );
-        let p = problems(
-            "[state]\nbackend = \"postgres\"\nurl = \"postgres://db/state?sslmode=verify-ca\"",
-        );
-        assert!(
-            p.len() == 1 && p[0].starts_with("state.url: sslmode=verify-ca needs sslrootcert"),
-            "{p:?}"
-        );
-    }
-
-    #[test]
     fn serve_needs_keys_unless_explicitly_open() {
         let mut s = Settings::default();
         assert!(
@@ -1256,98 +1187,6 @@ mod tests {
             !s.validate(Mode::Serve)
                 .iter()
                 .any(|p| p.starts_with("auth.api_keys"))
-        );
-    }
-
-    #[test]
-    fn serve_refuses_unsafe_setups_unless_opted_in_by_name() {
-        let unsafe_setups: &[(&str, &str, &str)] = &[
-            (
-                "[providers.sb]\nkind = \"sandbox\"",
-                "providers.sb.allow_sandbox",
-                "[providers.sb]\nallow_sandbox = true",
-            ),
-            (
-                "[providers.gh]\nkind = \"github\"\n\
-                 [providers.gh.endpoints]\ntoken_url = \"http://idp.example:8080/t?x=1\"",
-                "providers.gh.endpoints.token_url: http://idp.example:8080 is http://",
-                "[providers.gh]\nallow_insecure_http = true",
-            ),
-            (
-                "[providers.corp]\nkind = \"oidc\"\n\
-                 [providers.corp.endpoints]\nissuer = \"http://10.0.0.7\"",
-                "providers.corp.endpoints.issuer: http://10.0.0.7 is http://",
-                "[providers.corp]\nallow_insecure_http = true",
-            ),
-            (
-                "[providers.own]\nkind = \"oauth2\"\n\
-                 [providers.own.spec.endpoints]\nauthorize_url = \"http://sso.example/a\"",
-                "providers.own.spec.endpoints.authorize_url: http://sso.example is http://",
-                "[providers.own]\nallow_insecure_http = true",
-            ),
-            (
-                "[server]\nlisten = \"0.0.0.0:50051\"\n[auth]\nallow_unauthenticated = true",
-                "auth.allow_unauthenticated_remote: open mode (no API keys or client \
-                 certificates) on 0.0.0.0:50051",
-                "[auth]\nallow_unauthenticated_remote = true",
-            ),
-        ];
-        // Each opt-in is a second file merged over the first, as an
-        // environment override would be.
-        let opt_in_problems = |toml: &str, opt_in: &str, mode| -> Vec<String> {
-            Settings::from_figment(
-                Figment::from(Serialized::defaults(Settings::default()))
-                    .merge(Toml::string(toml))
-                    .merge(Toml::string(opt_in)),
-            )
-            .unwrap()
-            .validate(mode)
-            .into_iter()
-            .filter(|p| p.contains("allow_"))
-            .filter(|p| !p.starts_with("auth.api_keys"))
-            .collect()
-        };
-        for (setup, refusal, opt_in) in unsafe_setups {
-            let problems = opt_in_problems(setup, "", Mode::Serve);
-            assert_eq!(problems.len(), 1, "{setup}: {problems:#?}");
-            assert!(problems[0].starts_with(refusal), "{setup}: {problems:#?}");
-            let named = opt_in
-                .lines()
-                .next_back()
-                .unwrap()
-                .split(" = ")
-                .next()
-                .unwrap();
-            assert!(problems[0].contains(named), "{} names {named}", problems[0]);
-            assert!(!problems[0].contains("x=1"), "no query strings in messages");
-            let opted = opt_in_problems(setup, opt_in, Mode::Serve);
-            assert!(opted.is_empty(), "{setup} with {opt_in}: {opted:#?}");
-            assert!(
-                opt_in_problems(setup, "", Mode::Dev).is_empty(),
-                "dev: {setup}"
-            );
-        }
-
-        // Loopback stays allowed without a word; so do disabled providers.
-        for fine in [
-            "[providers.gh]\nkind = \"github\"\n[providers.gh.endpoints]\n\
-             token_url = \"http://127.0.0.1:9/t\"\nuserinfo_url = \"http://localhost:9/u\"\n\
-             emails_url = \"http://[::1]:9/e\"\nauthorize_url = \"https://x.example/a\"",
-            "[providers.sb]\nkind = \"sandbox\"\nenabled = false",
-            "[server]\nlisten = \"[::1]:50051\"\n[auth]\nallow_unauthenticated = true",
-        ] {
-            assert!(opt_in_problems(fine, "", Mode::Serve).is_empty(), "{fine}");
-        }
-        // With API keys, a network address is what serve is for.
-        let keyed = from_toml(
-            "[server]\nlisten = \"0.0.0.0:50051\"\n[auth]\nallow_unauthenticated = true\n\
-             [[auth.api_keys]]\nname = \"web\"\nrole = \"login\"\nsha256 = \"aa\"",
-        );
-        assert!(
-            keyed
-                .validate(Mode::Serve)
-                .iter()
-                .all(|p| !p.contains("allow_unauthenticated_remote"))
         );
     }
 
@@ -1515,86 +1354,6 @@ mod tests {
                 .iter()
                 .any(|p| p.starts_with("auth.api_keys"))
         );
-    }
-
-    #[test]
-    fn tls_files_are_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = |name: &str| dir.path().join(name).display().to_string();
-        let tls = |cert: &str, key: &str, ca: &str, extra: &str| {
-            format!(
-                "[server.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_ca_file = {ca:?}\n{extra}"
-            )
-        };
-
-        // Missing files: each named by its key.
-        let problems = listener_problems(&tls(
-            &path("no.crt"),
-            &path("no.key"),
-            &path("no-ca.crt"),
-            "",
-        ));
-        assert_eq!(problems.len(), 3, "{problems:#?}");
-        assert!(problems[0].starts_with("server.tls.cert_file: cannot read"));
-        assert!(problems[1].starts_with("server.tls.key_file: cannot read"));
-        assert!(problems[2].starts_with("server.tls.client_ca_file: cannot read"));
-
-        // Not PEM.
-        std::fs::write(path("junk"), "not a certificate").unwrap();
-        let problems = listener_problems(&tls(&path("junk"), &path("junk"), &path("junk"), ""));
-        assert!(
-            problems[0].contains("holds no PEM certificate"),
-            "{problems:#?}"
-        );
-        assert!(problems[1].contains("no PEM private key"), "{problems:#?}");
-        assert_eq!(problems.len(), 3, "{problems:#?}");
-
-        // Two good pairs: right together, wrong crossed.
-        let one = rcgen::generate_simple_self_signed(vec!["one.test".into()]).unwrap();
-        let two = rcgen::generate_simple_self_signed(vec!["two.test".into()]).unwrap();
-        std::fs::write(path("one.crt"), one.cert.pem()).unwrap();
-        std::fs::write(path("one.key"), one.signing_key.serialize_pem()).unwrap();
-        std::fs::write(path("two.key"), two.signing_key.serialize_pem()).unwrap();
-        let secret = two.signing_key.serialize_pem();
-        assert!(
-            listener_problems(&tls(
-                &path("one.crt"),
-                &path("one.key"),
-                &path("one.crt"),
-                ""
-            ))
-            .is_empty()
-        );
-        let problems = listener_problems(&tls(
-            &path("one.crt"),
-            &path("two.key"),
-            &path("one.crt"),
-            "",
-        ));
-        assert_eq!(
-            problems,
-            ["server.tls.key_file: is not the key of the certificate in server.tls.cert_file"]
-        );
-        assert!(!problems[0].contains(&secret[40..80]));
-
-        // The healthcheck's own files.
-        let extra = format!(
-            "[server.tls.healthcheck]\nca_file = {:?}\nserver_name = \"not a name!\"\ncert_file = {:?}",
-            path("no-ca.crt"),
-            path("one.crt")
-        );
-        let problems = listener_problems(&tls(
-            &path("one.crt"),
-            &path("one.key"),
-            &path("one.crt"),
-            &extra,
-        ));
-        assert!(problems[0].starts_with("server.tls.healthcheck.ca_file: cannot read"));
-        assert!(problems[1].starts_with("server.tls.healthcheck.server_name"));
-        assert!(
-            problems[2].starts_with("server.tls.healthcheck: cert_file and key_file go together")
-        );
-        assert_eq!(problems.len(), 3, "{problems:#?}");
     }
 
     #[test]

@@ -9,8 +9,13 @@
 //!
 //! Layout, one job per module:
 //! - [`config`]: typed settings (TOML file + `AUTHBROKER__` env overrides) and
-//!   `validate()`, which lists every problem at once; the vault's keys are
-//!   read (inline, file or environment) and checked here too.
+//!   `validate()`, which lists at once every problem config can judge alone;
+//!   the vault's keys are read (inline, file or environment) and checked here
+//!   too. It imports no other module of the crate: the bottom of the graph.
+//! - [`check`]: `check::settings`, config's `validate()` plus the checks that
+//!   need the modules using a setting (TLS PEM files, Postgres URL
+//!   parameters, provider URLs in clear); what `serve`, `dev` and
+//!   `check-config` run.
 //! - [`telemetry`]: the tracing subscriber (text or JSON). Nothing secret is
 //!   ever logged. `telemetry::trace`: OTLP span export, and the caller's W3C
 //!   `traceparent` joined, so every log line of a call has its trace id.
@@ -88,6 +93,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod check;
 pub mod config;
 pub mod domain;
 pub mod grpc;

@@ -170,7 +170,7 @@ async fn rotate_keys(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn check_config(settings: &Settings, online: bool) -> ExitCode {
-    let mut problems = settings.validate(Mode::Serve);
+    let mut problems = authbroker::check::settings(settings, Mode::Serve);
     match HttpClient::new(&settings.http) {
         Ok(http) => {
             let placeholder = url::Url::parse("http://127.0.0.1:1").ok();

@@ -10,39 +10,14 @@ use std::{fmt, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use time::OffsetDateTime;
 use url::form_urlencoded;
 
-/// `token_auth` in config and in a spec's `[token]` table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenAuth {
-    ClientSecretBasic,
-    ClientSecretPost,
-    PrivateKeyJwt,
-}
+pub use crate::config::{KeyAlg, TokenAuth};
 
+// Discovery is the provider's business, so this part of `TokenAuth` lives here.
 impl TokenAuth {
-    /// The name discovery and config use for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenAuth::ClientSecretBasic => "client_secret_basic",
-            TokenAuth::ClientSecretPost => "client_secret_post",
-            TokenAuth::PrivateKeyJwt => "private_key_jwt",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<TokenAuth> {
-        [
-            TokenAuth::ClientSecretBasic,
-            TokenAuth::ClientSecretPost,
-            TokenAuth::PrivateKeyJwt,
-        ]
-        .into_iter()
-        .find(|m| m.as_str() == name)
-    }
-
     /// What an OIDC provider uses when config does not say: the first of
     /// Basic, post and (with a key configured) private_key_jwt that
     /// discovery lists. OIDC Discovery §3: an absent list means Basic.
@@ -63,14 +38,6 @@ impl TokenAuth {
                 TokenAuth::ClientSecretBasic
             })
     }
-}
-
-/// Signing algorithms a client key may use for `private_key_jwt`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub enum KeyAlg {
-    #[default]
-    RS256,
-    ES256,
 }
 
 /// The client's private key for `private_key_jwt`. No `Debug` of the key.

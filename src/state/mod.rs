@@ -285,6 +285,18 @@ pub struct StateLimits {
 }
 
 impl StateLimits {
+    /// The limits every state backend applies, from the settings.
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        StateLimits {
+            capacity: settings.login.max_pending,
+            // Entries outlive their TTL by one more TTL so a late callback
+            // is told "expired" rather than "unknown".
+            grace: settings.login.state_ttl,
+            lease: settings.attempt_lease(),
+            retry_window: settings.login.retry_window,
+        }
+    }
+
     /// For tests and tools: generous lifetimes, the given capacity.
     pub fn with_capacity(capacity: u64) -> Self {
         StateLimits {
