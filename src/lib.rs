@@ -90,6 +90,14 @@
 //!   service sends, with its wire string and whether a retry can help;
 //!   `grpc::status` gives each its gRPC code, and a test holds the README's
 //!   error table to both.
+//!
+//! Outside `src/`: the preset data files (`providers/`), their wire formats
+//! and sources (`docs/providers.md`), the migrations of each store, and
+//! three test binaries — `tests/service.rs` (the product over real gRPC),
+//! `tests/providers.rs` (emulators of each provider's wire format and the
+//! provider conformance suite) and `tests/e2e.rs` (grpcurl, Python, the
+//! example web apps in Chromium, replicas, the container build) — sharing
+//! one harness, `tests/support`.
 
 pub mod admin;
 pub mod app;
@@ -101,8 +109,8 @@ pub mod http;
 pub mod login;
 pub mod metrics;
 pub mod provider;
-pub mod sandbox;
 pub mod reason;
+pub mod sandbox;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -72,7 +72,10 @@ impl DingtalkUser {
                 "https://static-legacy.dingtalk.com/media/lADPD{}_240_240.jpg",
                 derive(&["dingtalk-avatar", seed], ALNUM, 16)
             ),
-            email: union_id.len().is_multiple_of(2).then(|| format!("{seed}@example.cn")),
+            email: union_id
+                .len()
+                .is_multiple_of(2)
+                .then(|| format!("{seed}@example.cn")),
             mobile: format!("1{}", derive(&["dingtalk-mobile", seed], b"0123456789", 10)),
             union_id,
         }

@@ -86,7 +86,9 @@ impl FeishuUser {
             en_name: seed.to_string(),
             avatar,
             email: h.is_multiple_of(2).then(|| format!("{seed}@example.cn")),
-            enterprise_email: h.is_multiple_of(3).then(|| format!("{seed}@corp.example.cn")),
+            enterprise_email: h
+                .is_multiple_of(3)
+                .then(|| format!("{seed}@corp.example.cn")),
         }
     }
 
