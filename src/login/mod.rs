@@ -1005,6 +1005,13 @@ pub fn check_return_to(s: &str, origins: &[url::Origin]) -> Result<Option<String
             "points at an origin not in login.return_to_origins",
         ));
     }
+    // `https://app.example.com//evil.example` is on the app's origin, but an
+    // app that redirects to its path alone sends the browser to another host.
+    if url.path().starts_with("//") {
+        return Err(LoginError::ReturnToNotAllowed(
+            "must not have a path starting with // (that is another host)",
+        ));
+    }
     Ok(Some(s.to_string()))
 }
 

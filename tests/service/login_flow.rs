@@ -428,6 +428,9 @@ async fn return_to_allows_only_safe_targets() {
         "/%2F%2Fevil.example",
         "/a%5cb",
         "https://app.example.com/..//evil.example",
+        // On the app's origin, but its path alone is another host.
+        "https://app.example.com//evil.example",
+        "https://app.example.com//",
     ] {
         let err = app
             .begin(pb::BeginLoginRequest {
