@@ -68,56 +68,10 @@ macro_rules! conformance_tests {
                 }
             )*
         }
-
-        const COVERED: &[&str] = &[$(stringify!($scenario)),*];
     };
 }
 
-conformance_tests!(
-    migrate_is_idempotent,
-    ping_answers,
-    first_login_creates_user,
-    returning_login_signs_in_and_refreshes_profile,
-    distinct_identities_get_distinct_users,
-    unknown_identity_is_absent,
-    concurrent_first_logins_create_one_user,
-    a_retried_login_returns_what_it_committed,
-    logins_are_audited,
-    audit_events_filter_order_and_limit,
-    audit_events_filter_by_kind_and_time_and_page_by_id,
-    text_round_trips_exactly,
-    timestamps_round_trip_exactly,
-    tokens_are_stored_on_login_and_replaced,
-    linking_finds_the_oldest_candidate_of_each_rule,
-    link_required_writes_nothing,
-    concurrent_first_logins_link_once,
-    link_identity_creates_the_user_and_links,
-    link_identity_conflicts_write_nothing,
-    concurrent_links_of_one_identity_bind_once,
-    users_are_read_with_their_identities,
-    list_users_filters_and_pages,
-    unlink_identity_rules,
-    delete_user_cascades_and_keeps_the_audit_trail,
-    token_writes_compare_and_swap,
-    concurrent_token_writes_one_wins,
-    mark_token_unusable_compares_versions,
-    list_tokens_pages_in_key_order,
-);
-
-#[test]
-fn every_scenario_runs_on_both_backends() {
-    let mut listed: Vec<&str> = conformance::SCENARIOS
-        .iter()
-        .map(|(name, _)| *name)
-        .collect();
-    let mut covered = COVERED.to_vec();
-    listed.sort_unstable();
-    covered.sort_unstable();
-    assert_eq!(
-        covered, listed,
-        "update conformance_tests! in tests/service/store.rs"
-    );
-}
+authbroker::for_each_store_scenario!(conformance_tests);
 
 /// Scenarios must not depend on starting from an empty database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

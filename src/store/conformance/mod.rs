@@ -37,8 +37,7 @@ pub type Scenario = fn(Arc<dyn Store>, Decide) -> Pin<Box<dyn Future<Output = ()
 
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
-        /// Every scenario with its name; a backend's test binary runs each one
-        /// (and checks that it covers this whole list).
+        /// Every scenario with its name, for `run_all`.
         pub const SCENARIOS: &[(&str, Scenario)] = &[
             $((stringify!($name), |store, decide| Box::pin($name(store, decide)))),*
         ];
@@ -54,36 +53,46 @@ mod users;
 
 pub use self::{audit::*, bindings::*, concurrency::*, database::*, tokens::*, users::*};
 
-scenarios!(
-    migrate_is_idempotent,
-    ping_answers,
-    first_login_creates_user,
-    returning_login_signs_in_and_refreshes_profile,
-    distinct_identities_get_distinct_users,
-    unknown_identity_is_absent,
-    concurrent_first_logins_create_one_user,
-    a_retried_login_returns_what_it_committed,
-    logins_are_audited,
-    audit_events_filter_order_and_limit,
-    audit_events_filter_by_kind_and_time_and_page_by_id,
-    text_round_trips_exactly,
-    timestamps_round_trip_exactly,
-    tokens_are_stored_on_login_and_replaced,
-    linking_finds_the_oldest_candidate_of_each_rule,
-    link_required_writes_nothing,
-    concurrent_first_logins_link_once,
-    link_identity_creates_the_user_and_links,
-    link_identity_conflicts_write_nothing,
-    concurrent_links_of_one_identity_bind_once,
-    users_are_read_with_their_identities,
-    list_users_filters_and_pages,
-    unlink_identity_rules,
-    delete_user_cascades_and_keeps_the_audit_trail,
-    token_writes_compare_and_swap,
-    concurrent_token_writes_one_wins,
-    mark_token_unusable_compares_versions,
-    list_tokens_pages_in_key_order,
-);
+/// Calls `$m!` with every scenario's name: the one list of them, which
+/// `SCENARIOS` here and each backend's test binary (one test per scenario)
+/// are both made from, so neither can miss one.
+#[macro_export]
+macro_rules! for_each_store_scenario {
+    ($m:ident) => {
+        $m!(
+            migrate_is_idempotent,
+            ping_answers,
+            first_login_creates_user,
+            returning_login_signs_in_and_refreshes_profile,
+            distinct_identities_get_distinct_users,
+            unknown_identity_is_absent,
+            concurrent_first_logins_create_one_user,
+            a_retried_login_returns_what_it_committed,
+            logins_are_audited,
+            audit_events_filter_order_and_limit,
+            audit_events_filter_by_kind_and_time_and_page_by_id,
+            text_round_trips_exactly,
+            timestamps_round_trip_exactly,
+            tokens_are_stored_on_login_and_replaced,
+            linking_finds_the_oldest_candidate_of_each_rule,
+            link_required_writes_nothing,
+            concurrent_first_logins_link_once,
+            link_identity_creates_the_user_and_links,
+            link_identity_conflicts_write_nothing,
+            concurrent_links_of_one_identity_bind_once,
+            users_are_read_with_their_identities,
+            list_users_filters_and_pages,
+            unlink_identity_rules,
+            delete_user_cascades_and_keeps_the_audit_trail,
+            token_writes_compare_and_swap,
+            concurrent_token_writes_one_wins,
+            mark_token_unusable_compares_versions,
+            list_tokens_pages_in_key_order,
+        );
+    };
+}
+
+for_each_store_scenario!(scenarios);
 
 /// Runs every scenario, one after another, on one store, binding logins
 /// by `decide`.
