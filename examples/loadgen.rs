@@ -15,6 +15,8 @@
 //! - `harness`: settings, the running app, its gRPC channels.
 //! - `calls`: one call of each scenario, and how a failure is described.
 //! - `runner`: N concurrent callers for a fixed time; latency histograms.
+//! - `allocs`: with `--count-allocs`, heap allocations on the server's
+//!   threads.
 //! - `cpu`: what each call cost — the server's threads, the Postgres
 //!   backends, the store's round trips — and the sandbox's sockets.
 //! - `phases`: the in-process metrics recorder and where a login's time goes.
@@ -24,6 +26,8 @@
 //! The modules live in `examples/loadgen/`; a crate root's `mod` looks beside
 //! it, hence the `#[path]`s.
 
+#[path = "loadgen/allocs.rs"]
+mod allocs;
 #[path = "loadgen/bench_db.rs"]
 mod bench_db;
 #[path = "loadgen/calls.rs"]
@@ -137,6 +141,11 @@ struct Args {
     /// wide, too wide to tell a ratio of 0.82 from 0.8.
     #[arg(long, default_value_t = 80)]
     ab_rounds: usize,
+    /// Count heap allocations on the server's threads and report them per
+    /// call. The counting costs CPU, so a counting run's CPU figures are
+    /// not the server's: measure CPU without it.
+    #[arg(long)]
+    count_allocs: bool,
     /// Skip the memory measurement (only the memory backend has one).
     #[arg(long)]
     skip_memory: bool,
@@ -175,12 +184,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The allocator the `authbroker` binary ships with, so the figures are the
-/// binary's.
+/// binary's; it counts only with `--count-allocs`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocs::Counting = allocs::Counting;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.count_allocs {
+        allocs::enable();
+    }
     // Installed before anything runs so every phase timing lands in it.
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
@@ -201,6 +213,9 @@ fn main() -> ExitCode {
             builder
                 .thread_name(name)
                 .thread_keep_alive(Duration::from_secs(24 * 3600));
+        }
+        if name == Some(cpu::SERVER_THREAD) {
+            builder.on_thread_start(allocs::mark_server_thread);
         }
         builder.build()
     };

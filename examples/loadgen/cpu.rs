@@ -26,6 +26,8 @@ pub struct Sample {
     pub postgres_ns: HashMap<i32, u64>,
     /// Since the previous sample: the recorder drains its counters.
     pub round_trips: u64,
+    /// (allocations, bytes) on the server's threads, with `--count-allocs`.
+    pub allocs: Option<(u64, u64)>,
 }
 
 /// One level's cost per successful call.
@@ -35,6 +37,9 @@ pub struct PerCall {
     /// `None` on SQLite.
     pub postgres_us: Option<f64>,
     pub round_trips: Option<f64>,
+    /// Heap allocations and bytes asked for on the server's threads, with
+    /// `--count-allocs`.
+    pub allocs: Option<(f64, f64)>,
     /// Sockets to the sandbox at the end of the level: established (counted
     /// on the sandbox's side) and in TIME_WAIT (either side). TIME_WAIT
     /// growing with the logins means connections are not reused.
@@ -61,6 +66,12 @@ impl PerCall {
             server_us: per(after.server_ns.saturating_sub(before.server_ns) as f64 / 1e3),
             postgres_us: postgres.then(|| per(pg_ns as f64 / 1e3)),
             round_trips: postgres.then(|| per(after.round_trips as f64)),
+            allocs: before.allocs.zip(after.allocs).map(|((n0, b0), (n1, b1))| {
+                (
+                    per(n1.saturating_sub(n0) as f64),
+                    per(b1.saturating_sub(b0) as f64),
+                )
+            }),
             sandbox_established: established,
             sandbox_time_wait: time_wait,
         }
@@ -166,6 +177,7 @@ impl Probe {
             server_ns: threads_ns(SERVER_THREAD),
             postgres_ns,
             round_trips,
+            allocs: crate::allocs::totals(),
         })
     }
 

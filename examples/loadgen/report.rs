@@ -99,15 +99,21 @@ pub fn costs(rows: &[Row]) {
          the callers run on threads of their own) =="
     );
     println!(
-        "{:<28} {:>5} {:>12} {:>13} {:>12} {:>17}",
-        "scenario", "conc", "server µs", "postgres µs", "round trips", "sandbox est / tw"
+        "{:<28} {:>5} {:>12} {:>13} {:>12} {:>17} {:>17}",
+        "scenario",
+        "conc",
+        "server µs",
+        "postgres µs",
+        "round trips",
+        "sandbox est / tw",
+        "allocs / KiB"
     );
     let opt = |v: Option<f64>, digits: usize| {
         v.map_or_else(|| "—".to_string(), |v| format!("{v:.digits$}"))
     };
     for r in rows {
         println!(
-            "{:<28} {:>5} {:>12.1} {:>13} {:>12} {:>17}",
+            "{:<28} {:>5} {:>12.1} {:>13} {:>12} {:>17} {:>17}",
             r.scenario.name(),
             r.concurrency,
             r.cost.server_us,
@@ -117,13 +123,18 @@ pub fn costs(rows: &[Row]) {
                 "{} / {}",
                 r.cost.sandbox_established, r.cost.sandbox_time_wait
             ),
+            r.cost.allocs.map_or_else(
+                || "—".to_string(),
+                |(n, bytes)| format!("{n:.0} / {:.1}", bytes / 1024.0)
+            ),
         );
     }
     println!(
         "(postgres µs: CPU of the benchmark database's client backends, from /proc/PID/schedstat; \
          round trips: flushes of the store's Postgres connections; sandbox est / tw: sockets to \
          the sandbox established / in TIME_WAIT after the level — a TIME_WAIT count far below the \
-         logins means the HTTP clients reuse their connections)"
+         logins means the HTTP clients reuse their connections; allocs / KiB: heap allocations \
+         and KiB asked for on the server's threads per call, with --count-allocs)"
     );
     println!();
 }
