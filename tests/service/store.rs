@@ -1,10 +1,13 @@
 //! The store conformance suite on both backends, plus backend-specific
 //! behaviour: SQLite in memory and on disk, failure classification when
-//! the database cannot be reached, and Postgres over TLS (`tls`).
+//! the database cannot be reached, Postgres over TLS (`tls`), and the
+//! round trips a Postgres login takes (`round_trips`).
 //!
 //! Run with `cargo test --features test-util --test service -- store::`.
 
 use crate::support::db;
+#[path = "store/round_trips.rs"]
+mod round_trips;
 #[path = "store/tls.rs"]
 mod tls;
 

@@ -27,7 +27,7 @@ fn cannot_run(why: &str) {
 }
 
 /// A fresh database on the test server, if that server speaks TLS.
-async fn tls_database() -> Option<TestDatabase> {
+pub(super) async fn tls_database() -> Option<TestDatabase> {
     let db = db::fresh_database().await;
     let ssl: String = db
         .client()
@@ -83,7 +83,7 @@ fn other_ca(dir: &tempfile::TempDir) -> PathBuf {
 }
 
 /// `url` with `params` added to its query.
-fn with(url: &str, params: &str) -> String {
+pub(super) fn with(url: &str, params: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}{params}")
 }
