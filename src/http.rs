@@ -128,9 +128,9 @@ impl HttpClient {
 
     /// Sends and reads the whole body, refusing bodies over the cap.
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<HttpAnswer, HttpError> {
-        let response = request.send().await.map_err(classify)?;
+        let mut response = request.send().await.map_err(classify)?;
         let status = response.status();
-        let headers = response.headers().clone();
+        let headers = std::mem::take(response.headers_mut());
         let body = read_capped(response, self.max_body).await?;
         Ok(HttpAnswer {
             status,
@@ -199,7 +199,10 @@ async fn read_capped(mut response: Response, limit: usize) -> Result<Vec<u8>, Ht
     {
         return Err(HttpError::TooLarge { limit });
     }
-    let mut body = Vec::new();
+    // Sized once when the length is announced (within the cap), rather
+    // than grown chunk by chunk.
+    let announced = response.content_length().unwrap_or(0).min(limit as u64);
+    let mut body = Vec::with_capacity(announced as usize);
     while let Some(chunk) = response.chunk().await.map_err(classify)? {
         if body.len() + chunk.len() > limit {
             return Err(HttpError::TooLarge { limit });

@@ -1044,12 +1044,7 @@ fn login_id(state: &StateToken) -> String {
     let mut h = Sha256::new();
     h.update(b"authbroker/login-id/v1\0");
     h.update(state.as_bytes());
-    let digest = h.finalize();
-    let mut out = String::with_capacity(64);
-    for byte in digest {
-        out.push_str(&format!("{byte:02x}"));
-    }
-    out
+    hex::encode(h.finalize())
 }
 
 /// An app's user id: any opaque string a person could not mistake for

@@ -3,6 +3,8 @@
 //! `callback( {...} );`), or answer form-encoded (QQ tokens, GitHub without
 //! `Accept`), so the body is sniffed rather than trusted to its content type.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// Parses a provider answer. `None` means none of the known shapes fit.
@@ -59,11 +61,12 @@ fn parse_form(text: &str) -> Option<Value> {
 
 /// A scalar as text: strings as they are, numbers and booleans printed.
 /// Providers send ids and error codes either way (`"uid":"6397…"` vs `1404…`).
-pub fn scalar_string(v: &Value) -> Option<String> {
+/// Borrowed when it is a string: most callers trim or copy it anyway.
+pub fn scalar_string(v: &Value) -> Option<Cow<'_, str>> {
     match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
         _ => None,
     }
 }

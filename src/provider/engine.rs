@@ -2,6 +2,7 @@
 //! Every built-in preset and every config-defined provider runs through here.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
@@ -534,8 +535,8 @@ fn error_code(doc: &Value, errors: &ErrorSpec) -> Option<String> {
         if v.is_null() {
             return None;
         }
-        let code = body::scalar_string(v).unwrap_or_else(|| "error".into());
-        if errors.ok.contains(&code) {
+        let code = body::scalar_string(v).unwrap_or(Cow::Borrowed("error"));
+        if errors.ok.iter().any(|ok| *ok == code) {
             return None;
         }
         let clean: String = code
@@ -558,6 +559,7 @@ fn get_string(doc: &Value, path: &FieldPath) -> Option<String> {
     doc.pointer(&path.0)
         .and_then(body::scalar_string)
         .filter(|s| !s.is_empty())
+        .map(Cow::into_owned)
 }
 
 /// Granted scopes arrive space- or comma-separated (GitHub: `repo,gist`), or
@@ -569,7 +571,11 @@ fn parse_scopes(v: &Value) -> Vec<String> {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect(),
-        Value::Array(items) => items.iter().filter_map(body::scalar_string).collect(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(body::scalar_string)
+            .map(Cow::into_owned)
+            .collect(),
         _ => Vec::new(),
     }
 }
