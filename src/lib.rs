@@ -64,8 +64,8 @@
 //!   facts under the backend's locks, calls it and applies its decision in
 //!   the same transaction, so `store` imports `domain`, never `login`.
 //!   On Postgres the common logins take one statement each
-//!   (`store::postgres::one_statement`: a returning login, and a new user
-//!   under a policy without linking rules, in one round trip).
+//!   (`store::postgres::one_statement`: a returning login in one round
+//!   trip, a new user in two).
 //!   Both pass one conformance suite (`store::conformance`, a
 //!   file per capability plus `concurrency`); `store::interposed` is a
 //!   forwarding store that tests use to inject faults around the real one.
