@@ -287,9 +287,7 @@ impl Emulator for AcwingEmulator {
         if !lock(&self.shared.users).contains_key(seed) {
             return Err(format!("no user registered for seed {seed:?}"));
         }
-        let mut grant = CodeGrant::new(seed, APPID);
-        grant.redirect_uri = Some(redirect.into());
-        grant.scopes = vec![SCOPE.into()];
+        let grant = CodeGrant::redirected(seed, APPID, redirect, vec![SCOPE.into()]);
         // The code format is unverified.
         Ok(core.code_redirect(random_token("", 32, ALNUM), grant, state.into()))
     }

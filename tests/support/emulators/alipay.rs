@@ -235,12 +235,12 @@ impl Emulator for AlipayEmulator {
     /// CompleteLogin's `code`.
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (state, scopes) =
-            core.approvable(self.check_authorize(authorize_url), registered, seed)?;
-        let mut grant = CodeGrant::new(seed, APP_ID);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = scopes.clone();
+        let (state, scopes) = core.approvable(
+            self.check_authorize(authorize_url),
+            &self.shared.users,
+            seed,
+        )?;
+        let grant = CodeGrant::redirected(seed, APP_ID, REDIRECT_URI, scopes.clone());
         let code = core.issue_code(random_token("", 32, HEX_LOWER), grant);
         Ok(vec![
             ("app_id".into(), APP_ID.into()),

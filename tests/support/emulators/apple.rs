@@ -271,9 +271,11 @@ impl Emulator for AppleEmulator {
     /// time only, `user`.
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (grant, state) =
-            core.approvable(self.check_authorize(authorize_url, seed), registered, seed)?;
+        let (grant, state) = core.approvable(
+            self.check_authorize(authorize_url, seed),
+            &self.shared.users,
+            seed,
+        )?;
         let scopes = grant.scopes.clone();
         let code = format!(
             "c{}.0.{}.{}",

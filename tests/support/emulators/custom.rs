@@ -365,9 +365,7 @@ impl Emulator for CustomEmulator {
         if !lock(&self.shared.users).contains_key(seed) {
             return Err(format!("no user registered for seed {seed:?}"));
         }
-        let mut grant = CodeGrant::new(seed, CLIENT_ID);
-        grant.redirect_uri = Some(redirect.into());
-        grant.scopes = scopes;
+        let mut grant = CodeGrant::redirected(seed, CLIENT_ID, redirect, scopes);
         grant.challenge = Some(challenge);
         Ok(core.code_redirect(random_token("ac_", 24, ALNUM), grant, state.into()))
     }

@@ -208,12 +208,12 @@ impl Emulator for DingtalkEmulator {
     /// CompleteLogin's `code`.
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (state, scopes) =
-            core.approvable(self.check_authorize(authorize_url), registered, seed)?;
-        let mut grant = CodeGrant::new(seed, CLIENT_ID);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = scopes;
+        let (state, scopes) = core.approvable(
+            self.check_authorize(authorize_url),
+            &self.shared.users,
+            seed,
+        )?;
+        let grant = CodeGrant::redirected(seed, CLIENT_ID, REDIRECT_URI, scopes);
         let code = core.issue_code(random_token("", 32, HEX_LOWER), grant);
         Ok(vec![("authCode".into(), code), ("state".into(), state)])
     }

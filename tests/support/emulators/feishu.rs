@@ -201,9 +201,7 @@ impl FeishuEmulator {
             (None, None) => None,
             other => return Err(format!("PKCE parameters {other:?}")),
         };
-        let mut grant = CodeGrant::new(seed, CLIENT_ID);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = scopes;
+        let mut grant = CodeGrant::redirected(seed, CLIENT_ID, REDIRECT_URI, scopes);
         grant.challenge = challenge;
         Ok((grant, state))
     }
@@ -251,9 +249,11 @@ impl Emulator for FeishuEmulator {
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (grant, state) =
-            core.approvable(self.check_authorize(authorize_url, seed), registered, seed)?;
+        let (grant, state) = core.approvable(
+            self.check_authorize(authorize_url, seed),
+            &self.shared.users,
+            seed,
+        )?;
         Ok(core.code_redirect(random_token("", 32, HEX_LOWER), grant, state))
     }
 

@@ -279,12 +279,12 @@ impl Emulator for GiteeEmulator {
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (state, scopes) =
-            core.approvable(self.check_authorize(authorize_url), registered, seed)?;
-        let mut grant = CodeGrant::new(seed, CLIENT_ID);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = scopes;
+        let (state, scopes) = core.approvable(
+            self.check_authorize(authorize_url),
+            &self.shared.users,
+            seed,
+        )?;
+        let grant = CodeGrant::redirected(seed, CLIENT_ID, REDIRECT_URI, scopes);
         Ok(core.code_redirect(random_token("", 64, HEX_LOWER), grant, state))
     }
 

@@ -226,9 +226,7 @@ impl GitlabEmulator {
             (None, None) => None,
             other => return Err(format!("PKCE parameters {other:?} (invalid_request)")),
         };
-        let mut grant = CodeGrant::new(seed, CLIENT_ID);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = scopes;
+        let mut grant = CodeGrant::redirected(seed, CLIENT_ID, REDIRECT_URI, scopes);
         grant.challenge = challenge;
         grant.nonce = Some(nonce.to_string());
         Ok((grant, state))
@@ -274,9 +272,11 @@ impl Emulator for GitlabEmulator {
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (grant, state) =
-            core.approvable(self.check_authorize(authorize_url, seed), registered, seed)?;
+        let (grant, state) = core.approvable(
+            self.check_authorize(authorize_url, seed),
+            &self.shared.users,
+            seed,
+        )?;
         Ok(core.code_redirect(random_token("", 64, HEX_LOWER), grant, state))
     }
 

@@ -800,9 +800,7 @@ impl Shared {
                 "no registered user for seed {seed:?} (call add_user)"
             ));
         }
-        let mut grant = CodeGrant::new(seed, CLIENT_ID);
-        grant.redirect_uri = Some(redirect_uri.to_owned());
-        grant.scopes = scopes.clone();
+        let mut grant = CodeGrant::redirected(seed, CLIENT_ID, redirect_uri, scopes.clone());
         grant.challenge = challenge;
         grant.nonce = Some(nonce.to_owned());
         // Codes look like `4/0AVMBsJ…`; the `/` must be percent-decoded by the client.

@@ -266,9 +266,11 @@ impl Emulator for MicrosoftEmulator {
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (grant, state) =
-            core.approvable(self.check_authorize(authorize_url, seed), registered, seed)?;
+        let (grant, state) = core.approvable(
+            self.check_authorize(authorize_url, seed),
+            &self.shared.users,
+            seed,
+        )?;
         // Codes are long opaque strings starting `0.A`, `M.C` for personal accounts.
         let code = random_token("0.AX", 300, ALNUM);
         let mut query = core.code_redirect(code, grant, state);

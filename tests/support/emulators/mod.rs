@@ -188,6 +188,21 @@ impl CodeGrant {
         }
     }
 
+    /// A grant for a code sent back to `redirect_uri`, as every provider
+    /// that checks the redirect at the token step issues them.
+    pub fn redirected(
+        seed: &str,
+        client_id: &str,
+        redirect_uri: &str,
+        scopes: Vec<String>,
+    ) -> Self {
+        CodeGrant {
+            redirect_uri: Some(redirect_uri.into()),
+            scopes,
+            ..CodeGrant::new(seed, client_id)
+        }
+    }
+
     /// RFC 7636 S256 check; a verifier without a challenge is an error too.
     pub fn pkce_ok(&self, verifier: Option<&str>) -> bool {
         match (&self.challenge, verifier) {
@@ -251,18 +266,18 @@ impl Core {
     /// after its first redemption attempt, even a failed one.
     /// The checks approving an authorize URL starts with at every
     /// emulated provider: a URL the provider would refuse is recorded as a
-    /// violation, and the test user must have been added.
-    pub fn approvable<T>(
+    /// violation, and the test user must have been added to `users`.
+    pub fn approvable<T, U>(
         &self,
         checked: Result<T, String>,
-        registered: bool,
+        users: &Mutex<HashMap<String, U>>,
         seed: &str,
     ) -> Result<T, String> {
         let checked = checked.map_err(|why| {
             self.violation(format!("authorize: {why}"));
             why
         })?;
-        if !registered {
+        if !lock(users).contains_key(seed) {
             return Err(format!("no user registered with seed {seed:?}"));
         }
         Ok(checked)

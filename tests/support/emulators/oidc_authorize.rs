@@ -69,9 +69,7 @@ pub fn check(r: &Registered, authorize_url: &str, seed: &str) -> Result<Authoriz
         (None, None) => None,
         other => return Err(format!("PKCE parameters {other:?} (invalid_request)")),
     };
-    let mut grant = CodeGrant::new(seed, r.client_id);
-    grant.redirect_uri = Some(r.redirect_uri.into());
-    grant.scopes = scopes;
+    let mut grant = CodeGrant::redirected(seed, r.client_id, r.redirect_uri, scopes);
     grant.challenge = challenge;
     grant.nonce = Some(nonce.to_string());
     Ok(Authorize {

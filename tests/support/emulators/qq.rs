@@ -316,12 +316,12 @@ impl Emulator for QqEmulator {
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (state, scopes) =
-            core.approvable(self.check_authorize(authorize_url), registered, seed)?;
-        let mut grant = CodeGrant::new(seed, APP_ID);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = scopes;
+        let (state, scopes) = core.approvable(
+            self.check_authorize(authorize_url),
+            &self.shared.users,
+            seed,
+        )?;
+        let grant = CodeGrant::redirected(seed, APP_ID, REDIRECT_URI, scopes);
         // Sample: code=9A5F…06AF, 32 upper-case hex.
         Ok(core.code_redirect(random_token("", 32, HEX_UPPER), grant, state))
     }

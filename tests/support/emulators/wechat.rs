@@ -261,11 +261,12 @@ impl Emulator for WechatEmulator {
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let state = core.approvable(self.check_authorize(authorize_url), registered, seed)?;
-        let mut grant = CodeGrant::new(seed, APP_ID);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = vec!["snsapi_login".into()];
+        let state = core.approvable(
+            self.check_authorize(authorize_url),
+            &self.shared.users,
+            seed,
+        )?;
+        let grant = CodeGrant::redirected(seed, APP_ID, REDIRECT_URI, vec!["snsapi_login".into()]);
         // Real codes: 32 alphanumerics, usually starting with 0 (`081sSq00…`).
         Ok(core.code_redirect(random_token("0", 31, ALNUM), grant, state))
     }

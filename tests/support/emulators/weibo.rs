@@ -250,12 +250,12 @@ impl Emulator for WeiboEmulator {
 
     fn approve(&self, authorize_url: &str, seed: &str) -> Result<Vec<(String, String)>, String> {
         let core = &self.shared.core;
-        let registered = lock(&self.shared.users).contains_key(seed);
-        let (state, scopes) =
-            core.approvable(self.check_authorize(authorize_url), registered, seed)?;
-        let mut grant = CodeGrant::new(seed, APP_KEY);
-        grant.redirect_uri = Some(REDIRECT_URI.into());
-        grant.scopes = scopes;
+        let (state, scopes) = core.approvable(
+            self.check_authorize(authorize_url),
+            &self.shared.users,
+            seed,
+        )?;
+        let grant = CodeGrant::redirected(seed, APP_KEY, REDIRECT_URI, scopes);
         // Sample: a2960248100209b778202fcdc565df1d.
         Ok(core.code_redirect(random_token("", 32, HEX_LOWER), grant, state))
     }
